@@ -1,0 +1,40 @@
+# Everything a user needs: `make demo` and `make test` install into .venv first (quick when up to date).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# The demo: the poster's focal_g02 arm on the embedded synthetic data, sized for a 2-core CPU (see conf/preset/demo.yaml).
+DEMO_ARGS ?= +experiment=focal_g02 +preset=demo
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with dev tools (idempotent)
+
+demo: $(STAMP)  ## train + test focal_g02 on the synthetic data on CPU, print the run folder and test metrics
+	HF_HUB_OFFLINE=1 $(PY) -m hpa_lightning.train $(DEMO_ARGS)
+
+test: $(STAMP)  ## run the whole test suite
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q tests
+
+test-fast: $(STAMP)  ## tests without the end-to-end trainings
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)  ## ruff fix + format
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:  ## remove caches and run outputs (keeps .venv)
+	rm -rf outputs multirun .cache .pytest_cache .ruff_cache

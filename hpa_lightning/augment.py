@@ -1,0 +1,66 @@
+"""Device-side input pipeline: uint8 RGBY batches become standardised floats, augmented in training only.
+
+Runs on whatever device the batch was moved to (Lightning's `on_after_batch_transfer`), so the loader only ships
+uint8 and the GPU does the arithmetic. The four channels of a sample always get the same geometric transform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import kornia.augmentation as K
+import torch
+from torch import Tensor, nn
+
+
+class Standardize(nn.Module):
+    """uint8 (B, C, H, W) -> float, standardised with per-channel train statistics given in [0, 1] units."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        return (x - self.mean) / self.std
+
+
+def build_augmentation(rot90: bool = True, rotation_degrees: float = 10.0, hflip: float = 0.5, vflip: float = 0.5,
+                       brightness: float = 0.1, contrast: float = 0.1, p_lighting: float = 0.5) -> nn.Module:
+    """The poster's "random rotate, flip, lighting" as a kornia pipeline over [0, 1] images, each sample drawn anew.
+
+    Lighting is applied before standardisation so that brightness/contrast factors mean the same for every channel.
+    """
+    ops: list[nn.Module] = []
+    if rot90:
+        ops.append(K.RandomRotation90(times=(0, 3), p=1.0))
+    if rotation_degrees > 0:
+        ops.append(K.RandomRotation(degrees=rotation_degrees, p=0.5))
+    if hflip > 0:
+        ops.append(K.RandomHorizontalFlip(p=hflip))
+    if vflip > 0:
+        ops.append(K.RandomVerticalFlip(p=vflip))
+    if brightness > 0:
+        ops.append(K.RandomBrightness(brightness=(1.0 - brightness, 1.0 + brightness), p=p_lighting))
+    if contrast > 0:
+        ops.append(K.RandomContrast(contrast=(1.0 - contrast, 1.0 + contrast), p=p_lighting))
+    if not ops:
+        return nn.Identity()
+    return K.AugmentationSequential(*ops, data_keys=["input"])
+
+
+class DeviceTransform(nn.Module):
+    """The whole device-side transform: to float in [0, 1], augment when `train`, standardise."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], augment: dict | None = None):
+        super().__init__()
+        self.standardize = Standardize(mean, std)
+        self.augment = build_augmentation(**augment) if augment is not None else nn.Identity()
+
+    def forward(self, x: Tensor, train: bool) -> Tensor:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+        if train:
+            x = self.augment(x)
+        return self.standardize(x)

@@ -1,0 +1,133 @@
+"""LightningDataModule over the packed store: yields uint8 RGBY tensors, float multi-hot targets and row indices."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hpa_lightning.pack import PackedStore, Split, build_store, prepare_split, store_path
+from hpa_lightning.sources import DataError
+
+log = logging.getLogger(__name__)
+
+
+class PackedDataset(Dataset):
+    """Rows of the packed store. The memory map is opened lazily so each DataLoader worker maps it itself."""
+
+    def __init__(self, store: PackedStore, indices: np.ndarray):
+        self.store_path = store.path
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = torch.from_numpy(store.labels[self.indices].astype(np.float32))
+        self._images: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _map(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self.store_path / "images.npy", mmap_mode="r")
+        return self._images
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.indices[i]
+        return {"image": torch.from_numpy(np.array(self._map()[row])), "target": self.labels[i],
+                "index": torch.tensor(row)}
+
+    def __getitems__(self, positions: list[int]) -> list[dict[str, torch.Tensor]]:
+        # One fancy-indexed read per batch (rows sorted for sequential access) instead of one read per sample.
+        rows = self.indices[positions]
+        order = np.argsort(rows, kind="stable")
+        block = np.empty((len(rows), *self._map().shape[1:]), dtype=np.uint8)
+        block[order] = self._map()[rows[order]]
+        images = torch.from_numpy(block)
+        return [{"image": images[k], "target": self.labels[p], "index": torch.tensor(rows[k])}
+                for k, p in enumerate(positions)]
+
+
+class HPADataModule(L.LightningDataModule):
+    """Kaggle-layout folder (or the built-in synthetic generator) -> packed store + stratified split -> loaders.
+
+    Args:
+        root: folder with `train.csv` and the image folder. With `synthetic` set, the generator fills it once.
+        synthetic: generator settings `{n, seed, size}`, or None for real data.
+        image_size: side of the packed square images (the training resolution).
+        cache_dir: where packed stores live.
+        split: `{seed, val_fraction, test_fraction}` of the multilabel-stratified split.
+    """
+
+    def __init__(self, root: str, image_size: int = 512, cache_dir: str = ".cache/stores", image_dir: str = "train",
+                 synthetic: dict | None = None, split: dict | None = None, batch_size: int = 32,
+                 eval_batch_size: int | None = None, num_workers: int = 4, pin_memory: bool = True,
+                 persistent_workers: bool = True, pack_workers: int | None = None, max_samples: int | None = None):
+        super().__init__()
+        if root in (None, "", "???"):
+            raise DataError("data.root: required (the folder holding train.csv and train/)")
+        self.root = Path(root)
+        self.image_size = int(image_size)
+        self.cache_dir = Path(cache_dir)
+        self.image_dir = image_dir
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.split_cfg = {"seed": 42, "val_fraction": 0.1, "test_fraction": 0.1, **(split or {})}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.pack_workers = pack_workers
+        self.max_samples = max_samples
+        self.store: PackedStore | None = None
+        self.split: Split | None = None
+        self.datasets: dict[str, PackedDataset] = {}
+
+    def prepare_data(self) -> None:
+        if self.synthetic and not (self.root / "train.csv").is_file():
+            from hpa_lightning.synth import generate
+
+            log.info("generating synthetic HPA data (%s) into %s", self.synthetic, self.root)
+            try:
+                generate(self.root, **self.synthetic)
+            except FileExistsError:
+                pass  # a concurrent job generated it first
+        store = build_store(self.root, self.image_size, self.cache_dir, self.image_dir, workers=self.pack_workers,
+                            progress=True)
+        prepare_split(store, **self.split_cfg)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.store is not None:
+            return
+        self.store = PackedStore.open(store_path(self.root, self.image_size, self.cache_dir, self.image_dir))
+        self.split = prepare_split(self.store, **self.split_cfg)
+        for name in ("train", "val", "test"):
+            indices = self.split.indices(name)
+            if self.max_samples:  # quick experiments: a deterministic subset of each split
+                indices = indices[: max(1, int(self.max_samples * len(indices) / len(self.store)))]
+            self.datasets[name] = PackedDataset(self.store, indices)
+
+    @property
+    def stats(self) -> tuple[list[float], list[float]]:
+        assert self.split is not None, "setup() first"
+        return self.split.mean, self.split.std
+
+    def ids(self, rows: np.ndarray) -> list[str]:
+        assert self.store is not None, "setup() first"
+        return [self.store.ids[r] for r in rows]
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        return DataLoader(self.datasets[name], batch_size=self.batch_size if train else self.eval_batch_size,
+                          shuffle=train, drop_last=train and len(self.datasets[name]) > self.batch_size,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

@@ -1,0 +1,153 @@
+"""LightningModule: device-side transform, 4-channel timm backbone, loss, grouped optimizer, epoch-level metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from torch import Tensor
+
+from hpa_lightning import metrics
+from hpa_lightning.augment import DeviceTransform
+from hpa_lightning.classes import CLASS_NAMES, NUM_CLASSES
+from hpa_lightning.model import create_model, parameter_groups
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def without_name(node: dict) -> dict:
+    """Config nodes carry a display `name` (for results and reports) that their `_target_` does not take."""
+    return {k: v for k, v in node.items() if k != "name"}
+
+
+class HPAModule(L.LightningModule):
+    """All constructor arguments are plain containers (saved as hyperparameters; safe for `weights_only` loading).
+
+    Args:
+        model: kwargs of `hpa_lightning.model.create_model` (name, pretrained, drop_rate) plus `channels_last`.
+        loss: Hydra node of the loss (`_target_` ...).
+        optimizer: Hydra node of the optimizer, `_partial_`; its `lr` is the head's LR, `weight_decay` its decay.
+        scheduler: Hydra node of a `hpa_lightning.schedulers` factory, `_partial_`, or None.
+        lr_ratios: LR of each depth group (early body, late body, head) relative to `optimizer.lr`.
+        augment: kwargs of `hpa_lightning.augment.build_augmentation`, or None for no augmentation.
+        mean, std: per-channel train statistics in [0, 1] units; taken from the DataModule when it has them.
+    """
+
+    def __init__(self, model: dict, loss: dict, optimizer: dict, scheduler: dict | None = None,
+                 lr_ratios: Sequence[float] = (1 / 9, 1 / 3, 1.0), augment: dict | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 class_names: Sequence[str] = CLASS_NAMES):
+        super().__init__()
+        self.save_hyperparameters()
+        net_kwargs = {k: v for k, v in model.items() if k not in ("channels_last", "compile")}
+        self.net, self.pretrained_loaded = create_model(num_classes=len(class_names), **net_kwargs)
+        self.channels_last = bool(model.get("channels_last", False))
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.criterion = instantiate(without_name(loss))
+        self.transform = DeviceTransform(mean or [0.0] * 4, std or [1.0] * 4, augment)
+        self._stats_given = mean is not None
+        self._outputs: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {"val": [], "test": [], "predict": []}
+        self.epoch_results: dict[str, dict[str, np.ndarray]] = {}
+
+    # ---- data on the device -------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not self._stats_given and datamodule is not None and hasattr(datamodule, "stats"):
+            mean, std = datamodule.stats
+            self.transform.standardize.mean.copy_(torch.tensor(mean).view(1, -1, 1, 1))
+            self.transform.standardize.std.copy_(torch.tensor(std).view(1, -1, 1, 1))
+            self.hparams.mean, self.hparams.std = list(mean), list(std)  # stored with the checkpoint for inference
+            self._stats_given = True
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        train = self.trainer is not None and self.trainer.training
+        image = self.transform(batch["image"], train=train)
+        batch["image"] = image.contiguous(memory_format=torch.channels_last) if self.channels_last else image
+        return batch
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # ---- steps --------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.criterion(self(batch["image"]), batch["target"])
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, "
+                                     f"step {self.global_step}; lower optimizer.lr or check the data")
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        logits = self(batch["image"])
+        loss = self.criterion(logits, batch["target"])
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(batch["image"]))
+        self._outputs[stage].append((torch.sigmoid(logits.float()).detach(), batch["target"].detach(),
+                                     batch["index"].detach()))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    # ---- epoch metrics ------------------------------------------------------------------------------------------
+    def _gather(self, stage: str) -> dict[str, np.ndarray]:
+        """All outputs of the epoch from every rank, each store row exactly once (DDP pads with repeats)."""
+        outputs = self._outputs[stage]
+        self._outputs[stage] = []
+        if not outputs:
+            empty = np.zeros((0, NUM_CLASSES), dtype=np.float32)
+            return {"probs": empty, "targets": empty, "rows": np.zeros(0, dtype=np.int64)}
+        probs, targets, rows = (torch.cat(parts) for parts in zip(*outputs, strict=True))
+        if self.trainer.world_size > 1:
+            probs, targets, rows = (self.all_gather(t).flatten(0, 1) for t in (probs, targets, rows))
+        rows_np = rows.cpu().numpy()
+        _, first = np.unique(rows_np, return_index=True)
+        return {"probs": probs.cpu().numpy()[first], "targets": targets.cpu().numpy()[first], "rows": rows_np[first]}
+
+    def _epoch_end(self, stage: str) -> None:
+        result = self._gather(stage)
+        if self.trainer.sanity_checking or len(result["rows"]) == 0:
+            return
+        self.epoch_results[stage] = result
+        summary = metrics.summarize(result["targets"], result["probs"])
+        self.log(f"{stage}/macro_f1", float(summary["macro_f1"]), prog_bar=True)
+        roc_auc = summary["roc_auc"]
+        self.log(f"{stage}/roc_auc", float("nan") if roc_auc is None else float(roc_auc), prog_bar=stage == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    # ---- optimisation -------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt_cfg = dict(self.hparams.optimizer)
+        groups = parameter_groups(self.net, lr=float(opt_cfg["lr"]), lr_ratios=self.hparams.lr_ratios,
+                                  weight_decay=float(opt_cfg.get("weight_decay", 0.0)))
+        optimizer = instantiate(opt_cfg)(groups)
+        if not self.hparams.scheduler:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        scheduler = instantiate(without_name(self.hparams.scheduler))(optimizer, total_steps=total_steps,
+                                                              steps_per_epoch=steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> HPAModule:
+        """Load for inference: weights only (no pickled code), and never re-fetch pretrained weights."""
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        hparams = dict(checkpoint["hyper_parameters"])
+        hparams["model"] = {**hparams["model"], "pretrained": False}
+        module = cls(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module.eval()

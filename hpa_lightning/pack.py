@@ -1,0 +1,273 @@
+"""The packed store: every sample decoded once into a memory-mapped uint8 array (N, 4, S, S), R,G,B,Y order.
+
+Layout of a store folder (named by source and size, so a new size or a changed train.csv packs anew):
+    images.npy   uint8 (N, 4, S, S), opened with mmap_mode="r" by every reader
+    index.csv    Id,Target in store order
+    labels.npy   uint8 (N, 28) multi-hot
+    meta.json    source, fingerprint, image size, count
+    splits/<key>/split.csv, stats.json   the stratified split and its train-only channel statistics
+
+A store is built under a temporary name and renamed when complete: a folder with the final name is always whole.
+
+CLI: python -m hpa_lightning.pack root=DIR size=512 [cache_dir=.cache/stores] [image_dir=train] [workers=N]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from numpy.lib.format import open_memmap
+
+from hpa_lightning.classes import CHANNELS, NUM_CLASSES
+from hpa_lightning.sources import DataError, LabelTable, load_sample, read_label_table
+
+STORE_FORMAT = 1
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class PackedStore:
+    path: Path
+    ids: list[str]
+    labels: np.ndarray
+    image_size: int
+
+    @classmethod
+    def open(cls, path: str | Path) -> PackedStore:
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{path}: not a complete packed store (no meta.json)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != STORE_FORMAT:
+            raise DataError(f"{meta_path}: store format {meta.get('format')} != {STORE_FORMAT}, delete it to re-pack")
+        index = pd.read_csv(path / "index.csv", dtype=str, keep_default_na=False)
+        return cls(path=path, ids=index["Id"].tolist(), labels=np.load(path / "labels.npy"),
+                   image_size=int(meta["image_size"]))
+
+    def images(self) -> np.ndarray:
+        return np.load(self.path / "images.npy", mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def source_fingerprint(csv_path: Path, image_dir: Path) -> str:
+    digest = hashlib.sha256()
+    digest.update(str(image_dir.resolve()).encode())
+    digest.update(csv_path.read_bytes())
+    return digest.hexdigest()
+
+
+def store_path(root: str | Path, size: int, cache_dir: str | Path, image_dir: str = "train") -> Path:
+    root = Path(root)
+    fingerprint = source_fingerprint(root / "train.csv", root / image_dir)
+    return Path(cache_dir) / f"{root.resolve().name}-{size}px-{fingerprint[:16]}"
+
+
+def _decode_all(image_dir: Path, ids: list[str], size: int, workers: int) -> Iterator[np.ndarray]:
+    load = partial(load_sample, image_dir, size=size)
+    if workers <= 1:
+        yield from map(load, ids)
+        return
+    # fork: the workers only need numpy/PIL, and fork starts them without re-importing torch.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # imap keeps results in order and only a bounded number of decoded samples in flight.
+    with mp.get_context(method).Pool(workers) as pool:
+        yield from pool.imap(load, ids, chunksize=4)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    for tmp in target.parent.glob(f"{target.name}.tmp-*"):
+        pid = tmp.name.split(".tmp-")[-1].split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: str = "train",
+                workers: int | None = None, progress: bool = False) -> PackedStore:
+    """Pack `root` (Kaggle layout) at `size` px unless a complete store for it exists; returns the opened store."""
+    root = Path(root)
+    if size < 8:
+        raise DataError(f"data.image_size={size}: must be at least 8")
+    table: LabelTable = read_label_table(root / "train.csv")
+    images_dir = root / image_dir
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: image folder not found")
+    target = store_path(root, size, cache_dir, image_dir)
+    if (target / "meta.json").is_file():
+        return PackedStore.open(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        images = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(table), len(CHANNELS), size, size))
+        decoded = _decode_all(images_dir, table.ids, size, workers or os.cpu_count() or 1)
+        if progress:
+            from tqdm import tqdm
+
+            decoded = tqdm(decoded, total=len(table), desc=f"packing {root.name} at {size}px", unit="sample")
+        for i, sample in enumerate(decoded):
+            images[i] = sample
+        images.flush()
+        del images
+        pd.DataFrame({"Id": table.ids, "Target": table.targets}).to_csv(tmp / "index.csv", index=False)
+        np.save(tmp / "labels.npy", table.labels)
+        meta = {"format": STORE_FORMAT, "source": str(root.resolve()), "image_dir": image_dir, "image_size": size,
+                "num_samples": len(table), "channels": list(CHANNELS), "num_classes": NUM_CLASSES,
+                "fingerprint": source_fingerprint(root / "train.csv", images_dir)}
+        write_json_atomic(tmp / "meta.json", meta)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "meta.json").is_file():  # someone else finished first: theirs is equally valid
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return PackedStore.open(target)
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Multilabel-stratified train/val/test assignment (array of split names, store order).
+
+    Sizes are round(N * fraction) for val and test (3107/3107/24858 on the 31072 Kaggle samples).
+    """
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    n = len(labels)
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    if min(n_val, n_test) < 1 or n - n_val - n_test < 1:
+        raise DataError(f"data.split: fractions val={val_fraction} test={test_fraction} leave an empty split of {n}")
+    assignment = np.full(n, "train", dtype=object)
+    outer = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n_val + n_test, random_state=seed)
+    _, holdout = next(outer.split(np.zeros(n), labels))
+    inner = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n_test, random_state=seed + 1)
+    val_pos, test_pos = next(inner.split(np.zeros(len(holdout)), labels[holdout]))
+    assignment[holdout[val_pos]] = "val"
+    assignment[holdout[test_pos]] = "test"
+    return assignment
+
+
+def channel_stats(images: np.ndarray, indices: np.ndarray, chunk: int = 256) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units over `indices`, streamed in chunks from the memory map."""
+    total = np.zeros(images.shape[1])
+    total_sq = np.zeros(images.shape[1])
+    count = 0
+    for start in range(0, len(indices), chunk):
+        block = images[np.sort(indices[start:start + chunk])].astype(np.float64) / 255.0
+        total += block.sum(axis=(0, 2, 3))
+        total_sq += np.square(block).sum(axis=(0, 2, 3))
+        count += block.shape[0] * block.shape[2] * block.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+    return mean.tolist(), std.tolist()
+
+
+@dataclass(frozen=True)
+class Split:
+    path: Path
+    assignment: np.ndarray  # split name per store row
+    mean: list[float]
+    std: list[float]
+
+    def indices(self, name: str) -> np.ndarray:
+        return np.flatnonzero(self.assignment == name)
+
+
+def prepare_split(store: PackedStore, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 42) -> Split:
+    """Create (once) the split and the train statistics for `store`; both live in the store, keyed by the split."""
+    key = f"seed{seed}-val{val_fraction:g}-test{test_fraction:g}"
+    folder = store.path / "splits" / key
+    if not (folder / "stats.json").is_file():
+        assignment = stratified_split(store.labels, val_fraction, test_fraction, seed)
+        mean, std = channel_stats(store.images(), np.flatnonzero(assignment == "train"))
+        tmp = folder.with_name(f"{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        try:
+            pd.DataFrame({"Id": store.ids, "split": assignment}).to_csv(tmp / "split.csv", index=False)
+            counts = {name: int((assignment == name).sum()) for name in SPLIT_NAMES}
+            write_json_atomic(tmp / "stats.json", {"mean": mean, "std": std, "channels": list(CHANNELS),
+                                                   "units": "[0,1] (uint8 / 255)", "computed_on": "train",
+                                                   "counts": counts, "seed": seed})
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                if not (folder / "stats.json").is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return load_split(folder, store)
+
+
+def load_split(folder: Path, store: PackedStore) -> Split:
+    frame = pd.read_csv(folder / "split.csv", dtype=str, keep_default_na=False)
+    if frame["Id"].tolist() != store.ids:
+        raise DataError(f"{folder / 'split.csv'}: Ids do not match the store {store.path}")
+    stats = json.loads((folder / "stats.json").read_text())
+    return Split(path=folder, assignment=frame["split"].to_numpy(dtype=object), mean=stats["mean"], std=stats["std"])
+
+
+def parse_key_values(argv: list[str], defaults: dict[str, object], prog: str) -> dict[str, object]:
+    """`key=value` command-line arguments, typed like their defaults; one-line error on unknown keys or bad values."""
+    values = dict(defaults)
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        if not sep or key not in defaults:
+            raise SystemExit(f"{prog}: unknown argument {arg!r}; expected key=value with key in {', '.join(defaults)}")
+        kind = type(defaults[key]) if defaults[key] is not None else str
+        try:
+            values[key] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
+        except ValueError:
+            raise SystemExit(f"{prog}: {key}={raw!r} is not a valid {kind.__name__}") from None
+    return values
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_key_values(sys.argv[1:] if argv is None else argv,
+                            {"root": None, "size": 512, "cache_dir": ".cache/stores", "image_dir": "train",
+                             "workers": 0, "val_fraction": 0.1, "test_fraction": 0.1, "seed": 42}, "hpa_lightning.pack")
+    if not args["root"]:
+        raise SystemExit("hpa_lightning.pack: root=DIR is required (a folder holding train.csv and train/)")
+    try:
+        store = build_store(args["root"], int(args["size"]), args["cache_dir"], str(args["image_dir"]),
+                            workers=int(args["workers"]) or None, progress=True)
+        split = prepare_split(store, float(args["val_fraction"]), float(args["test_fraction"]), int(args["seed"]))
+    except DataError as err:
+        raise SystemExit(f"error: {err}") from None
+    counts = {name: len(split.indices(name)) for name in SPLIT_NAMES}
+    print(f"store: {store.path} ({len(store)} samples at {store.image_size}px); split {split.path.name}: {counts}")
+
+
+if __name__ == "__main__":
+    main()

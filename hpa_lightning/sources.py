@@ -1,0 +1,133 @@
+"""Reading a dataset in the Kaggle HPA 2018 layout: `train.csv` (Id,Target) plus `{Id}_{red,green,blue,yellow}.*`.
+
+Every problem is reported as a `DataError` whose message is one line naming the file, row or key at fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from hpa_lightning.classes import CHANNELS, NUM_CLASSES
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+REQUIRED_COLUMNS = ("Id", "Target")
+
+
+class DataError(ValueError):
+    """Bad input data; the message is a single line naming the file, row or key."""
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    ids: list[str]
+    targets: list[str]  # the original Target strings, kept for round-tripping
+    labels: np.ndarray  # (N, NUM_CLASSES) uint8 multi-hot
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def parse_target(target: object, where: str) -> list[int]:
+    if not isinstance(target, str) or not target.strip():
+        raise DataError(f"{where}: empty Target")
+    classes = []
+    for token in target.split():
+        try:
+            value = int(token)
+        except ValueError:
+            raise DataError(f"{where}: label {token!r} is not an integer in 0..{NUM_CLASSES - 1}") from None
+        if not 0 <= value < NUM_CLASSES:
+            raise DataError(f"{where}: label {value} out of range 0..{NUM_CLASSES - 1}")
+        classes.append(value)
+    return classes
+
+
+def check_id(sample_id: object, where: str) -> str:
+    # Ids become file names: anything that could leave the image folder is refused.
+    if not isinstance(sample_id, str) or not sample_id.strip():
+        raise DataError(f"{where}: empty Id")
+    if "/" in sample_id or "\\" in sample_id or ".." in sample_id or sample_id != sample_id.strip():
+        raise DataError(f"{where}: Id {sample_id!r} contains a path separator, '..' or surrounding spaces")
+    return sample_id
+
+
+def read_label_table(csv_path: str | Path) -> LabelTable:
+    """Read and validate `train.csv`; row numbers in messages are file line numbers (header = line 1)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: file not found")
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path}: empty CSV, expected columns Id,Target") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"{csv_path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)} (found {', '.join(map(str, frame.columns))})")
+    if frame.empty:
+        raise DataError(f"{csv_path}: no samples (header only)")
+    labels = np.zeros((len(frame), NUM_CLASSES), dtype=np.uint8)
+    first_line: dict[str, int] = {}
+    ids = frame["Id"].tolist()
+    targets = frame["Target"].tolist()
+    for row, (sample_id, target) in enumerate(zip(ids, targets, strict=True)):
+        line = row + 2
+        where = f"{csv_path} row {line}"
+        check_id(sample_id, where)
+        if sample_id in first_line:
+            raise DataError(f"{where}: duplicate Id {sample_id} (first at row {first_line[sample_id]})")
+        first_line[sample_id] = line
+        labels[row, parse_target(target, f"{where} (Id {sample_id})")] = 1
+    return LabelTable(ids=ids, targets=targets, labels=labels)
+
+
+def channel_path(image_dir: Path, sample_id: str, channel: str) -> Path:
+    for ext in IMAGE_EXTENSIONS:
+        candidate = image_dir / f"{sample_id}_{channel}{ext}"
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{image_dir / (sample_id + '_' + channel)}.png: missing channel file (tried {'/'.join(IMAGE_EXTENSIONS)})")
+
+
+def decode_channel(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            if img.mode != "L":
+                raise DataError(f"{path}: expected an 8-bit grayscale image, got mode {img.mode}")
+            img.load()
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: cannot decode image ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
+def resize_square(channel: np.ndarray, size: int) -> np.ndarray:
+    if channel.shape == (size, size):
+        return channel
+    # reducing_gap makes large downscales (2048 px external data -> 512) average like an area filter, at bilinear cost.
+    img = Image.fromarray(channel).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_sample(image_dir: str | Path, sample_id: str, size: int) -> np.ndarray:
+    """Decode the four channels of one sample into a uint8 array (4, size, size) in R,G,B,Y order."""
+    image_dir = Path(image_dir)
+    channels = []
+    first_shape, first_path = None, None
+    for name in CHANNELS:
+        path = channel_path(image_dir, sample_id, name)
+        array = decode_channel(path)
+        if first_shape is None:
+            first_shape, first_path = array.shape, path
+        elif array.shape != first_shape:
+            raise DataError(f"{path}: size {array.shape[1]}x{array.shape[0]} differs from "
+                            f"{first_path.name} ({first_shape[1]}x{first_shape[0]})")
+        channels.append(resize_square(array, size))
+    return np.stack(channels)

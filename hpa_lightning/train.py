@@ -1,0 +1,182 @@
+"""Train, validate and test one configuration; write the run folder. `python -m hpa_lightning.train +experiment=...`.
+
+Returns `val/macro_f1` of the best checkpoint, the metric Hydra sweepers optimise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hpa_lightning import metrics
+from hpa_lightning.callbacks import LRTrace
+from hpa_lightning.classes import CLASS_NAMES
+from hpa_lightning.datamodule import HPADataModule
+from hpa_lightning.finetune import FreezeBackbone
+from hpa_lightning.model import PretrainedUnavailable
+from hpa_lightning.module import HPAModule
+from hpa_lightning.pack import write_json_atomic
+from hpa_lightning.sources import DataError
+
+log = logging.getLogger(__name__)
+USER_ERRORS = (DataError, PretrainedUnavailable)
+
+
+def plain(node) -> object:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_module(cfg: DictConfig, datamodule: HPADataModule) -> HPAModule:
+    mean, std = datamodule.stats
+    return HPAModule(model=plain(cfg.model), loss=plain(cfg.loss), optimizer=plain(cfg.optimizer),
+                     scheduler=plain(cfg.scheduler), lr_ratios=list(cfg.finetune.lr_ratios),
+                     augment=plain(cfg.augment), mean=mean, std=std, class_names=list(CLASS_NAMES))
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    callbacks.append(FreezeBackbone(frozen_epochs=int(cfg.finetune.frozen_epochs)))
+    callbacks.append(LRTrace(str(run_dir)))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+def device_description(trainer: L.Trainer) -> str:
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def write_predictions(path: Path, ids: list[str], probs: np.ndarray, targets: np.ndarray, decisions: np.ndarray) -> None:
+    frame = pd.DataFrame({"Id": ids})
+    frame = pd.concat([frame,
+                       pd.DataFrame(probs, columns=[f"prob_{c}" for c in range(probs.shape[1])]),
+                       pd.DataFrame(targets.astype(np.uint8), columns=[f"true_{c}" for c in range(probs.shape[1])])],
+                      axis=1)
+    frame["Predicted"] = [" ".join(str(c) for c in np.flatnonzero(row)) for row in decisions]
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False, float_format="%.6f")
+    tmp.replace(path)
+
+
+def split_summary(result: dict[str, np.ndarray], thresholds: np.ndarray, ensure_one: bool,
+                  min_positives: int) -> dict:
+    summary = metrics.summarize(result["targets"], result["probs"], thresholds=thresholds, ensure_one=ensure_one)
+    positives = result["targets"].sum(axis=0)
+    common = positives >= min_positives
+    per_class = np.asarray(summary["per_class_f1"])
+    summary["num_samples"] = int(len(result["rows"]))
+    summary["positives_per_class"] = positives.astype(int).tolist()
+    summary[f"macro_f1_classes_ge{min_positives}"] = float(per_class[common].mean()) if common.any() else None
+    return summary
+
+
+def train(cfg: DictConfig) -> dict:
+    started = time.time()
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule: HPADataModule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+    callbacks = build_callbacks(cfg, run_dir)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    checkpoint = trainer.checkpoint_callback
+    best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None
+    trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+
+    results: dict = {}
+    if trainer.is_global_zero:
+        results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started)
+    return results
+
+
+def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,
+                      best: str | None, wall_time: float) -> dict:
+    val, test = module.epoch_results["val"], module.epoch_results["test"]
+    thr_cfg = cfg.thresholds
+    thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=float(thr_cfg.default))
+    ensure_one = bool(thr_cfg.ensure_one)
+    write_json_atomic(run_dir / "thresholds.json", {
+        "thresholds": {name: float(t) for name, t in zip(CLASS_NAMES, thresholds, strict=True)},
+        "tuned_on": "val", "default": float(thr_cfg.default), "ensure_one": ensure_one})
+    decisions = metrics.decide(test["probs"], thresholds, ensure_one=ensure_one)
+    write_predictions(run_dir / "test_predictions.csv", datamodule.ids(test["rows"]), test["probs"], test["targets"],
+                      decisions)
+    shutil.copyfile(datamodule.split.path / "split.csv", run_dir / "split.csv")
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    min_pos = int(cfg.get("report_min_positives", 20))
+    epochs_done = trainer.current_epoch
+    results = {
+        "status": "completed",
+        "experiment": cfg.experiment_name,
+        "model": cfg.model.name,
+        "loss": cfg.loss.get("name", str(cfg.loss._target_).rsplit(".", 1)[-1]),
+        "gamma": float(cfg.loss.get("gamma", 0.0)),
+        "scheduler": cfg.scheduler.get("name") if cfg.scheduler else "none",
+        "base_lr": float(cfg.optimizer.lr),
+        "lr_ratios": list(cfg.finetune.lr_ratios),
+        "frozen_epochs": int(cfg.finetune.frozen_epochs),
+        "image_size": datamodule.image_size,
+        "pretrained_loaded": bool(module.pretrained_loaded),
+        "device": device_description(trainer),
+        "precision": str(trainer.precision),
+        "seed": int(cfg.seed),
+        "epochs": int(epochs_done),
+        "best_checkpoint": str(best) if best else None,
+        "wall_time_s": round(wall_time, 2),
+        "data": {"root": str(datamodule.root), "store": str(datamodule.store.path),
+                 "split": {n: len(datamodule.datasets[n]) for n in ("train", "val", "test")},
+                 "mean": datamodule.stats[0], "std": datamodule.stats[1]},
+        "class_names": list(CLASS_NAMES),
+        "thresholds": thresholds.tolist(),
+        "val": split_summary(val, thresholds, ensure_one, min_pos),
+        "test": split_summary(test, thresholds, ensure_one, min_pos),
+    }
+    write_json_atomic(run_dir / "results.json", results)  # written last: its presence marks a finished run
+    test_summary = results["test"]
+    print(f"\nrun folder: {run_dir}\n"
+          f"test macro F1 @0.5: {test_summary['macro_f1']:.4f}   tuned thresholds: {test_summary['macro_f1_tuned']:.4f}"
+          f"   macro ROC AUC: {test_summary['roc_auc']:.4f}   "
+          f"macro F1 over classes with >= {min_pos} test positives: {test_summary[f'macro_f1_classes_ge{min_pos}']}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        results = train(cfg)
+    except USER_ERRORS as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # let Hydra mark this job failed and go on with the others
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return results.get("val", {}).get("macro_f1") if results else None
+
+
+if __name__ == "__main__":
+    main()
