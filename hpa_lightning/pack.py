@@ -130,7 +130,8 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        images = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(table), len(CHANNELS), size, size))
+        shape = (len(table), len(CHANNELS), size, size)
+        images = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
         decoded = _decode_all(images_dir, table.ids, size, workers or os.cpu_count() or 1)
         if progress:
             from tqdm import tqdm
@@ -168,14 +169,27 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
     if min(n_val, n_test) < 1 or n - n_val - n_test < 1:
         raise DataError(f"data.split: fractions val={val_fraction} test={test_fraction} leave an empty split of {n}")
+    rng = np.random.default_rng(seed)
     assignment = np.full(n, "train", dtype=object)
     outer = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n_val + n_test, random_state=seed)
-    _, holdout = next(outer.split(np.zeros(n), labels))
+    _, holdout = _exact_size(*next(outer.split(np.zeros(n), labels)), n_val + n_test, rng)
     inner = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n_test, random_state=seed + 1)
-    val_pos, test_pos = next(inner.split(np.zeros(len(holdout)), labels[holdout]))
+    val_pos, test_pos = _exact_size(*next(inner.split(np.zeros(len(holdout)), labels[holdout])), n_test, rng)
     assignment[holdout[val_pos]] = "val"
     assignment[holdout[test_pos]] = "test"
     return assignment
+
+
+def _exact_size(keep: np.ndarray, take: np.ndarray, size: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Iterative stratification can miss the requested size by a few samples on small sets; move the difference."""
+    if len(take) > size:
+        moved = rng.choice(len(take), len(take) - size, replace=False)
+        keep, take = np.concatenate([keep, take[moved]]), np.delete(take, moved)
+    elif len(take) < size:
+        moved = rng.choice(len(keep), size - len(take), replace=False)
+        keep, take = np.delete(keep, moved), np.concatenate([take, keep[moved]])
+    return np.sort(keep), np.sort(take)
 
 
 def channel_stats(images: np.ndarray, indices: np.ndarray, chunk: int = 256) -> tuple[list[float], list[float]]:

@@ -69,7 +69,8 @@ def read_label_table(csv_path: str | Path) -> LabelTable:
         raise DataError(f"{csv_path}: not a readable CSV ({str(err).splitlines()[0]})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
-        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)} (found {', '.join(map(str, frame.columns))})")
+        found = ", ".join(map(str, frame.columns))
+        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)} (found {found})")
     if frame.empty:
         raise DataError(f"{csv_path}: no samples (header only)")
     labels = np.zeros((len(frame), NUM_CLASSES), dtype=np.uint8)
@@ -92,7 +93,8 @@ def channel_path(image_dir: Path, sample_id: str, channel: str) -> Path:
         candidate = image_dir / f"{sample_id}_{channel}{ext}"
         if candidate.is_file():
             return candidate
-    raise DataError(f"{image_dir / (sample_id + '_' + channel)}.png: missing channel file (tried {'/'.join(IMAGE_EXTENSIONS)})")
+    tried = "/".join(IMAGE_EXTENSIONS)
+    raise DataError(f"{image_dir / (sample_id + '_' + channel)}.png: missing channel file (tried {tried})")
 
 
 def decode_channel(path: Path) -> np.ndarray:
@@ -105,7 +107,8 @@ def decode_channel(path: Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, DataError):
             raise
-        raise DataError(f"{path}: cannot decode image ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: cannot decode image ({reason})") from None
 
 
 def resize_square(channel: np.ndarray, size: int) -> np.ndarray:

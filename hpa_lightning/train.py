@@ -5,7 +5,6 @@ Returns `val/macro_f1` of the best checkpoint, the metric Hydra sweepers optimis
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -65,7 +64,8 @@ def device_description(trainer: L.Trainer) -> str:
     return str(device)
 
 
-def write_predictions(path: Path, ids: list[str], probs: np.ndarray, targets: np.ndarray, decisions: np.ndarray) -> None:
+def write_predictions(path: Path, ids: list[str], probs: np.ndarray, targets: np.ndarray,
+                      decisions: np.ndarray) -> None:
     frame = pd.DataFrame({"Id": ids})
     frame = pd.concat([frame,
                        pd.DataFrame(probs, columns=[f"prob_{c}" for c in range(probs.shape[1])]),
@@ -83,7 +83,6 @@ def split_summary(result: dict[str, np.ndarray], thresholds: np.ndarray, ensure_
     positives = result["targets"].sum(axis=0)
     common = positives >= min_positives
     per_class = np.asarray(summary["per_class_f1"])
-    summary["num_samples"] = int(len(result["rows"]))
     summary["positives_per_class"] = positives.astype(int).tolist()
     summary[f"macro_f1_classes_ge{min_positives}"] = float(per_class[common].mean()) if common.any() else None
     return summary

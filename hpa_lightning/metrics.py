@@ -1,0 +1,220 @@
+"""Exact multi-label evaluation metrics in numpy: macro F1, ROC AUC over defined classes, per-class thresholds.
+
+Inputs are ``(N, C)`` arrays (numpy, or torch tensors, which are moved to CPU): ``targets`` 0/1 (bool, int or float),
+``probs`` finite scores (usually sigmoid probabilities), ``preds`` 0/1 decisions. Outputs are Python floats or numpy
+arrays; `summarize` returns only JSON-serialisable Python types. torchmetrics is used elsewhere for on-the-fly
+logging; these functions are the reference numbers for evaluation reports and threshold tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+__all__ = ["decide", "macro_f1", "per_class_f1", "roc_auc_valid_classes", "summarize", "tune_thresholds"]
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _binary_2d(x: Any, name: str) -> np.ndarray:
+    a = _to_numpy(x)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N, C) array, got shape {a.shape}")
+    if a.dtype != bool:
+        if not np.isin(a, (0, 1)).all():
+            raise ValueError(f"{name} must contain only 0/1 values")
+        a = a.astype(bool)
+    return a
+
+
+def _scores_2d(x: Any, name: str) -> np.ndarray:
+    a = _to_numpy(x).astype(np.float64, copy=False)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (N, C) array, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} must be finite")
+    return a
+
+
+def _check_same_shape(a: np.ndarray, b: np.ndarray, names: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{names} must have the same shape, got {a.shape} and {b.shape}")
+
+
+def _f1_from_counts(tp: np.ndarray, n_pred: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
+    # F1 = 2TP / (2TP + FP + FN) = 2TP / (#predicted + #positive); 0/0 -> 0 as sklearn's zero_division=0.
+    # Counts are exact integers in float64 and division is correctly rounded, so equal ratios give equal floats
+    # (exact tie detection in tune_thresholds relies on this).
+    denom = (n_pred + n_pos).astype(np.float64)
+    return np.divide(2.0 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+
+
+def per_class_f1(targets: Any, preds: Any) -> np.ndarray:
+    """Per-class F1 of 0/1 decisions, shape ``(C,)``; a class with no positives and no predictions scores 0."""
+    y = _binary_2d(targets, "targets")
+    d = _binary_2d(preds, "preds")
+    _check_same_shape(y, d, "targets and preds")
+    tp = (y & d).sum(axis=0)
+    return _f1_from_counts(tp, d.sum(axis=0), y.sum(axis=0))
+
+
+def macro_f1(targets: Any, preds: Any) -> float:
+    """Unweighted mean of `per_class_f1` over all classes (sklearn ``f1_score(average="macro", zero_division=0)``)."""
+    return float(per_class_f1(targets, preds).mean())
+
+
+def roc_auc_valid_classes(targets: Any, probs: Any) -> tuple[float, np.ndarray]:
+    """ROC AUC per class and its macro mean over the classes where it is defined.
+
+    A class's AUC is defined only when it has both positive and negative samples; other entries of the per-class
+    array are NaN and excluded from the mean (sklearn would raise). The macro value is NaN when no class is valid.
+    Computed as the Mann-Whitney statistic with average ranks, which equals sklearn's trapezoidal ROC AUC including
+    tied scores.
+
+    Returns:
+        ``(macro_auc, per_class_auc)`` with ``per_class_auc`` of shape ``(C,)``.
+    """
+    y = _binary_2d(targets, "targets")
+    s = _scores_2d(probs, "probs")
+    _check_same_shape(y, s, "targets and probs")
+    n_pos = y.sum(axis=0).astype(np.float64)
+    n_neg = y.shape[0] - n_pos
+    valid = (n_pos > 0) & (n_neg > 0)
+    per_class = np.full(y.shape[1], np.nan)
+    if valid.any():
+        ranks = rankdata(s[:, valid], method="average", axis=0)
+        pos_rank_sum = (ranks * y[:, valid]).sum(axis=0)
+        p, n = n_pos[valid], n_neg[valid]
+        per_class[valid] = (pos_rank_sum - p * (p + 1) / 2) / (p * n)
+    macro = float(per_class[valid].mean()) if valid.any() else math.nan
+    return macro, per_class
+
+
+def _pick_best(f1: np.ndarray, thresholds: np.ndarray) -> float:
+    # Among thresholds with the maximal F1 (exact float ties), take the one closest to 0.5, then the larger one.
+    best = np.flatnonzero(f1 == f1.max())
+    cand = thresholds[best]
+    order = np.lexsort((-cand, np.abs(cand - 0.5)))
+    return float(cand[order[0]])
+
+
+def _exact_class_threshold(scores: np.ndarray, positive: np.ndarray) -> float:
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    tp_cum = np.cumsum(positive[order])
+    # Cut k predicts positive every sample scoring >= the k-th largest unique score; it ends at the last sorted
+    # index of that unique value.
+    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+    n_pred = ends + 1
+    f1 = _f1_from_counts(tp_cum[ends], n_pred, np.full_like(n_pred, positive.sum()))
+    upper = s[ends]
+    lower = np.r_[s[ends[:-1] + 1], -np.inf]  # next lower unique score, excluded by this cut
+    mid = upper / 2 + lower / 2
+    # The midpoint leaves a margin on both sides; fall back to the included score itself for the lowest cut
+    # (nothing below it) or if rounding put the midpoint on the excluded value (adjacent floats).
+    thr = np.where(np.isfinite(lower) & (mid > lower), mid, upper)
+    return _pick_best(f1, thr)
+
+
+def _grid_class_threshold(scores: np.ndarray, positive: np.ndarray, grid: np.ndarray) -> float:
+    # Counts of scores >= t for every grid t via binary search on the sorted scores.
+    all_sorted = np.sort(scores)
+    pos_sorted = np.sort(scores[positive])
+    n_pred = all_sorted.size - np.searchsorted(all_sorted, grid, side="left")
+    tp = pos_sorted.size - np.searchsorted(pos_sorted, grid, side="left")
+    f1 = _f1_from_counts(tp, n_pred, np.full_like(n_pred, pos_sorted.size))
+    return _pick_best(f1, grid)
+
+
+def tune_thresholds(targets: Any, probs: Any, default: float = 0.5, grid: np.ndarray | None = None) -> np.ndarray:
+    """Per-class decision thresholds maximising each class's F1 on these (validation) samples.
+
+    With ``grid=None`` the search is exact: every cut between consecutive distinct scores of a class is a
+    candidate, and its threshold is the midpoint between the lowest included score and the next lower (excluded)
+    score (the lowest score itself for the cut that includes every sample). ``probs >= threshold`` therefore
+    reproduces exactly the decisions, and F1, that were counted. With a ``grid``, only its values are tried as
+    thresholds (``probs >= t``). Among thresholds with equal best F1 the one closest to 0.5 wins (then the larger),
+    which keeps thresholds away from extreme values when the data does not prefer them. A class with no positive
+    samples keeps ``default``: its F1 is 0 at every threshold, so there is nothing to tune.
+
+    Cost: one sort per class, O(N log N); 3107 x 28 takes a few milliseconds.
+
+    Returns:
+        float64 array of shape ``(C,)``.
+    """
+    y = _binary_2d(targets, "targets")
+    s = _scores_2d(probs, "probs")
+    _check_same_shape(y, s, "targets and probs")
+    if grid is not None:
+        grid = np.unique(np.asarray(grid, dtype=np.float64).ravel())
+        if grid.size == 0 or not np.isfinite(grid).all():
+            raise ValueError("grid must be a non-empty array of finite thresholds")
+    thresholds = np.full(y.shape[1], float(default))
+    for c in range(y.shape[1]):
+        positive = y[:, c]
+        if not positive.any():
+            continue
+        if grid is None:
+            thresholds[c] = _exact_class_threshold(s[:, c], positive)
+        else:
+            thresholds[c] = _grid_class_threshold(s[:, c], positive, grid)
+    return thresholds
+
+
+def decide(probs: Any, thresholds: np.ndarray | float, ensure_one: bool = False) -> np.ndarray:
+    """0/1 decisions ``probs >= thresholds`` as uint8 ``(N, C)``; ``thresholds`` is a scalar or per-class ``(C,)``.
+
+    With ``ensure_one`` a sample with no class at or above its threshold is assigned its highest-probability class
+    (every HPA image has at least one location; the Kaggle 2018 solutions used the same fallback).
+    """
+    s = _scores_2d(probs, "probs")
+    t = np.asarray(_to_numpy(thresholds), dtype=np.float64)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != s.shape[1]):
+        raise ValueError(f"thresholds must be a scalar or have shape ({s.shape[1]},), got {t.shape}")
+    out = (s >= t).astype(np.uint8)
+    if ensure_one and s.shape[1] > 0:
+        empty = np.flatnonzero(out.sum(axis=1) == 0)
+        out[empty, s[empty].argmax(axis=1)] = 1
+    return out
+
+
+def _json_floats(values: np.ndarray) -> list[float | None]:
+    return [None if math.isnan(v) else float(v) for v in values.tolist()]
+
+
+def summarize(targets: Any, probs: Any, thresholds: np.ndarray | float | None = None,
+              ensure_one: bool = False) -> dict[str, Any]:
+    """Evaluation summary with plain Python values only (``json.dumps`` works; undefined values are ``None``).
+
+    Keys: ``macro_f1`` / ``per_class_f1`` at threshold 0.5, ``roc_auc`` (macro over ``n_auc_classes`` defined
+    classes) / ``per_class_roc_auc``, ``n_samples``; with ``thresholds`` also ``macro_f1_tuned`` /
+    ``per_class_f1_tuned`` and the ``thresholds`` used. ``ensure_one`` applies to the tuned decisions only: the 0.5
+    figures stay exactly ``sklearn.metrics.f1_score(y, p >= 0.5, average="macro", zero_division=0)``.
+    """
+    y = _binary_2d(targets, "targets")
+    s = _scores_2d(probs, "probs")
+    _check_same_shape(y, s, "targets and probs")
+    f1 = per_class_f1(y, decide(s, 0.5))
+    auc, per_class_auc = roc_auc_valid_classes(y, s)
+    out: dict[str, Any] = {
+        "n_samples": int(y.shape[0]),
+        "macro_f1": float(f1.mean()),
+        "per_class_f1": _json_floats(f1),
+        "roc_auc": None if math.isnan(auc) else auc,
+        "per_class_roc_auc": _json_floats(per_class_auc),
+        "n_auc_classes": int(np.isfinite(per_class_auc).sum()),
+    }
+    if thresholds is not None:
+        t = np.broadcast_to(np.asarray(_to_numpy(thresholds), dtype=np.float64), (y.shape[1],))
+        f1_tuned = per_class_f1(y, decide(s, t, ensure_one=ensure_one))
+        out["macro_f1_tuned"] = float(f1_tuned.mean())
+        out["per_class_f1_tuned"] = _json_floats(f1_tuned)
+        out["thresholds"] = [float(v) for v in t]
+    return out

@@ -1,0 +1,210 @@
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score, roc_auc_score
+
+from hpa_lightning.classes import NUM_CLASSES
+from hpa_lightning.metrics import (
+    decide,
+    macro_f1,
+    per_class_f1,
+    roc_auc_valid_classes,
+    summarize,
+    tune_thresholds,
+)
+
+SHAPES = [(50, 5), (200, NUM_CLASSES), (7, 3), (1000, NUM_CLASSES)]
+
+
+def _data(seed: int, n: int, c: int, quantize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Random multi-label data with the awkward columns: no positives, all positives, very rare positives."""
+    rng = np.random.default_rng(seed)
+    rates = rng.uniform(0.02, 0.6, size=c)
+    y = (rng.random((n, c)) < rates).astype(np.int64)
+    y[:, 0] = 0
+    if c > 1:
+        y[:, 1] = 1
+    if c > 2:
+        y[:, 2] = 0
+        y[rng.integers(n), 2] = 1
+    # Scores correlated with the labels so F1/AUC are not trivially ~0.5.
+    probs = np.clip(0.35 * y + rng.normal(0.3, 0.2, size=(n, c)), 0.0, 1.0)
+    if quantize:  # many tied scores
+        probs = np.round(probs, 1)
+    return y, probs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_f1_matches_sklearn(seed: int, shape: tuple[int, int]) -> None:
+    y, probs = _data(seed, *shape)
+    rng = np.random.default_rng(seed + 100)
+    for preds in (probs >= 0.5, rng.random(shape) < 0.3, np.zeros(shape, dtype=np.int64), np.ones(shape)):
+        expected_per = f1_score(y, preds, average=None, zero_division=0)
+        np.testing.assert_allclose(per_class_f1(y, preds), expected_per, rtol=0, atol=1e-12)
+        expected = f1_score(y, preds, average="macro", zero_division=0)
+        assert math.isclose(macro_f1(y.astype(np.float32), preds), expected, abs_tol=1e-12)
+        assert isinstance(macro_f1(y, preds), float)
+
+
+def test_f1_all_zero_predictions_and_targets() -> None:
+    z = np.zeros((4, 3))
+    assert macro_f1(z, z) == 0.0
+    np.testing.assert_array_equal(per_class_f1(z, z), [0.0, 0.0, 0.0])
+
+
+def test_f1_accepts_torch_tensors() -> None:
+    y, probs = _data(3, 30, 4)
+    preds = probs >= 0.5
+    assert macro_f1(torch.from_numpy(y), torch.from_numpy(preds)) == macro_f1(y, preds)
+
+
+def test_f1_rejects_non_binary() -> None:
+    with pytest.raises(ValueError, match="0/1"):
+        macro_f1(np.array([[0, 2]]), np.array([[0, 1]]))
+    with pytest.raises(ValueError, match="same shape"):
+        macro_f1(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_roc_auc_matches_sklearn_on_valid_columns(seed: int, shape: tuple[int, int], quantize: bool) -> None:
+    y, probs = _data(seed, *shape, quantize=quantize)
+    macro, per_class = roc_auc_valid_classes(y, probs)
+    valid = (y.sum(0) > 0) & (y.sum(0) < y.shape[0])
+    assert per_class.shape == (shape[1],)
+    assert np.isnan(per_class[~valid]).all() and np.isfinite(per_class[valid]).all()
+    assert not valid[0] and (shape[1] < 2 or not valid[1])  # the no-positive / all-positive columns
+    expected = roc_auc_score(y[:, valid], probs[:, valid], average="macro")
+    assert math.isclose(macro, expected, abs_tol=1e-12)
+    expected_per = roc_auc_score(y[:, valid], probs[:, valid], average=None)
+    np.testing.assert_allclose(per_class[valid], expected_per, rtol=0, atol=1e-12)
+
+
+def test_roc_auc_nan_when_no_valid_class() -> None:
+    y = np.zeros((5, 3))
+    y[:, 1] = 1
+    macro, per_class = roc_auc_valid_classes(y, np.random.default_rng(0).random((5, 3)))
+    assert math.isnan(macro) and np.isnan(per_class).all()
+
+
+def _brute_force_f1(y: np.ndarray, scores: np.ndarray, t: float) -> float:
+    return f1_score(y, scores >= t, zero_division=0)
+
+
+def _grid_f1(y: np.ndarray, scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """F1 of ``scores >= t`` for every t in grid, by explicit decision matrices (sklearn per call is too slow)."""
+    d = scores[:, None] >= grid[None, :]
+    tp = (d & (y[:, None] > 0)).sum(0)
+    return 2 * tp / (d.sum(0) + y.sum())
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("shape", [(50, 5), (200, 8), (7, 3), (500, NUM_CLASSES)])
+def test_tune_thresholds_is_optimal(seed: int, shape: tuple[int, int], quantize: bool) -> None:
+    y, probs = _data(seed, *shape, quantize=quantize)
+    t = tune_thresholds(y, probs, default=0.37)
+    assert t.shape == (shape[1],)
+    fine_grid = np.linspace(0.0, 1.0, 2001)
+    for c in range(shape[1]):
+        if y[:, c].sum() == 0:
+            assert t[c] == 0.37
+            continue
+        tuned = _brute_force_f1(y[:, c], probs[:, c], t[c])
+        assert tuned > 0
+        # Better than or equal to every grid threshold and every candidate cut at an observed score.
+        candidates = np.concatenate([fine_grid, np.unique(probs[:, c])])
+        brute = _grid_f1(y[:, c], probs[:, c], candidates)
+        assert tuned >= brute.max() - 1e-12
+        # The brute force itself agrees with sklearn (spot check).
+        for k in (0, len(candidates) // 2, brute.argmax()):
+            assert brute[k] == pytest.approx(_brute_force_f1(y[:, c], probs[:, c], candidates[k]), abs=1e-12)
+
+
+def test_tune_thresholds_uses_midpoints_and_prefers_half_on_ties() -> None:
+    # Perfectly separable: any threshold in (0.2, 0.8] gives F1 = 1; midpoint of the gap is 0.5.
+    y = np.array([[0], [0], [1], [1]])
+    probs = np.array([[0.1], [0.2], [0.8], [0.9]])
+    np.testing.assert_allclose(tune_thresholds(y, probs), [0.5])
+    # Separable with a gap away from 0.5: the midpoint of (0.6, 0.7).
+    np.testing.assert_allclose(tune_thresholds(y, probs * 0 + [[0.55], [0.6], [0.7], [0.95]]), [0.65])
+    # Two cuts with equal best F1 (2/3): {0.9} alone (threshold 0.85) and the top four (threshold 0.2, midpoint of
+    # 0.3 and 0.1); 0.2 is nearer 0.5 and wins.
+    y2 = np.array([[1], [0], [0], [1], [0]])
+    p2 = np.array([[0.9], [0.8], [0.7], [0.3], [0.1]])
+    assert f1_score(y2, p2 >= 0.85) == pytest.approx(2 / 3) == f1_score(y2, p2 >= 0.2)
+    np.testing.assert_allclose(tune_thresholds(y2, p2), [0.2])
+    # Same ranking with the top gap straddling 0.5: the tie now resolves to the higher cut, midpoint of (0.55, 0.6).
+    p3 = np.array([[0.6], [0.55], [0.4], [0.3], [0.1]])
+    np.testing.assert_allclose(tune_thresholds(y2, p3), [0.575])
+
+
+def test_tune_thresholds_with_grid() -> None:
+    y, probs = _data(5, 300, 6)
+    grid = np.linspace(0.05, 0.95, 19)
+    t = tune_thresholds(y, probs, grid=grid)
+    for c in range(1, 6):  # column 0 has no positives
+        assert np.any(np.isclose(t[c], grid))
+        best = max(_brute_force_f1(y[:, c], probs[:, c], g) for g in grid)
+        assert _brute_force_f1(y[:, c], probs[:, c], t[c]) == pytest.approx(best, abs=1e-12)
+    assert t[0] == 0.5
+
+
+def test_tune_thresholds_speed() -> None:
+    y, probs = _data(0, 3107, NUM_CLASSES)
+    start = time.perf_counter()
+    tune_thresholds(y, probs)
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decide(seed: int) -> None:
+    y, probs = _data(seed, 100, 6)
+    thresholds = np.linspace(0.3, 0.8, 6)
+    d = decide(probs, thresholds)
+    assert d.dtype == np.uint8
+    np.testing.assert_array_equal(d, (probs >= thresholds).astype(np.uint8))
+    np.testing.assert_array_equal(decide(probs, 0.5), (probs >= 0.5).astype(np.uint8))
+
+    high = decide(probs, 0.95, ensure_one=True)
+    plain = decide(probs, 0.95)
+    assert (high.sum(axis=1) >= 1).all()
+    empty = plain.sum(axis=1) == 0
+    assert empty.any()
+    # Empty rows get exactly their argmax class; other rows are untouched.
+    np.testing.assert_array_equal(high[empty].sum(axis=1), 1)
+    np.testing.assert_array_equal(high[empty].argmax(axis=1), probs[empty].argmax(axis=1))
+    np.testing.assert_array_equal(high[~empty], plain[~empty])
+
+
+def test_decide_threshold_shape() -> None:
+    with pytest.raises(ValueError, match="thresholds"):
+        decide(np.zeros((2, 3)), np.zeros(4))
+
+
+def test_summarize_is_json_serialisable() -> None:
+    y, probs = _data(0, 120, NUM_CLASSES)
+    t = tune_thresholds(y, probs)
+    out = summarize(y, probs, thresholds=t, ensure_one=True)
+    text = json.dumps(out, allow_nan=False)
+    assert json.loads(text) == out
+    assert out["n_auc_classes"] == NUM_CLASSES - 2  # column 0 has no positives, column 1 is all positive
+    assert out["per_class_roc_auc"][0] is None and out["per_class_roc_auc"][1] is None
+    assert len(out["per_class_f1"]) == len(out["per_class_f1_tuned"]) == NUM_CLASSES
+    assert out["macro_f1"] == pytest.approx(macro_f1(y, decide(probs, 0.5)))  # 0.5 figure stays plain
+    assert out["macro_f1_tuned"] == pytest.approx(macro_f1(y, decide(probs, t, ensure_one=True)))
+    assert out["macro_f1_tuned"] >= out["macro_f1"] - 0.05
+    assert out["roc_auc"] == pytest.approx(roc_auc_valid_classes(y, probs)[0])
+
+    bare = summarize(y, probs)
+    assert "macro_f1_tuned" not in bare
+    json.dumps(bare, allow_nan=False)
+    none_valid = summarize(np.zeros((3, 2)), np.full((3, 2), 0.2))
+    assert none_valid["roc_auc"] is None and none_valid["n_auc_classes"] == 0
+    json.dumps(none_valid, allow_nan=False)

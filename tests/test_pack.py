@@ -1,0 +1,111 @@
+"""Packed store: content, re-use vs rebuild, atomicity, stratified split sizes, train-only statistics."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpa_lightning.classes import KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES
+from hpa_lightning.pack import PackedStore, build_store, channel_stats, prepare_split, stratified_split
+from hpa_lightning.sources import DataError, load_sample
+
+
+def test_store_holds_every_sample_in_rgby_order(kaggle_folder: Path, tmp_path: Path) -> None:
+    store = build_store(kaggle_folder, 12, tmp_path / "stores", workers=2)
+    images = store.images()
+    assert images.shape == (40, 4, 12, 12) and images.dtype == np.uint8
+    for row in (0, 17, 39):
+        np.testing.assert_array_equal(images[row], load_sample(kaggle_folder / "train", store.ids[row], 12))
+    assert store.labels.shape == (40, 28)
+    assert not list((tmp_path / "stores").glob("*.tmp-*"))
+
+
+def test_store_is_reused_and_rebuilt_when_size_or_source_changes(kaggle_folder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "stores"
+    first = build_store(kaggle_folder, 12, cache, workers=1)
+    mtime = (first.path / "images.npy").stat().st_mtime_ns
+    again = build_store(kaggle_folder, 12, cache, workers=1)
+    assert again.path == first.path and (again.path / "images.npy").stat().st_mtime_ns == mtime
+    other_size = build_store(kaggle_folder, 8, cache, workers=1)
+    assert other_size.path != first.path and other_size.image_size == 8
+    csv = kaggle_folder / "train.csv"
+    csv.write_text(csv.read_text().replace("id000,", "id000,5 ", 1))
+    changed = build_store(kaggle_folder, 12, cache, workers=1)
+    assert changed.path != first.path
+    assert changed.labels[0, 5] == 1
+
+
+def test_half_written_store_is_never_used(kaggle_folder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "stores"
+    store = build_store(kaggle_folder, 12, cache, workers=1)
+    (kaggle_folder / "train" / "id005_green.png").unlink()
+    (store.path / "meta.json").unlink()  # as if the process died before the store was complete
+    with pytest.raises(DataError, match="id005_green.png: missing channel file"):
+        build_store(kaggle_folder, 12, cache, workers=2)
+    with pytest.raises(DataError, match="not a complete packed store"):
+        PackedStore.open(store.path)
+    leftovers = [p for p in cache.iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_stale_temporary_of_a_dead_process_is_removed(kaggle_folder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "stores"
+    store = build_store(kaggle_folder, 12, cache, workers=1)
+    dead_pid = 2**22 + 12345
+    stale = store.path.with_name(f"{store.path.name}.tmp-{dead_pid}-abcd")
+    stale.mkdir()
+    (stale / "images.npy").write_bytes(b"partial")
+    import shutil
+
+    shutil.rmtree(store.path)
+    build_store(kaggle_folder, 12, cache, workers=1)
+    assert not stale.exists()
+
+
+def test_split_sizes_match_the_poster_on_kaggle_scale() -> None:
+    rng = np.random.default_rng(0)
+    frequencies = np.array(KAGGLE_TRAIN_COUNTS) / KAGGLE_TRAIN_SAMPLES
+    labels = (rng.random((KAGGLE_TRAIN_SAMPLES, 28)) < frequencies).astype(np.uint8)
+    assignment = stratified_split(labels, 0.1, 0.1, seed=42)
+    counts = {name: int((assignment == name).sum()) for name in ("train", "val", "test")}
+    assert counts == {"train": 24858, "val": 3107, "test": 3107}
+    # stratified: every class's val share stays close to 10 %
+    for c in np.flatnonzero(labels.sum(0) >= 500):
+        share = labels[assignment == "val", c].sum() / labels[:, c].sum()
+        assert abs(share - 0.1) < 0.02
+    np.testing.assert_array_equal(assignment, stratified_split(labels, 0.1, 0.1, seed=42))
+
+
+def test_statistics_are_computed_on_train_only(kaggle_folder: Path, tmp_path: Path) -> None:
+    store = build_store(kaggle_folder, 12, tmp_path / "stores", workers=1)
+    split = prepare_split(store, 0.2, 0.2, seed=1)
+    train_rows = split.indices("train")
+    pixels = store.images()[train_rows].astype(np.float64) / 255
+    np.testing.assert_allclose(split.mean, pixels.mean(axis=(0, 2, 3)), rtol=1e-9)
+    np.testing.assert_allclose(split.std, pixels.std(axis=(0, 2, 3)), rtol=1e-6)
+    everything = store.images().astype(np.float64).mean(axis=(0, 2, 3)) / 255
+    assert not np.allclose(split.mean, everything, rtol=1e-9)
+    assert (split.path / "split.csv").is_file()
+    assert sorted(split.assignment.tolist()).count("val") == 8
+
+
+def test_channel_stats_chunking_is_exact() -> None:
+    images = np.random.default_rng(3).integers(0, 256, (50, 4, 5, 5), dtype=np.uint8)
+    rows = np.arange(3, 50, 2)
+    mean, std = channel_stats(images, rows, chunk=7)
+    block = images[rows].astype(np.float64) / 255
+    np.testing.assert_allclose(mean, block.mean(axis=(0, 2, 3)))
+    np.testing.assert_allclose(std, block.std(axis=(0, 2, 3)), rtol=1e-6)
+
+
+def test_pack_cli(kaggle_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from hpa_lightning.pack import main
+
+    main([f"root={kaggle_folder}", "size=8", f"cache_dir={tmp_path / 'c'}", "workers=1"])
+    assert "40 samples at 8px" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown argument 'bogus=1'"):
+        main(["bogus=1"])
+    os.environ.pop("UNUSED", None)

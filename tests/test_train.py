@@ -1,0 +1,118 @@
+"""The real configs compose for every experiment, and the real entry point trains, tests and reports end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from sklearn.metrics import f1_score, roc_auc_score
+
+from hpa_lightning.classes import CLASS_NAMES
+from tests.conftest import REPO
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+def test_every_poster_arm_exists() -> None:
+    expected = {"bce", "focal_g02", "focal_g05", "focal_g1", "focal_g2"}
+    assert expected | {f"{e}_sgdr" for e in expected} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(experiment: str) -> None:
+    cfg = compose_train([f"+experiment={experiment}"])
+    assert cfg.experiment_name == experiment
+    gamma = {"bce": 0.0, "g02": 0.2, "g05": 0.5, "g1": 1.0, "g2": 2.0}[experiment.removesuffix("_sgdr").split("_")[-1]]
+    assert cfg.loss.gamma == pytest.approx(gamma)
+    assert cfg.scheduler.name == ("sgdr" if experiment.endswith("_sgdr") else "constant")
+    assert cfg.model.name == "resnet50" and cfg.model.pretrained is True  # the poster's model by default
+
+
+def test_defaults_are_the_poster_recipe_on_synthetic_data() -> None:
+    cfg = compose_train([])
+    assert cfg.data.synthetic is not None
+    assert cfg.finetune.frozen_epochs == 1
+    assert list(cfg.finetune.lr_ratios) == pytest.approx([1 / 9, 1 / 3, 1.0], rel=1e-5)
+    assert cfg.trainer.accelerator == "auto"
+    assert "experiment" not in cfg  # only through +experiment=
+
+
+def test_real_data_config_requires_root() -> None:
+    cfg = compose_train(["+experiment=focal_g02", "data=hpa", "data.root=/data/hpa"])
+    assert cfg.data.root == "/data/hpa" and cfg.data.synthetic is None and cfg.data.image_size == 512
+
+
+def run_train(args: list[str], cache: Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HPA_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "hpa_lightning.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "focal_g02"
+    proc = run_train(["+experiment=focal_g02", "+preset=tiny", f"hydra.run.dir={run_dir}"], shared_cache, REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run folder: {run_dir}" in proc.stdout
+    return run_dir
+
+
+@pytest.mark.slow
+def test_run_folder_contents(tiny_run: Path) -> None:
+    for name in ("results.json", "test_predictions.csv", "split.csv", "thresholds.json", "config.yaml",
+                 "checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics.csv", "lr_trace.csv"):
+        assert (tiny_run / name).is_file(), name
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert results["experiment"] == "focal_g02" and results["loss"] == "focal" and results["gamma"] == 0.2
+    assert results["pretrained_loaded"] is False and results["device"] == "cpu" and results["seed"] == 42
+    assert Path(results["best_checkpoint"]).is_file() and results["wall_time_s"] > 0
+    assert results["class_names"] == list(CLASS_NAMES)
+    assert len(results["test"]["per_class_f1"]) == 28
+    metrics = pd.read_csv(tiny_run / "metrics.csv")
+    for column in ("train/loss_epoch", "val/macro_f1", "val/roc_auc", "test/macro_f1", "test/roc_auc", "lr/head"):
+        assert column in metrics.columns
+
+
+@pytest.mark.slow
+def test_reported_metrics_equal_sklearn_on_saved_predictions(tiny_run: Path) -> None:
+    results = json.loads((tiny_run / "results.json").read_text())
+    predictions = pd.read_csv(tiny_run / "test_predictions.csv")
+    split = pd.read_csv(tiny_run / "split.csv")
+    assert predictions["Id"].is_unique
+    assert set(predictions["Id"]) == set(split.loc[split["split"] == "test", "Id"])
+    probs = predictions[[f"prob_{c}" for c in range(28)]].to_numpy()
+    truth = predictions[[f"true_{c}" for c in range(28)]].to_numpy()
+    assert results["test"]["n_samples"] == len(predictions)
+    f1 = f1_score(truth, probs >= 0.5, average="macro", zero_division=0)
+    assert results["test"]["macro_f1"] == pytest.approx(f1, abs=1e-4)  # CSV keeps 6 decimals
+    valid = (truth.sum(0) > 0) & (truth.sum(0) < len(truth))
+    auc = roc_auc_score(truth[:, valid], probs[:, valid], average="macro")
+    assert results["test"]["roc_auc"] == pytest.approx(auc, abs=1e-4)
+    thresholds = np.array(list(json.loads((tiny_run / "thresholds.json").read_text())["thresholds"].values()))
+    decided = probs >= thresholds
+    empty = ~decided.any(axis=1)
+    decided[empty, probs[empty].argmax(axis=1)] = True  # thresholds.ensure_one
+    tuned = f1_score(truth, decided, average="macro", zero_division=0)
+    assert results["test"]["macro_f1_tuned"] == pytest.approx(tuned, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_bad_data_root_is_one_clear_line(tmp_path: Path, shared_cache: Path) -> None:
+    proc = run_train(["+experiment=bce", "data=hpa", f"data.root={tmp_path / 'nothing'}",
+                      f"hydra.run.dir={tmp_path / 'run'}"], shared_cache, REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nothing' / 'train.csv'}: file not found"
+    assert not (tmp_path / "run" / "results.json").exists()
