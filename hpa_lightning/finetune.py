@@ -37,6 +37,8 @@ class FreezeBackbone(BaseFinetuning):
         # `>=` rather than `==`: a run resumed after the unfreeze epoch must come back unfrozen.
         if not self._frozen(epoch) and self.frozen_epochs > 0:
             self.make_trainable(body_modules(pl_module.net))
+            for module in body_modules(pl_module.net):
+                module.train()  # BatchNorm layers held in eval mode while frozen resume updating their statistics
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self._frozen(trainer.current_epoch):

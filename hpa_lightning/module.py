@@ -136,8 +136,9 @@ class HPAModule(L.LightningModule):
         optimizer = instantiate(opt_cfg)(groups)
         if not self.hparams.scheduler:
             return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        steps_per_epoch = max(1, total_steps // max_epochs)
         scheduler = instantiate(without_name(self.hparams.scheduler))(optimizer, total_steps=total_steps,
                                                               steps_per_epoch=steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

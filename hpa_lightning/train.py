@@ -39,6 +39,14 @@ def plain(node) -> object:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def prepare_datamodule(cfg: DictConfig) -> HPADataModule:
+    """Generate/pack/split up front, so bad data fails in seconds with one line, before any model is built."""
+    datamodule: HPADataModule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
 def build_module(cfg: DictConfig, datamodule: HPADataModule) -> HPAModule:
     mean, std = datamodule.stats
     return HPAModule(model=plain(cfg.model), loss=plain(cfg.loss), optimizer=plain(cfg.optimizer),
@@ -94,9 +102,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule: HPADataModule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = prepare_datamodule(cfg)
     module = build_module(cfg, datamodule)
     callbacks = build_callbacks(cfg, run_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)

@@ -54,9 +54,10 @@ def test_real_data_config_requires_root() -> None:
     assert cfg.data.root == "/data/hpa" and cfg.data.synthetic is None and cfg.data.image_size == 512
 
 
-def run_train(args: list[str], cache: Path, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_train(args: list[str], cache: Path, cwd: Path, timeout: int = 600,
+              module: str = "hpa_lightning.train") -> subprocess.CompletedProcess:
     env = {**os.environ, "HPA_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "hpa_lightning.train", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
