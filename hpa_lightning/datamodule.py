@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from hpa_lightning.pack import PackedStore, Split, build_store, prepare_split, store_path
 from hpa_lightning.sources import DataError
@@ -49,6 +49,19 @@ class PackedDataset(Dataset):
                 for k, p in enumerate(positions)]
 
 
+def repeat_factors(labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Per-sample repeat factors for rare-class oversampling (repeat factor sampling, Gupta et al., LVIS 2019).
+
+    A class seen in a fraction f of training samples gets r_c = max(1, sqrt(threshold / f)); a sample is repeated as
+    often as its rarest class asks, r_i = max over its classes of r_c.
+    """
+    frequency = labels.mean(axis=0)
+    with np.errstate(divide="ignore"):
+        class_factor = np.where(frequency > 0, np.sqrt(threshold / np.maximum(frequency, 1e-12)), 1.0)
+    class_factor = np.maximum(1.0, class_factor)
+    return np.max(np.where(labels > 0, class_factor[None, :], 1.0), axis=1)
+
+
 class HPADataModule(L.LightningDataModule):
     """Kaggle-layout folder (or the built-in synthetic generator) -> packed store + stratified split -> loaders.
 
@@ -58,12 +71,15 @@ class HPADataModule(L.LightningDataModule):
         image_size: side of the packed square images (the training resolution).
         cache_dir: where packed stores live.
         split: `{seed, val_fraction, test_fraction}` of the multilabel-stratified split.
+        oversample: draw training samples with replacement in proportion to `repeat_factors(oversample_threshold)`,
+            so an epoch holds about sum(r_i) samples and rare classes are seen r_c times as often.
     """
 
     def __init__(self, root: str, image_size: int = 512, cache_dir: str = ".cache/stores", image_dir: str = "train",
                  synthetic: dict | None = None, split: dict | None = None, batch_size: int = 32,
                  eval_batch_size: int | None = None, num_workers: int = 4, pin_memory: bool = True,
-                 persistent_workers: bool = True, pack_workers: int | None = None, max_samples: int | None = None):
+                 persistent_workers: bool = True, pack_workers: int | None = None, max_samples: int | None = None,
+                 oversample: bool = False, oversample_threshold: float = 0.05):
         super().__init__()
         if root in (None, "", "???"):
             raise DataError("data.root: required (the folder holding train.csv and train/)")
@@ -80,6 +96,8 @@ class HPADataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.pack_workers = pack_workers
         self.max_samples = max_samples
+        self.oversample = oversample
+        self.oversample_threshold = oversample_threshold
         self.store: PackedStore | None = None
         self.split: Split | None = None
         self.datasets: dict[str, PackedDataset] = {}
@@ -117,9 +135,23 @@ class HPADataModule(L.LightningDataModule):
         assert self.store is not None, "setup() first"
         return [self.store.ids[r] for r in rows]
 
+    def train_labels(self) -> np.ndarray:
+        assert self.store is not None, "setup() first"
+        return self.store.labels[self.datasets["train"].indices]
+
+    def train_sampler(self) -> WeightedRandomSampler | None:
+        if not self.oversample:
+            return None
+        factors = repeat_factors(self.train_labels(), self.oversample_threshold)
+        # Lightning wraps this in a DistributedSamplerWrapper under DDP; the global seed makes the draws repeatable.
+        return WeightedRandomSampler(torch.from_numpy(factors), num_samples=int(round(factors.sum())),
+                                     replacement=True)
+
     def _loader(self, name: str, train: bool) -> DataLoader:
+        sampler = self.train_sampler() if train else None
         return DataLoader(self.datasets[name], batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train, drop_last=train and len(self.datasets[name]) > self.batch_size,
+                          shuffle=train and sampler is None, sampler=sampler,
+                          drop_last=train and len(self.datasets[name]) > self.batch_size,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.persistent_workers)
 

@@ -26,6 +26,7 @@ from hpa_lightning.callbacks import LRTrace
 from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.datamodule import HPADataModule
 from hpa_lightning.finetune import FreezeBackbone
+from hpa_lightning.losses import positive_class_weights
 from hpa_lightning.model import PretrainedUnavailable
 from hpa_lightning.module import HPAModule
 from hpa_lightning.pack import write_json_atomic
@@ -47,9 +48,17 @@ def prepare_datamodule(cfg: DictConfig) -> HPADataModule:
     return datamodule
 
 
+def loss_config(cfg: DictConfig, datamodule: HPADataModule) -> dict:
+    """The loss node with `pos_weight: auto` replaced by numbers from the train split (saved with the checkpoint)."""
+    loss = plain(cfg.loss)
+    if loss.get("pos_weight") == "auto":
+        loss["pos_weight"] = positive_class_weights(datamodule.train_labels()).round(4).tolist()
+    return loss
+
+
 def build_module(cfg: DictConfig, datamodule: HPADataModule) -> HPAModule:
     mean, std = datamodule.stats
-    return HPAModule(model=plain(cfg.model), loss=plain(cfg.loss), optimizer=plain(cfg.optimizer),
+    return HPAModule(model=plain(cfg.model), loss=loss_config(cfg, datamodule), optimizer=plain(cfg.optimizer),
                      scheduler=plain(cfg.scheduler), lr_ratios=list(cfg.finetune.lr_ratios),
                      augment=plain(cfg.augment), mean=mean, std=std, class_names=list(CLASS_NAMES))
 
@@ -147,6 +156,9 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         "lr_ratios": list(cfg.finetune.lr_ratios),
         "frozen_epochs": int(cfg.finetune.frozen_epochs),
         "image_size": datamodule.image_size,
+        "imbalance": {"pos_weight": module.hparams.loss.get("pos_weight"), "oversample": datamodule.oversample,
+                      "oversample_threshold": datamodule.oversample_threshold if datamodule.oversample else None,
+                      "train_samples_per_epoch": len(datamodule.train_dataloader().sampler)},
         "pretrained_loaded": bool(module.pretrained_loaded),
         "device": device_description(trainer),
         "precision": str(trainer.precision),

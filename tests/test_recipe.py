@@ -143,3 +143,37 @@ def test_lr_finder_writes_curve_plot_and_suggestion(tmp_path: Path, shared_cache
     assert frame["lr"].min() <= summary["suggested_lr"] <= frame["lr"].max()
     assert (tmp_path / "lrf" / "lr_find.png").stat().st_size > 1000
     assert f"suggested learning rate: {summary['suggested_lr']:.3g}" in proc.stdout
+
+
+def test_repeat_factors_favour_rare_classes() -> None:
+    from hpa_lightning.datamodule import repeat_factors
+
+    labels = np.zeros((100, 3), dtype=np.uint8)
+    labels[:, 0] = 1          # everywhere
+    labels[:2, 1] = 1         # 2 % of samples
+    labels[50:60, 2] = 1      # 10 %
+    factors = repeat_factors(labels, threshold=0.08)
+    assert factors[0] == pytest.approx(math.sqrt(0.08 / 0.02))
+    assert factors[55] == 1.0 and factors[80] == 1.0
+
+
+@pytest.mark.slow
+def test_imbalance_options_reach_the_run_and_are_recorded(tmp_path: Path, shared_cache: Path) -> None:
+    import json
+
+    from tests.test_train import run_train
+
+    run_dir = tmp_path / "imb"
+    proc = run_train(["+experiment=bce", "+preset=tiny", "trainer.max_epochs=1", "loss.pos_weight=auto",
+                      "data.oversample=true", "data.oversample_threshold=0.2", f"hydra.run.dir={run_dir}"],
+                     shared_cache, Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    imbalance = results["imbalance"]
+    weights = np.array(imbalance["pos_weight"])
+    assert weights.shape == (28,) and weights.min() >= 1.0 and weights.max() > 2.0
+    assert weights[0] < weights[27] or weights[27] == 1.0  # Nucleoplasm (common) weighs less than a rare class
+    assert imbalance["oversample"] is True
+    assert imbalance["train_samples_per_epoch"] > results["data"]["split"]["train"]
+    checkpoint = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["loss"]["pos_weight"] == imbalance["pos_weight"]
