@@ -50,6 +50,7 @@ class HPAModule(L.LightningModule):
         self.channels_last = bool(model.get("channels_last", False))
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.compile_net = bool(model.get("compile", False))
         self.criterion = instantiate(without_name(loss))
         self.transform = DeviceTransform(mean or [0.0] * 4, std or [1.0] * 4, augment)
         self._stats_given = mean is not None
@@ -57,6 +58,12 @@ class HPAModule(L.LightningModule):
         self.epoch_results: dict[str, dict[str, np.ndarray]] = {}
 
     # ---- data on the device -------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        # nn.Module.compile() compiles in place, so checkpoints keep the plain `net.` keys that inference loads.
+        if self.compile_net and not getattr(self, "_compiled", False):
+            self.net.compile()
+            self._compiled = True
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if not self._stats_given and datamodule is not None and hasattr(datamodule, "stats"):
