@@ -5,6 +5,7 @@ Returns `val/macro_f1` of the best checkpoint, the metric Hydra sweepers optimis
 
 from __future__ import annotations
 
+import csv
 import logging
 import shutil
 import sys
@@ -19,6 +20,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from hpa_lightning import metrics
@@ -28,12 +31,23 @@ from hpa_lightning.datamodule import HPADataModule
 from hpa_lightning.finetune import FreezeBackbone
 from hpa_lightning.losses import positive_class_weights
 from hpa_lightning.model import PretrainedUnavailable
-from hpa_lightning.module import HPAModule
+from hpa_lightning.module import HPAModule, NonFiniteLossError
 from hpa_lightning.pack import write_json_atomic
+from hpa_lightning.reliability import (
+    FiniteCheckpointGuard,
+    InterruptCheckpoint,
+    NonFiniteCheckpointError,
+    RNGState,
+    RunSetupError,
+    check_output_dir,
+    checkpoint_bytes,
+    resume_checkpoint,
+)
 from hpa_lightning.sources import DataError
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (DataError, PretrainedUnavailable)
+# Errors a user fixes by changing data, config or LR: reported as one line (in multirun the job is marked failed).
+USER_ERRORS = (DataError, PretrainedUnavailable, RunSetupError, NonFiniteLossError, NonFiniteCheckpointError)
 
 
 def plain(node) -> object:
@@ -108,24 +122,42 @@ def split_summary(result: dict[str, np.ndarray], thresholds: np.ndarray, ensure_
 def train(cfg: DictConfig) -> dict:
     started = time.time()
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = resume_checkpoint(run_dir, cfg.get("resume", False), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = prepare_datamodule(cfg)
     module = build_module(cfg, datamodule)
+    check_output_dir(run_dir, need_bytes=2 * checkpoint_bytes(module) + 50 * 2**20)
     callbacks = build_callbacks(cfg, run_dir)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
+    callbacks += [RNGState(), FiniteCheckpointGuard(), InterruptCheckpoint(run_dir / "checkpoints", run_dir)]
+    loggers = build_loggers(cfg)
+    if resume_from:
+        continue_csv_logs(loggers)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    except SIGTERMException:
+        raise SystemExit(143) from None  # Lightning's SIGTERM exception would otherwise exit with status 0
     checkpoint = trainer.checkpoint_callback
     best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None
-    trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+    trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
 
     results: dict = {}
     if trainer.is_global_zero:
         results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started)
     return results
+
+
+def continue_csv_logs(loggers: list) -> None:
+    """A resumed run appends to its metrics.csv; seed the writer with the existing header so no column is lost."""
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            existing = Path(logger.log_dir) / "metrics.csv"
+            if existing.is_file():
+                with existing.open() as handle:
+                    logger.experiment.metrics_keys = next(csv.reader(handle), [])
 
 
 def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,

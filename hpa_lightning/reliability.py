@@ -1,0 +1,138 @@
+"""Keeping long runs safe: resume, checkpoint on interruption, never a non-finite checkpoint, RNG continuity,
+and output-folder checks before hours of training."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import uuid
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
+
+
+class RunSetupError(RuntimeError):
+    """A problem with the run itself (resume target, output folder), reported as one line before training."""
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    pass
+
+
+def resume_checkpoint(run_dir: Path, resume: bool | str, ckpt_path: str | None) -> str | None:
+    """The checkpoint `fit` continues from: `ckpt_path`, or with `resume` the run folder's `checkpoints/last.ckpt`.
+
+    `resume=true` with nothing to resume from is an error (never a silent fresh start); `resume=auto` (used by
+    requeued cluster jobs) resumes when there is a checkpoint and starts fresh otherwise.
+    """
+    if ckpt_path:
+        if ckpt_path != "last" and not Path(ckpt_path).is_file():
+            raise RunSetupError(f"ckpt_path={ckpt_path}: file not found")
+        if ckpt_path == "last":
+            resume = True
+        else:
+            return ckpt_path
+    if resume in (False, None, "false", "False"):
+        return None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if (run_dir / "results.json").is_file():
+        raise RunSetupError(f"resume: {run_dir} already finished (results.json exists); start a new run instead")
+    if last.is_file():
+        return str(last)
+    if resume == "auto":
+        return None
+    raise RunSetupError(f"resume=true: nothing to resume in {run_dir} (no checkpoints/last.ckpt); "
+                        f"point hydra.run.dir at the interrupted run's folder")
+
+
+def check_output_dir(run_dir: Path, need_bytes: int) -> None:
+    """Fail now, not after the first epoch, when the run folder is not writable or the disk is nearly full."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise RunSetupError(f"{run_dir}: output folder is not writable ({err.strerror or err})") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        raise RunSetupError(f"{run_dir}: only {free / 2**20:.0f} MiB free on its disk, the run needs about "
+                            f"{need_bytes / 2**20:.0f} MiB for checkpoints and outputs")
+
+
+def checkpoint_bytes(module: torch.nn.Module) -> int:
+    """Rough size of one checkpoint: weights plus optimizer state (momentum) plus buffers."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values()) * 2 + 2**20
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class FiniteCheckpointGuard(L.Callback):
+    """Refuses to write a checkpoint of non-finite weights, so none can become best or last."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if not all_finite(pl_module):
+            raise NonFiniteCheckpointError(f"non-finite weights at epoch {trainer.current_epoch}, step "
+                                           f"{trainer.global_step}: checkpoint not written; lower optimizer.lr")
+
+
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """On Ctrl-C or SIGTERM (not on errors), save `last.ckpt` so `resume=true` continues from here."""
+
+    def __init__(self, dirpath: str | Path, run_dir: str | Path):
+        super().__init__(dirpath=str(dirpath), filename="last")
+        self.run_dir = Path(run_dir)
+        self.saved: str | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, INTERRUPTS) or trainer.state.fn != "fit" or not all_finite(pl_module):
+            return
+        super().on_exception(trainer, pl_module, exception)
+        self.saved = self.ckpt_path
+        if trainer.is_global_zero:
+            print(f"\ninterrupted at epoch {trainer.current_epoch}, step {trainer.global_step}; checkpoint saved to "
+                  f"{self.ckpt_path}\nresume with: python -m hpa_lightning.resume {self.run_dir}", flush=True)
+
+
+class RNGState(L.Callback):
+    """Saves the Python, NumPy and torch RNG states with each checkpoint and restores them on resume.
+
+    Lightning checkpoints do not hold the global RNG state; without it a resumed run draws different augmentations
+    and a different shuffle than an uninterrupted one.
+    """
+
+    def state_dict(self) -> dict:
+        # Tensors and plain Python values only, so the checkpoint still loads with weights_only=True.
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {"python": random.getstate(), "torch": torch.get_rng_state(),
+                "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "gauss": float(gauss)},
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        random.setstate(_as_python_state(state_dict["python"]))
+        numpy_state = state_dict["numpy"]
+        np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                             numpy_state["has_gauss"], numpy_state["gauss"]))
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+def _as_python_state(state) -> tuple:
+    # a checkpoint round trip may turn the inner tuple into a list
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def exit_code_for(exception: BaseException) -> int:
+    return 130 if isinstance(exception, KeyboardInterrupt) else 143 if isinstance(exception, SIGTERMException) else 1
+

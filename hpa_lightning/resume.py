@@ -1,0 +1,37 @@
+"""Continue an interrupted run in its own folder: `python -m hpa_lightning.resume RUN_DIR [extra overrides]`.
+
+Re-launches `hpa_lightning.train` with the run's original overrides (from RUN_DIR/.hydra/overrides.yaml),
+`hydra.run.dir=RUN_DIR` and `resume=true`, so it continues from RUN_DIR/checkpoints/last.ckpt: epochs, optimizer,
+schedule, LR trace, metrics.csv and RNG state carry on where they stopped.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPLACED = ("hydra.run.dir=", "resume=", "ckpt_path=")
+
+
+def resume_command(run_dir: Path, extra: list[str]) -> list[str]:
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        raise SystemExit(f"error: {overrides_file}: not found; is {run_dir} a run folder of hpa_lightning.train?")
+    overrides = [o for o in yaml.safe_load(overrides_file.read_text()) or [] if not o.startswith(REPLACED)]
+    return [sys.executable, "-m", "hpa_lightning.train", *overrides, *extra, f"hydra.run.dir={run_dir}", "resume=true"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0].startswith("-"):
+        raise SystemExit("usage: python -m hpa_lightning.resume RUN_DIR [overrides...]")
+    command = resume_command(Path(args[0]).resolve(), args[1:])
+    print("resuming:", " ".join(command[2:]), flush=True)
+    raise SystemExit(subprocess.call(command))
+
+
+if __name__ == "__main__":
+    main()
