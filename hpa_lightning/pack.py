@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -33,6 +34,7 @@ from numpy.lib.format import open_memmap
 from hpa_lightning.classes import CHANNELS, NUM_CLASSES
 from hpa_lightning.sources import DataError, LabelTable, load_sample, read_label_table
 
+log = logging.getLogger(__name__)
 STORE_FORMAT = 1
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -77,14 +79,26 @@ def source_fingerprint(csv_path: Path, image_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def store_path(root: str | Path, size: int, cache_dir: str | Path, image_dir: str = "train") -> Path:
+def store_path(root: str | Path, size: int, cache_dir: str | Path, image_dir: str = "train",
+               on_bad_sample: str = "error") -> Path:
     root = Path(root)
     fingerprint = source_fingerprint(root / "train.csv", root / image_dir)
-    return Path(cache_dir) / f"{root.resolve().name}-{size}px-{fingerprint[:16]}"
+    # a store that skipped bad samples holds fewer rows: never reuse it for a strict run, or the other way round
+    policy = "-skipbad" if on_bad_sample == "skip" else ""
+    return Path(cache_dir) / f"{root.resolve().name}-{size}px-{fingerprint[:16]}{policy}"
 
 
-def _decode_all(image_dir: Path, ids: list[str], size: int, workers: int) -> Iterator[np.ndarray]:
-    load = partial(load_sample, image_dir, size=size)
+def _load_or_report(image_dir: Path, sample_id: str, size: int) -> np.ndarray | str:
+    """For `on_bad_sample=skip`: the sample, or the one-line reason it cannot be read."""
+    try:
+        return load_sample(image_dir, sample_id, size)
+    except DataError as err:
+        return str(err)
+
+
+def _decode_all(image_dir: Path, ids: list[str], size: int, workers: int,
+                skip_bad: bool = False) -> Iterator[np.ndarray | str]:
+    load = partial(_load_or_report if skip_bad else load_sample, image_dir, size=size)
     if workers <= 1:
         yield from map(load, ids)
         return
@@ -113,16 +127,23 @@ def _pid_alive(pid: int) -> bool:
 
 
 def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: str = "train",
-                workers: int | None = None, progress: bool = False) -> PackedStore:
-    """Pack `root` (Kaggle layout) at `size` px unless a complete store for it exists; returns the opened store."""
+                workers: int | None = None, progress: bool = False, on_bad_sample: str = "error",
+                max_bad_fraction: float = 0.01) -> PackedStore:
+    """Pack `root` (Kaggle layout) at `size` px unless a complete store for it exists; returns the opened store.
+
+    `on_bad_sample="skip"` leaves out samples whose images cannot be read, warns with every skipped file (also
+    written to the store's skipped.csv), and still fails when more than `max_bad_fraction` of them are bad.
+    """
     root = Path(root)
     if size < 8:
         raise DataError(f"data.image_size={size}: must be at least 8")
+    if on_bad_sample not in ("error", "skip"):
+        raise DataError(f"data.on_bad_sample={on_bad_sample!r}: expected 'error' or 'skip'")
     table: LabelTable = read_label_table(root / "train.csv")
     images_dir = root / image_dir
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: image folder not found")
-    target = store_path(root, size, cache_dir, image_dir)
+    target = store_path(root, size, cache_dir, image_dir, on_bad_sample)
     if (target / "meta.json").is_file():
         return PackedStore.open(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -132,19 +153,31 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
     try:
         shape = (len(table), len(CHANNELS), size, size)
         images = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
-        decoded = _decode_all(images_dir, table.ids, size, workers or os.cpu_count() or 1)
+        decoded = _decode_all(images_dir, table.ids, size, workers or os.cpu_count() or 1,
+                              skip_bad=on_bad_sample == "skip")
         if progress:
             from tqdm import tqdm
 
             decoded = tqdm(decoded, total=len(table), desc=f"packing {root.name} at {size}px", unit="sample")
+        kept, skipped = [], []
         for i, sample in enumerate(decoded):
-            images[i] = sample
+            if isinstance(sample, str):
+                skipped.append((table.ids[i], sample))
+                continue
+            images[len(kept)] = sample  # rows are compacted as we go; the tail is cut below when samples were skipped
+            kept.append(i)
         images.flush()
         del images
-        pd.DataFrame({"Id": table.ids, "Target": table.targets}).to_csv(tmp / "index.csv", index=False)
-        np.save(tmp / "labels.npy", table.labels)
+        if skipped:
+            _check_skipped(skipped, len(table), max_bad_fraction)
+            _truncate_rows(tmp / "images.npy", len(kept))
+            pd.DataFrame(skipped, columns=["Id", "error"]).to_csv(tmp / "skipped.csv", index=False)
+        pd.DataFrame({"Id": [table.ids[i] for i in kept],
+                      "Target": [table.targets[i] for i in kept]}).to_csv(tmp / "index.csv", index=False)
+        np.save(tmp / "labels.npy", table.labels[kept])
         meta = {"format": STORE_FORMAT, "source": str(root.resolve()), "image_dir": image_dir, "image_size": size,
-                "num_samples": len(table), "channels": list(CHANNELS), "num_classes": NUM_CLASSES,
+                "num_samples": len(kept), "skipped_samples": len(skipped), "on_bad_sample": on_bad_sample,
+                "channels": list(CHANNELS), "num_classes": NUM_CLASSES,
                 "fingerprint": source_fingerprint(root / "train.csv", images_dir)}
         write_json_atomic(tmp / "meta.json", meta)
         try:
@@ -156,6 +189,37 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return PackedStore.open(target)
+
+
+def _check_skipped(skipped: list[tuple[str, str]], total: int, max_bad_fraction: float) -> None:
+    for _, reason in skipped:
+        log.warning("skipped bad sample: %s", reason)
+    if len(skipped) > max_bad_fraction * total:
+        raise DataError(f"{len(skipped)} of {total} samples are unreadable, more than data.max_bad_fraction="
+                        f"{max_bad_fraction:g}; first: {skipped[0][1]}")
+
+
+def _truncate_rows(path: Path, rows: int) -> None:
+    """Shrink an .npy memmap to its first `rows` rows in place (the skipped samples' rows were never filled)."""
+    old = np.load(path, mmap_mode="r")
+    shape, header_len = (rows, *old.shape[1:]), old.offset
+    del old
+    new_header = _npy_header(shape)
+    if len(new_header) != header_len:  # the padded header normally keeps its length; otherwise copy
+        data = np.load(path, mmap_mode="r")[:rows].copy()
+        np.save(path, data)
+        return
+    with path.open("r+b") as handle:
+        handle.write(new_header)
+        handle.truncate(header_len + int(np.prod(shape)))
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:

@@ -109,3 +109,23 @@ def test_pack_cli(kaggle_folder: Path, tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit, match="unknown argument 'bogus=1'"):
         main(["bogus=1"])
     os.environ.pop("UNUSED", None)
+
+
+def test_skip_bad_samples_lists_them_and_keeps_the_rest(kaggle_folder: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    (kaggle_folder / "train" / "id003_red.png").write_bytes(b"\x89PNG broken")
+    (kaggle_folder / "train" / "id007_blue.png").unlink()
+    with pytest.raises(DataError, match="id003_red.png: cannot decode"):
+        build_store(kaggle_folder, 12, tmp_path / "strict", workers=1)
+    with pytest.raises(DataError, match=r"2 of 40 samples are unreadable, more than data.max_bad_fraction=0.01"):
+        build_store(kaggle_folder, 12, tmp_path / "s", workers=1, on_bad_sample="skip")
+    with caplog.at_level("WARNING"):
+        store = build_store(kaggle_folder, 12, tmp_path / "s", workers=2, on_bad_sample="skip", max_bad_fraction=0.1)
+    assert len(store) == 38 and "id003" not in store.ids and "id007" not in store.ids
+    assert store.images().shape == (38, 4, 12, 12)
+    np.testing.assert_array_equal(store.images()[37], load_sample(kaggle_folder / "train", "id039", 12))
+    assert "id003_red.png" in caplog.text and "id007_blue.png" in caplog.text
+    import pandas as pd
+
+    assert pd.read_csv(store.path / "skipped.csv")["Id"].tolist() == ["id003", "id007"]
+    assert store.path.name.endswith("-skipbad")
