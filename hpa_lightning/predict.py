@@ -1,0 +1,283 @@
+"""Predict new images and write a Kaggle submission: `python -m hpa_lightning.predict ckpt=... input=DIR`.
+
+    python -m hpa_lightning.predict ckpt=RUN_DIR|CKPT|EXPORT_DIR input=DIR [out=submission.csv] [tta=1|2|4|8]
+        [batch_size=32] [workers=-1] [image_dir=test] [device=auto|cpu|cuda] [image_size=0]
+        [channels_last=true] [progress=true]
+
+Input is the Kaggle layout: `DIR/sample_submission.csv` (Id,Predicted) fixes the Ids and their order, images are
+`{Id}_{red,green,blue,yellow}.{png,jpg,tif}` in `DIR/test/` (or `DIR/<image_dir>/`), else in DIR itself. Without
+sample_submission.csv every Id whose files are found is predicted, in sorted order.
+
+Images are resized to the training resolution exactly as the training store was packed (`image_size` from the run's
+results.json or the export card; `image_size=N` overrides), decoded by DataLoader worker processes, standardised
+with the training statistics on the device, and averaged over `tta` dihedral views (see `inference.TTA_VIEWS`).
+
+Writes `out` (Id,Predicted: space-separated class ids decided with the run's tuned thresholds and ensure_one, or 0.5
+without a thresholds.json) and `<out stem>_probabilities.csv` (Id + one column per class name). Both are written to
+temporary names and renamed once complete. Bad input is one `error: ...` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hpa_lightning import metrics
+from hpa_lightning.classes import CHANNELS
+from hpa_lightning.inference import InferenceError, InferenceModel, load_model, tta_probabilities, tta_views
+from hpa_lightning.pack import parse_key_values
+from hpa_lightning.sources import IMAGE_EXTENSIONS, DataError, channel_path, check_id, load_sample
+
+PROG = "hpa_lightning.predict"
+SAMPLE_SUBMISSION = "sample_submission.csv"
+DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "submission.csv", "tta": 1, "batch_size": 32,
+                               "workers": -1, "image_dir": "test", "device": "auto", "image_size": 0,
+                               "channels_last": True, "progress": True}
+_FILE_PATTERN = re.compile(rf"^(?P<id>.+)_(?P<channel>{'|'.join(CHANNELS)})"
+                           rf"(?P<ext>{'|'.join(re.escape(e) for e in IMAGE_EXTENSIONS)})$")
+
+
+# ---------------------------------------------------------------------------------------------- input folder
+
+@dataclass(frozen=True)
+class PredictInput:
+    image_dir: Path
+    ids: list[str]
+    source: str  # where the Ids and their order came from
+
+
+def _image_folder(root: Path, image_dir: str) -> Path:
+    if not root.is_dir():
+        raise DataError(f"{root}: input folder not found")
+    candidate = root / image_dir
+    if candidate.is_dir():
+        return candidate
+    if image_dir != DEFAULTS["image_dir"]:
+        raise DataError(f"{candidate}: image folder not found")
+    return root  # images directly in the input folder
+
+
+def _read_sample_submission(csv_path: Path) -> list[str]:
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path}: empty CSV, expected columns Id,Predicted") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"{csv_path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+    if "Id" not in frame.columns:
+        raise DataError(f"{csv_path}: missing column Id (found {', '.join(map(str, frame.columns))})")
+    ids = frame["Id"].tolist()
+    if not ids:
+        raise DataError(f"{csv_path}: no samples (header only)")
+    first_line: dict[str, int] = {}
+    for row, sample_id in enumerate(ids):
+        where = f"{csv_path} row {row + 2}"
+        check_id(sample_id, where)
+        if sample_id in first_line:
+            raise DataError(f"{where}: duplicate Id {sample_id} (first at row {first_line[sample_id]})")
+        first_line[sample_id] = row + 2
+    return ids
+
+
+def _check_files(image_dir: Path, ids: list[str], csv_path: Path | None) -> None:
+    """Every Id has its four channel files; an Id with none at all is reported as a missing Id."""
+    for row, sample_id in enumerate(ids):
+        missing = []
+        for channel in CHANNELS:
+            try:
+                channel_path(image_dir, sample_id, channel)
+            except DataError as err:
+                missing.append(err)
+        if len(missing) == len(CHANNELS) and csv_path is not None:
+            raise DataError(f"{csv_path} row {row + 2}: Id {sample_id} has no image files in {image_dir} "
+                            f"(expected {sample_id}_{{{','.join(CHANNELS)}}}.png)")
+        if missing:
+            raise missing[0]
+
+
+def _scan_ids(image_dir: Path) -> list[str]:
+    ids = set()
+    with os.scandir(image_dir) as entries:
+        for entry in entries:
+            match = _FILE_PATTERN.match(entry.name)
+            if match and entry.is_file():
+                ids.add(match.group("id"))
+    if not ids:
+        raise DataError(f"{image_dir}: no image files named {{Id}}_{{{','.join(CHANNELS)}}}.png/.jpg/.tif and no "
+                        f"{SAMPLE_SUBMISSION}")
+    return sorted(ids)
+
+
+def resolve_input(root: str | Path, image_dir: str = "test") -> PredictInput:
+    """The Ids to predict (sample_submission order, else sorted) and the folder of their images, all files checked."""
+    root = Path(root)
+    folder = _image_folder(root, image_dir)
+    csv_path = root / SAMPLE_SUBMISSION
+    if csv_path.is_file():
+        ids, source = _read_sample_submission(csv_path), str(csv_path)
+    else:
+        ids, source = _scan_ids(folder), f"files in {folder}"
+    _check_files(folder, ids, csv_path if csv_path.is_file() else None)
+    return PredictInput(image_dir=folder, ids=ids, source=source)
+
+
+class ImageFolderDataset(Dataset):
+    """Decodes one sample per item at the training resolution; a decode error travels as a message, not a raise,
+    so the main process can report it as one line (DataLoader re-raises worker exceptions with their traceback)."""
+
+    def __init__(self, image_dir: Path, ids: list[str], size: int):
+        self.image_dir, self.ids, self.size = image_dir, ids, size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        try:
+            image, error = torch.from_numpy(load_sample(self.image_dir, self.ids[i], self.size)), ""
+        except DataError as err:
+            image, error = torch.zeros((len(CHANNELS), self.size, self.size), dtype=torch.uint8), str(err)
+        return {"image": image, "index": i, "error": error}
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InferenceError(f"device={name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InferenceError(f"device={name}: not a torch device (auto, cpu, cuda, cuda:N)") from None
+
+
+def default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def predict_probabilities(model: InferenceModel, data: PredictInput, image_size: int, tta: int = 1,
+                          batch_size: int = 32, workers: int = 0, device: torch.device | str = "cpu",
+                          progress: bool = False, channels_last: bool = True) -> np.ndarray:
+    """(N, C) probabilities in `data.ids` order."""
+    from tqdm import tqdm
+
+    tta_views(tta)  # validate before any work
+    device = torch.device(device)
+    model.to(device)
+    if channels_last:  # 2-3x faster convolutions on CPU (oneDNN) and on GPU tensor cores
+        model.net.to(memory_format=torch.channels_last)
+    loader = DataLoader(ImageFolderDataset(data.image_dir, data.ids, image_size), batch_size=batch_size,
+                        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    probs = np.zeros((len(data.ids), model.num_classes), dtype=np.float32)
+    with tqdm(total=len(data.ids), desc=f"predict tta={tta}", unit="img", disable=not progress,
+              file=sys.stderr) as bar:
+        for batch in loader:
+            errors = [e for e in batch["error"] if e]
+            if errors:
+                bar.leave = False  # clear the bar: the error stays the last, single line
+                bar.close()
+                raise DataError(errors[0])
+            x = model.standardize(batch["image"].to(device, non_blocking=True))
+            probs[batch["index"].numpy()] = tta_probabilities(model.net, x, tta, channels_last).cpu().numpy()
+            bar.update(len(batch["index"]))
+    return probs
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+def probabilities_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_probabilities.csv")
+
+
+def write_outputs(out: str | Path, ids: list[str], probs: np.ndarray, model: InferenceModel) -> tuple[Path, Path]:
+    """The submission and the probabilities CSV, each written under a temporary name and renamed when complete."""
+    out = Path(out)
+    prob_path = probabilities_path(out)
+    decisions = metrics.decide(probs, model.thresholds, ensure_one=model.ensure_one)
+    submission = pd.DataFrame({"Id": ids, "Predicted": [" ".join(map(str, np.flatnonzero(row)))
+                                                        for row in decisions]})
+    table = pd.concat([pd.DataFrame({"Id": ids}), pd.DataFrame(probs, columns=model.class_names)], axis=1)
+    temporaries = {path: path.with_name(f".{path.name}.tmp-{os.getpid()}") for path in (prob_path, out)}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(temporaries[prob_path], index=False, float_format="%.6f")
+        submission.to_csv(temporaries[out], index=False)
+        for path, tmp in temporaries.items():
+            os.replace(tmp, path)
+    except OSError as err:
+        raise InferenceError(f"out={out}: cannot write ({err.strerror or type(err).__name__})") from None
+    finally:
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)
+    return out, prob_path
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(args: dict[str, object]) -> dict[str, object]:
+    if not args["ckpt"] or not args["input"]:
+        raise InferenceError("ckpt=RUN_DIR|CKPT|EXPORT_DIR and input=DIR are required")
+    if Path(str(args["out"])).is_dir():
+        raise InferenceError(f"out={args['out']}: is a folder; give the submission file name (e.g. submission.csv)")
+    tta, batch_size = int(args["tta"]), int(args["batch_size"])
+    tta_views(tta)
+    if batch_size < 1:
+        raise InferenceError(f"batch_size={batch_size}: must be >= 1")
+    device = resolve_device(str(args["device"]))
+    workers = int(args["workers"]) if int(args["workers"]) >= 0 else default_workers()
+    data = resolve_input(str(args["input"]), str(args["image_dir"]))  # cheap checks before loading the model
+    model = load_model(str(args["ckpt"]))
+    image_size = int(args["image_size"]) or model.image_size
+    if not image_size:
+        raise InferenceError(f"{model.source}: training image size unknown (no results.json or config.yaml in its "
+                             f"run folder); pass image_size=N")
+    if image_size < 8:
+        raise InferenceError(f"image_size={image_size}: must be at least 8")
+    if model.image_size and image_size != model.image_size:
+        print(f"note: image_size={image_size} overrides the training resolution {model.image_size}", file=sys.stderr)
+    started = time.perf_counter()
+    probs = predict_probabilities(model, data, image_size, tta=tta, batch_size=batch_size, workers=workers,
+                                  device=device, progress=bool(args["progress"]),
+                                  channels_last=bool(args["channels_last"]))
+    elapsed = time.perf_counter() - started
+    out, prob_path = write_outputs(str(args["out"]), data.ids, probs, model)
+    return {"out": out, "probabilities": prob_path, "n": len(data.ids), "seconds": elapsed, "tta": tta,
+            "device": device, "image_size": image_size, "model": model, "ids_from": data.source}
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG)
+    except SystemExit as err:
+        _fail(str(err.code))
+    try:
+        result = run(args)
+    except (DataError, InferenceError) as err:
+        _fail(str(err))
+    model: InferenceModel = result["model"]
+    thresholds = (f"thresholds from {model.thresholds_source} (ensure_one={model.ensure_one})"
+                  if model.thresholds_source else "threshold 0.5 (no thresholds.json)")
+    rate = result["n"] / max(result["seconds"], 1e-9)
+    print(f"model: {model.architecture} from {model.source} at {result['image_size']}px; {thresholds}\n"
+          f"predicted {result['n']} samples (Ids from {result['ids_from']}) in {result['seconds']:.1f} s "
+          f"({rate:.1f} samples/s, tta={result['tta']}, device={result['device']})\n"
+          f"wrote {result['out']} and {result['probabilities']}")
+
+
+if __name__ == "__main__":
+    main()
