@@ -21,6 +21,24 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+# Callables a checkpoint's hyperparameters may name: its `_target_`s are instantiated, so a checkpoint from elsewhere
+# must not be able to point them at arbitrary code.
+SAFE_TARGET_PREFIXES = ("hpa_lightning.", "torch.optim.", "torch.nn.")
+
+
+def check_targets(node: object, source: str) -> None:
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(SAFE_TARGET_PREFIXES):
+            raise ValueError(f"{source}: refusing hyperparameter _target_ {target!r} (allowed: "
+                             f"{', '.join(SAFE_TARGET_PREFIXES)})")
+        for value in node.values():
+            check_targets(value, source)
+    elif isinstance(node, list):
+        for value in node:
+            check_targets(value, source)
+
+
 def without_name(node: dict) -> dict:
     """Config nodes carry a display `name` (for results and reports) that their `_target_` does not take."""
     return {k: v for k, v in node.items() if k != "name"}
@@ -45,7 +63,7 @@ class HPAModule(L.LightningModule):
                  class_names: Sequence[str] = CLASS_NAMES):
         super().__init__()
         self.save_hyperparameters()
-        net_kwargs = {k: v for k, v in model.items() if k not in ("channels_last", "compile")}
+        net_kwargs = {k: v for k, v in model.items() if k not in ("channels_last", "compile", "sync_batchnorm")}
         self.net, self.pretrained_loaded = create_model(num_classes=len(class_names), **net_kwargs)
         self.channels_last = bool(model.get("channels_last", False))
         if self.channels_last:
@@ -155,6 +173,7 @@ class HPAModule(L.LightningModule):
         """Load for inference: weights only (no pickled code), and never re-fetch pretrained weights."""
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         hparams = dict(checkpoint["hyper_parameters"])
+        check_targets(hparams, str(path))
         hparams["model"] = {**hparams["model"], "pretrained": False}
         module = cls(**hparams)
         module.load_state_dict(checkpoint["state_dict"])

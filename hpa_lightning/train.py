@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hpa_lightning import metrics
 from hpa_lightning.callbacks import LRTrace
@@ -85,7 +85,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+    from hpa_lightning.wandb_logging import build_logger  # W&B: one run per job, named/grouped/configured per job
+
+    return [build_logger(node, cfg) for node in (cfg.get("logger") or {}).values() if node is not None]
 
 
 def device_description(trainer: L.Trainer) -> str:
@@ -135,6 +137,8 @@ def train(cfg: DictConfig) -> dict:
         continue_csv_logs(loggers)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    if trainer.world_size > 1:
+        keep_ddp_children_in_this_job()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except SIGTERMException:
@@ -148,6 +152,21 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started)
     return results
+
+
+def keep_ddp_children_in_this_job() -> None:
+    """Make Lightning's DDP re-launch of this script join this job instead of starting another sweep.
+
+    Lightning starts ranks 1..N-1 as `python -m hpa_lightning.train <sys.argv> hydra.run.dir=<run.dir>`. Inside a
+    Hydra multirun that would re-run the whole sweep (`-m` is in sys.argv) into a fresh run.dir. Here the children
+    get this job's own overrides and its output folder, in plain run mode.
+    """
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
 def continue_csv_logs(loggers: list) -> None:
@@ -217,13 +236,20 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        results = train(cfg)
-    except USER_ERRORS as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # let Hydra mark this job failed and go on with the others
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    # JobGuard: status.json (+ FAILED on failure) in the run folder, a GPU claim under the gpu_pool launcher, the
+    # claimed GPU in results.json, result panels and the end of this job's W&B run (failed runs marked failed).
+    from hpa_lightning.rerun_failed import JobGuard
+
+    with JobGuard(cfg) as job:
+        try:
+            results = train(cfg)
+        except USER_ERRORS as err:
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise  # let Hydra mark this job failed and go on with the others
+            job.fail(err)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        results = job.finish(results)
     return results.get("val", {}).get("macro_f1") if results else None
 
 

@@ -1,0 +1,64 @@
+"""DDP on CPU (2 processes, gloo): exact metrics and predictions, rank-0-only outputs, no sweep relaunch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from hpa_lightning import metrics
+from hpa_lightning.module import HPAModule
+from tests.conftest import REPO
+from tests.test_train import run_train
+
+pytestmark = pytest.mark.slow
+TINY_DDP = ["+experiment=focal_g02", "+preset=tiny", "trainer=ddp_cpu", "trainer.max_epochs=1",
+            "data.synthetic.n=150", "data.image_size=24", "data.eval_batch_size=7"]
+
+
+def test_two_process_ddp_metrics_equal_a_single_process_evaluation(tmp_path: Path, shared_cache: Path) -> None:
+    run_dir = tmp_path / "ddp"
+    proc = run_train([*TINY_DDP, f"hydra.run.dir={run_dir}"], shared_cache, REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # rank 1 wrote into the same folder, nowhere else
+    results = json.loads((run_dir / "results.json").read_text())
+    predictions = pd.read_csv(run_dir / "test_predictions.csv")
+    split = pd.read_csv(run_dir / "split.csv")
+    test_ids = split.loc[split["split"] == "test", "Id"]
+    # 15 test samples over 2 ranks and batches of 7: the sampler pads, yet each Id appears exactly once
+    assert predictions["Id"].is_unique and set(predictions["Id"]) == set(test_ids)
+    assert results["test"]["n_samples"] == len(test_ids)
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    datamodule = instantiate(cfg.data, num_workers=0, persistent_workers=False)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    module = HPAModule.from_checkpoint(results["best_checkpoint"])
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    single = module.epoch_results["test"]
+    summary = metrics.summarize(single["targets"], single["probs"])
+    assert summary["macro_f1"] == pytest.approx(results["test"]["macro_f1"], abs=1e-6)
+    assert summary["roc_auc"] == pytest.approx(results["test"]["roc_auc"], abs=1e-6)
+    by_id = predictions.set_index("Id").loc[datamodule.ids(single["rows"])]
+    np.testing.assert_allclose(by_id[[f"prob_{c}" for c in range(28)]].to_numpy(), single["probs"], atol=2e-6)
+
+
+def test_ddp_job_inside_a_multirun_stays_in_its_job_folder(tmp_path: Path, shared_cache: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    proc = run_train(["-m", *TINY_DDP, "loss.gamma=0.2,1.0", f"hydra.sweep.dir={sweep_dir}",
+                      f"paths.log_dir={tmp_path / 'logs'}"], shared_cache, REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    for job in jobs:
+        results = json.loads((sweep_dir / job / "results.json").read_text())
+        assert results["gamma"] == [0.2, 1.0][int(job)]
+    assert not (tmp_path / "logs").exists()  # no stray run folder from a re-launched child
+    assert proc.stdout.count("run folder:") == 2
