@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import shutil
 import sys
 import time
@@ -137,6 +138,7 @@ def train(cfg: DictConfig) -> dict:
         continue_csv_logs(loggers)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    environ_before = dict(os.environ)
     if trainer.world_size > 1:
         keep_ddp_children_in_this_job()
     try:
@@ -151,7 +153,20 @@ def train(cfg: DictConfig) -> dict:
     results: dict = {}
     if trainer.is_global_zero:
         results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started)
+    end_ddp_job(environ_before)
     return results
+
+
+def end_ddp_job(environ_before: dict[str, str]) -> None:
+    """Leave the process as a next multirun job expects it: no process group, none of the launcher's variables.
+
+    Lightning's DDP launcher sets LOCAL_RANK, WORLD_SIZE, MASTER_PORT, ... in this process; left behind, the next
+    job would take its ranks as created externally and wait forever for children it never starts.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in set(os.environ) - set(environ_before):
+        del os.environ[key]
 
 
 def keep_ddp_children_in_this_job() -> None:
