@@ -29,6 +29,9 @@ test: $(STAMP)  ## run the whole test suite
 test-fast: $(STAMP)  ## tests without the end-to-end trainings
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow" tests
 
+bench: $(STAMP)  ## speed benchmark (ratios first): loading, packing, Lightning overhead, augmentation, GPU; BENCH_ARGS=quick=true
+	$(PY) -m hpa_lightning.bench $(BENCH_ARGS)
+
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check .
 
@@ -37,4 +40,4 @@ format: $(STAMP)  ## ruff fix + format
 	$(VENV)/bin/ruff format .
 
 clean:  ## remove caches and run outputs (keeps .venv)
-	rm -rf outputs multirun .cache .pytest_cache .ruff_cache
+	rm -rf outputs multirun .cache .pytest_cache .ruff_cache wandb

@@ -152,7 +152,7 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
     tmp.mkdir()
     try:
         shape = (len(table), len(CHANNELS), size, size)
-        images = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
+        header_bytes = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape).offset
         decoded = _decode_all(images_dir, table.ids, size, workers or os.cpu_count() or 1,
                               skip_bad=on_bad_sample == "skip")
         if progress:
@@ -160,14 +160,16 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
 
             decoded = tqdm(decoded, total=len(table), desc=f"packing {root.name} at {size}px", unit="sample")
         kept, skipped = [], []
-        for i, sample in enumerate(decoded):
-            if isinstance(sample, str):
-                skipped.append((table.ids[i], sample))
-                continue
-            images[len(kept)] = sample  # rows are compacted as we go; the tail is cut below when samples were skipped
-            kept.append(i)
-        images.flush()
-        del images
+        # Plain sequential writes, not a writable memmap: a mapping keeps every written page resident, so the packer's
+        # memory would grow with the dataset; written through the file, it stays at a few decoded samples.
+        with (tmp / "images.npy").open("r+b") as out:
+            out.seek(header_bytes)
+            for i, sample in enumerate(decoded):
+                if isinstance(sample, str):
+                    skipped.append((table.ids[i], sample))
+                    continue
+                out.write(np.ascontiguousarray(sample, dtype=np.uint8).data)  # rows compacted; tail cut below
+                kept.append(i)
         if skipped:
             _check_skipped(skipped, len(table), max_bad_fraction)
             _truncate_rows(tmp / "images.npy", len(kept))

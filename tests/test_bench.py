@@ -1,0 +1,118 @@
+"""`python -m hpa_lightning.bench quick=true` runs every section and reports finite ratios, in print and in JSON.
+
+The performance targets themselves (loading >= 30x, overhead <= 1.05, ...) are NOT asserted: timings in a test run
+on shared cores are unreliable. Only that each measurement happened and produced a finite number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpa_lightning import bench
+
+# "  1 loading      12.3x  packed DataModule / ..." -> section number, name, value, unit
+RATIO_ROW = re.compile(r"^  (\d) (\w+)\s+([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)(x|%)?\s", re.MULTILINE)
+CPU_SECTIONS = {"1": "loading", "2": "packing", "3": "overhead", "4": "augment"}
+CPU_RATIOS = ("loading_speedup", "packing_speedup", "framework_overhead", "augment_share")
+
+
+def is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
+    work = tmp_path_factory.mktemp("bench")
+    out = work / "report.json"
+    env = {**os.environ, "HPA_CACHE_DIR": str(work / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "hpa_lightning.bench", "quick=true", f"cache={work / 'cache'}",
+                           f"out={out}"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    assert out.is_file(), proc.stdout[-2000:]
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_report_prints_ratios_first_then_absolute_figures(quick_run) -> None:
+    proc, _ = quick_run
+    text = proc.stdout
+    assert "RATIOS" in text and "ABSOLUTE FIGURES" in text
+    ratios_block, absolute_block = text.split("ABSOLUTE FIGURES", 1)
+    assert ratios_block.index("RATIOS") >= 0
+    assert "FAILED" not in text
+    rows = {num: (name, float(value)) for num, name, value, _ in RATIO_ROW.findall(ratios_block)}
+    for num, name in CPU_SECTIONS.items():
+        assert num in rows, f"section {num} ({name}) printed no ratio:\n{ratios_block}"
+        assert rows[num][0] == name
+        assert math.isfinite(rows[num][1]), f"section {name}: {rows[num][1]}"
+    # section 5 runs only with CUDA; otherwise it says so in one line
+    assert "5" in rows or re.search(r"^  5 gpu\s+skipped: ", ratios_block, re.MULTILINE), ratios_block
+    if "5" in rows:
+        assert math.isfinite(rows["5"][1])
+    # the PNG size the loading comparison ran on is part of the report
+    assert re.search(r"mean PNG \d+(\.\d+)? KB per channel", text)
+    for name in CPU_SECTIONS.values():
+        assert re.search(rf"^  \d {name}\b", absolute_block, re.MULTILINE), f"no absolute figures for {name}"
+
+
+@pytest.mark.slow
+def test_json_holds_every_section_and_ratio(quick_run) -> None:
+    _, report = quick_run
+    assert {"mode", "profile", "workers", "environment", "data", "sections", "ratios", "targets", "errors",
+            "wall_s"} <= report.keys()
+    assert report["mode"] == "quick" and report["errors"] == {}
+    for key in CPU_RATIOS:
+        assert is_finite_number(report["ratios"][key]), (key, report["ratios"][key])
+    sections = report["sections"]
+    assert set(bench.SECTIONS) <= sections.keys()
+    for name in ("loading", "packing", "overhead", "augment"):
+        assert is_finite_number(sections[name]["ratio"]), name
+    loading = sections["loading"]
+    assert loading["packed"]["samples_per_s"] > 0 and loading["png"]["samples_per_s"] > 0
+    assert loading["workers"] == report["workers"]  # both loaders with the same worker count and batch size
+    packing = sections["packing"]
+    assert packing["one_worker"]["workers"] == 1 and packing["all_cores"]["workers"] == report["workers"]
+    assert packing["peak_rss_mb"] > 0
+    overhead = sections["overhead"]
+    assert overhead["steps_per_epoch"] >= 2 and overhead["lightning_span_s"] > 0 and overhead["plain_span_s"] > 0
+    assert report["data"]["png"]["mean_kb"] > 0
+    gpu = sections["gpu"]
+    assert "skipped" in gpu or is_finite_number(gpu["data_wait_share"])
+    # targets are reported with a verdict, never asserted here
+    assert {"loading_speedup", "framework_overhead", "pack_peak_rss_mb"} <= report["targets"].keys()
+    for verdict in report["targets"].values():
+        assert verdict["met"] in (True, False, None)
+
+
+@pytest.mark.slow
+def test_gpu_section_code_runs_on_cpu(tmp_path: Path) -> None:
+    """Section 5 only runs where CUDA is; its code path (Lightning bf16-mixed fit fed by the real DataModule, data
+    wait timing, augmentation share) is exercised here on the CPU at tiny sizes so it cannot rot unnoticed."""
+    prof = bench.Profile(**{**vars(bench.PROFILES["quick"]), "gpu_model": "resnet18", "gpu_size": 32,
+                            "gpu_batch": 8, "gpu_warmup": 1, "gpu_steps": 2, "gpu_compile": False})
+    root = bench.tiled_dataset(tmp_path, 60, 60, 32, 0.0, workers=1)
+    bench.quiet_libraries()
+    recipe = bench.project_recipe("resnet18")
+    result = bench.bench_gpu(root, tmp_path, prof, workers=0, recipe=recipe, seed=0, device=torch.device("cpu"))
+    assert result["compiled"] is None and result["compile_speedup"] is None
+    eager = result["eager"]
+    for key in ("images_per_s", "step_ms", "data_wait_ms", "data_wait_share"):
+        assert is_finite_number(eager[key]) and eager[key] >= 0, (key, eager[key])
+    assert is_finite_number(result["augment"]["ratio"])
+
+
+def test_unknown_argument_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="unknown argument 'bogus=1'"):
+        bench.main(["bogus=1"])
+    with pytest.raises(SystemExit, match="unknown section"):
+        bench.main(["sections=loading,nope", f"cache={tmp_path / 'cache'}", f"out={tmp_path / 'out.json'}"])
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out.json").exists()
