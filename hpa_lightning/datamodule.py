@@ -38,15 +38,34 @@ class PackedDataset(Dataset):
         return {"image": torch.from_numpy(np.array(self._map()[row])), "target": self.labels[i],
                 "index": torch.tensor(row)}
 
-    def __getitems__(self, positions: list[int]) -> list[dict[str, torch.Tensor]]:
-        # One fancy-indexed read per batch (rows sorted for sequential access) instead of one read per sample.
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch in one read: rows in ascending store order, copied once from the page cache into the batch.
+
+        The batch comes out already collated (use `collate_batch`); its order within the batch is the store order,
+        which does not matter to training (the sampler already chose which samples form the batch).
+        """
+        positions = np.asarray(positions, dtype=np.int64)
         rows = self.indices[positions]
         order = np.argsort(rows, kind="stable")
-        block = np.empty((len(rows), *self._map().shape[1:]), dtype=np.uint8)
-        block[order] = self._map()[rows[order]]
-        images = torch.from_numpy(block)
-        return [{"image": images[k], "target": self.labels[p], "index": torch.tensor(rows[k])}
-                for k, p in enumerate(positions)]
+        rows, positions = rows[order], positions[order]
+        images = self._map()
+        batch = _batch_tensor((len(rows), *images.shape[1:]))
+        np.take(images, rows, axis=0, out=batch.numpy(), mode="clip")  # mode="clip" writes straight into `out`
+        return {"image": batch, "target": self.labels[torch.from_numpy(positions)], "index": torch.from_numpy(rows)}
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    # In a DataLoader worker the batch goes to the main process through shared memory: allocating it there directly
+    # saves the copy default_collate would otherwise make (it does the same for its own output).
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+        return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    return torch.empty(shape, dtype=torch.uint8)
+
+
+def collate_batch(batch):
+    """`PackedDataset.__getitems__` already returns a collated batch."""
+    return batch
 
 
 def repeat_factors(labels: np.ndarray, threshold: float) -> np.ndarray:
@@ -154,6 +173,7 @@ class HPADataModule(L.LightningDataModule):
     def _loader(self, name: str, train: bool) -> DataLoader:
         sampler = self.train_sampler() if train else None
         return DataLoader(self.datasets[name], batch_size=self.batch_size if train else self.eval_batch_size,
+                          collate_fn=collate_batch,
                           shuffle=train and sampler is None, sampler=sampler,
                           drop_last=train and len(self.datasets[name]) > self.batch_size,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
