@@ -11,7 +11,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
@@ -84,18 +83,22 @@ class FiniteCheckpointGuard(L.Callback):
                                            f"{trainer.global_step}: checkpoint not written; lower optimizer.lr")
 
 
-class InterruptCheckpoint(OnExceptionCheckpoint):
-    """On Ctrl-C or SIGTERM (not on errors), save `last.ckpt` so `resume=true` continues from here."""
+class InterruptCheckpoint(L.Callback):
+    """On Ctrl-C or SIGTERM (not on errors), save `last.ckpt` so `resume=true` continues from here.
+
+    Not Lightning's OnExceptionCheckpoint: that one makes every later `fit()` silently resume from its file and
+    deletes the file at teardown, where this project wants resuming to be asked for and `last.ckpt` to stay.
+    """
 
     def __init__(self, dirpath: str | Path, run_dir: str | Path):
-        super().__init__(dirpath=str(dirpath), filename="last")
+        self.ckpt_path = str(Path(dirpath) / "last.ckpt")
         self.run_dir = Path(run_dir)
         self.saved: str | None = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, INTERRUPTS) or trainer.state.fn != "fit" or not all_finite(pl_module):
             return
-        super().on_exception(trainer, pl_module, exception)
+        trainer.save_checkpoint(self.ckpt_path)
         self.saved = self.ckpt_path
         if trainer.is_global_zero:
             print(f"\ninterrupted at epoch {trainer.current_epoch}, step {trainer.global_step}; checkpoint saved to "
