@@ -4,7 +4,7 @@ Labels follow the Kaggle per-class frequencies. Images are a few cells with land
 red microtubules, yellow ER) and a green protein channel whose pattern is drawn from the labels *relative to
 those landmarks*, so a model has to read green against the other channels.
 
-CLI: ``python -m hpa_lightning.synth out=DIR n=500 seed=0 size=128 [texture_noise=0.0] [workers=N]``
+CLI: ``python -m hpa_lightning.synth out=DIR n=500 seed=0 size=128 [texture_noise=0.0] [zoom=1.0] [workers=N]``
 """
 
 from __future__ import annotations
@@ -359,9 +359,9 @@ def _new_cell(y: float, x: float, r0: float, kind: str, rng: np.random.Generator
     return cell
 
 
-def _layout(size: int, rng: np.random.Generator, mitotic: bool, dividing: bool) -> list[_Cell]:
+def _layout(size: int, rng: np.random.Generator, mitotic: bool, dividing: bool, zoom: float = 1.0) -> list[_Cell]:
     """A few touching cells: each new cell is placed next to an existing one so that cell contacts exist."""
-    u = size / _BASE
+    u = size * zoom / _BASE
     target = int(rng.integers(3, 7))
     # The first cell always fits, so every image has an interphase cell for the interphase-only patterns.
     plan = ["interphase"] + (["mitotic"] if mitotic else []) + (["pair"] if dividing else [])
@@ -412,9 +412,9 @@ def _layout(size: int, rng: np.random.Generator, mitotic: bool, dividing: bool) 
     return cells
 
 
-def _build_scene(size: int, rng: np.random.Generator, mitotic: bool, dividing: bool) -> _Scene:
-    u = size / _BASE
-    cells = _layout(size, rng, mitotic, dividing)
+def _build_scene(size: int, rng: np.random.Generator, mitotic: bool, dividing: bool, zoom: float = 1.0) -> _Scene:
+    u = size * zoom / _BASE
+    cells = _layout(size, rng, mitotic, dividing, zoom)
     Y, X = _grid(size)
     rho = np.full((size, size), 9.0, dtype=np.float32)
     nrho = np.full((size, size), 9.0, dtype=np.float32)
@@ -922,9 +922,12 @@ assert sorted(_GREEN) == list(range(NUM_CLASSES)), "every class needs a green pa
 
 
 def render_sample(
-    labels: Sequence[int], size: int, rng: np.random.Generator, *, texture_noise: float = 0.0
+    labels: Sequence[int], size: int, rng: np.random.Generator, *, texture_noise: float = 0.0, zoom: float = 1.0
 ) -> np.ndarray:
     """Render one RGBY sample as uint8 ``(4, size, size)`` in channel order red, green, blue, yellow.
+
+    ``zoom`` is the magnification: cells and structures are ``zoom`` times larger (and fewer fit the image), so
+    small images still show the fine patterns (dots, rings) a 128 px image shows at zoom 1.
 
     Only classes 16 / 17 (dividing / mitotic cells) change the landmark channels: for the same rng state, two label
     sets without them give byte-identical red, blue and yellow channels and differ in green only.
@@ -937,7 +940,7 @@ def render_sample(
     # Dividing / mitotic cells also appear in unlabelled images so blue / red alone do not reveal classes 16 / 17.
     mitotic = bool(rng.random() < 0.12) or _MITOTIC in labels
     dividing = bool(rng.random() < 0.12) or _BRIDGE in labels
-    sc = _build_scene(size, rng, mitotic, dividing)
+    sc = _build_scene(size, rng, mitotic, dividing, zoom)
     red = _microtubules(sc)
     yellow = _reticulum(sc)
     blue = _nuclei(sc)
@@ -975,7 +978,8 @@ def _plan(n: int, seed: int) -> tuple[list[list[int]], list[str]]:
 
 
 def _render_range(
-    train_dir: str, n: int, seed: int, size: int, texture_noise: float, start: int, step: int, parent: int = 0
+    train_dir: str, n: int, seed: int, size: int, texture_noise: float, start: int, step: int, parent: int = 0,
+    zoom: float = 1.0
 ) -> None:
     """Render samples start, start + step, ...; each from its own (seed, index) stream: any split, same bytes."""
     labels, ids = _plan(n, seed)
@@ -983,7 +987,7 @@ def _render_range(
         if parent and os.getppid() != parent:
             return  # generate() was killed without cleanup: stop rather than fill an abandoned folder
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_RENDER_STREAM, index)))
-        img = render_sample(labels[index], size, rng, texture_noise=texture_noise)
+        img = render_sample(labels[index], size, rng, texture_noise=texture_noise, zoom=zoom)
         for ch, name in enumerate(CHANNELS):
             with open(os.path.join(train_dir, f"{ids[index]}_{name}.png"), "wb") as fh:
                 fh.write(_png_gray8(img[ch]))
@@ -1015,7 +1019,8 @@ def _worker_main(spec: str) -> None:
     _render_range(**json.loads(spec))
 
 
-def _run_workers(train_dir: Path, n: int, seed: int, size: int, texture_noise: float, workers: int) -> None:
+def _run_workers(train_dir: Path, n: int, seed: int, size: int, texture_noise: float, workers: int,
+                 zoom: float = 1.0) -> None:
     """Render in ``workers`` fresh interpreters.
 
     Plain subprocesses rather than multiprocessing: fork is unsafe once the caller runs threads (Lightning, torch),
@@ -1031,7 +1036,8 @@ def _run_workers(train_dir: Path, n: int, seed: int, size: int, texture_noise: f
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for w in range(workers):
-            spec = dict(train_dir=str(train_dir), n=n, seed=seed, size=size, texture_noise=texture_noise, start=w)
+            spec = dict(train_dir=str(train_dir), n=n, seed=seed, size=size, texture_noise=texture_noise, start=w,
+                        zoom=zoom)
             spec.update(step=workers, parent=os.getpid())
             procs.append(
                 subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], env=env, stdout=subprocess.DEVNULL)
@@ -1081,6 +1087,7 @@ def generate(
     size: int = 128,
     workers: int | None = None,
     texture_noise: float = 0.0,
+    zoom: float = 1.0,
 ) -> Path:
     """Write ``n`` samples in the Kaggle HPA 2018 layout to ``out`` and return it.
 
@@ -1097,6 +1104,8 @@ def generate(
         raise ValueError(f"size must be >= 16, got {size}")
     if not 0.0 <= texture_noise <= 1.0:
         raise ValueError(f"texture_noise must be in [0, 1], got {texture_noise}")
+    if not 0.25 <= zoom <= 8.0:
+        raise ValueError(f"zoom must be in [0.25, 8], got {zoom}")
     workers = _available_cpus() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -1114,9 +1123,9 @@ def generate(
         labels, ids = _plan(n, seed)
         workers = min(workers, n)
         if workers == 1:
-            _render_range(str(train_dir), n, seed, size, texture_noise, start=0, step=1)
+            _render_range(str(train_dir), n, seed, size, texture_noise, start=0, step=1, zoom=zoom)
         else:
-            _run_workers(train_dir, n, seed, size, texture_noise, workers)
+            _run_workers(train_dir, n, seed, size, texture_noise, workers, zoom)
         with open(tmp / "train.csv", "w", newline="") as fh:
             writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(["Id", "Target"])
@@ -1140,10 +1149,12 @@ _CLI_TYPES: dict[str, Callable[[str], object]] = {
     "size": int,
     "workers": int,
     "texture_noise": float,
+    "zoom": float,
 }
 
 
-_USAGE = "usage: python -m hpa_lightning.synth out=DIR [n=500] [seed=0] [size=128] [texture_noise=0.0] [workers=N]"
+_USAGE = ("usage: python -m hpa_lightning.synth out=DIR [n=500] [seed=0] [size=128] [texture_noise=0.0] [zoom=1.0] "
+          "[workers=N]")
 
 
 def main(argv: list[str] | None = None) -> None:
