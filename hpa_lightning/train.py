@@ -185,13 +185,15 @@ def keep_ddp_children_in_this_job() -> None:
 
 
 def continue_csv_logs(loggers: list) -> None:
-    """A resumed run appends to its metrics.csv; seed the writer with the existing header so no column is lost."""
+    """A resumed run appends to its metrics.csv (Lightning's CSV writer deletes an existing file when it starts)."""
     for logger in loggers:
         if isinstance(logger, CSVLogger):
             existing = Path(logger.log_dir) / "metrics.csv"
             if existing.is_file():
-                with existing.open() as handle:
-                    logger.experiment.metrics_keys = next(csv.reader(handle), [])
+                saved = existing.read_text()
+                writer = logger.experiment  # this removes the file
+                existing.write_text(saved)
+                writer.metrics_keys = next(csv.reader(saved.splitlines()), [])
 
 
 def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,
