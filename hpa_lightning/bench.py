@@ -679,9 +679,7 @@ def gpu_run(root: Path, cache: Path, prof: Profile, workers: int, recipe: dict, 
     augment = None
     if not compiled:
         rows = list(range(min(prof.gpu_batch, len(dm.datasets["train"]))))
-        items = dm.datasets["train"].__getitems__(rows)
-        stacked = {"image": torch.stack([it["image"] for it in items]),
-                   "target": torch.stack([it["target"] for it in items])}
+        stacked = dm.datasets["train"].__getitems__(rows)  # already a collated batch
         augment = bench_augment(module, stacked, device, iters=10 if device.type == "cuda" else 1,
                                 amp_dtype=torch.bfloat16)
     shutdown_workers(dm_loader_of(trainer))
@@ -978,9 +976,7 @@ def run(args: dict) -> dict:
             def augment_cpu() -> dict:
                 note("augment: CPU")
                 rows = list(range(min(prof.ovh_batch, len(dm.datasets["train"]))))
-                items = dm.datasets["train"].__getitems__(rows)
-                batch = {"image": torch.stack([it["image"] for it in items]),
-                         "target": torch.stack([it["target"] for it in items])}
+                batch = dm.datasets["train"].__getitems__(rows)  # already a collated batch
                 module = build_module(recipe, *dm.stats, seed=seed)
                 cpu = bench_augment(module, batch, torch.device("cpu"), prof.aug_iters)
                 return {"ratio": cpu["ratio"], "headline": "cpu", "by_device": {"cpu": cpu}}
