@@ -112,11 +112,11 @@ def _decode_all(image_dir: Path, ids: list[str], size: int, workers: int,
 def _remove_stale_temporaries(target: Path) -> None:
     for tmp in target.parent.glob(f"{target.name}.tmp-*"):
         pid = tmp.name.split(".tmp-")[-1].split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -41,6 +41,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from hpa_lightning.pack import pid_alive
+
 STATUS_FILE = "status.json"
 FAILED_FILE = "FAILED"
 RESULTS_FILE = "results.json"
@@ -207,15 +209,6 @@ class ControllerHydraConfig(Callback):
 # ----------------------------------------------------------------------------------------------- finding jobs
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 @dataclass
 class Job:
@@ -244,7 +237,7 @@ def job_status(job_dir: Path) -> tuple[str, dict]:
         return "failed", marker
     if status == "running":
         pid, host = marker.get("pid"), marker.get("host")
-        if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+        if host == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
             return "crashed", marker
         return "running", marker
     return "incomplete", marker
