@@ -35,7 +35,14 @@ from hpa_lightning import metrics
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.inference import InferenceError, InferenceModel, load_model, tta_probabilities, tta_views
 from hpa_lightning.pack import parse_key_values
-from hpa_lightning.sources import IMAGE_EXTENSIONS, DataError, channel_path, check_id, load_sample
+from hpa_lightning.sources import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    channel_path,
+    check_id,
+    load_sample,
+    read_csv_strings,
+)
 
 PROG = "hpa_lightning.predict"
 SAMPLE_SUBMISSION = "sample_submission.csv"
@@ -67,12 +74,7 @@ def _image_folder(root: Path, image_dir: str) -> Path:
 
 
 def _read_sample_submission(csv_path: Path) -> list[str]:
-    try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{csv_path}: empty CSV, expected columns Id,Predicted") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"{csv_path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+    frame = read_csv_strings(csv_path, "Id,Predicted")
     if "Id" not in frame.columns:
         raise DataError(f"{csv_path}: missing column Id (found {', '.join(map(str, frame.columns))})")
     ids = frame["Id"].tolist()

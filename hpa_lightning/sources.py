@@ -56,17 +56,22 @@ def check_id(sample_id: object, where: str) -> str:
     return sample_id
 
 
+def read_csv_strings(csv_path: Path, expected_columns: str) -> pd.DataFrame:
+    """A CSV as strings (empty cells stay ""); unreadable or empty files become one-line DataErrors."""
+    try:
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path}: empty CSV, expected columns {expected_columns}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"{csv_path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+
+
 def read_label_table(csv_path: str | Path) -> LabelTable:
     """Read and validate `train.csv`; row numbers in messages are file line numbers (header = line 1)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: file not found")
-    try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{csv_path}: empty CSV, expected columns Id,Target") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"{csv_path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+    frame = read_csv_strings(csv_path, "Id,Target")
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         found = ", ".join(map(str, frame.columns))
