@@ -377,17 +377,14 @@ def run_baseline(cfg: DictConfig) -> dict:
         "test": test_summary,
     }
     write_json_atomic(run_dir / "results.json", results)  # written last: its presence marks a finished run
+    common_f1 = test_summary[f"macro_f1_classes_ge{min_pos}"]
     print(f"\nrun folder: {run_dir}\n"
           f"test macro F1 @0.5: {test_summary['macro_f1']:.4f}   tuned thresholds: {test_summary['macro_f1_tuned']:.4f}"
-          f"   macro ROC AUC: {_fmt(test_summary['roc_auc'])}   "
-          f"macro F1 over classes with >= {min_pos} test positives: {test_summary[f'macro_f1_classes_ge{min_pos}']}\n"
+          f"   macro ROC AUC: {metrics.format_score(test_summary['roc_auc'])}   "
+          f"macro F1 over classes with >= {min_pos} test positives: {metrics.format_score(common_f1)}\n"
           f"time: features {timings['features_s']:.1f}s  fit {timings['fit_s']:.1f}s  "
           f"predict {timings['predict_s']:.1f}s  total {results['wall_time_s']:.1f}s")
     return results
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="baseline")

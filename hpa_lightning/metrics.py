@@ -218,3 +218,8 @@ def summarize(targets: Any, probs: Any, thresholds: np.ndarray | float | None = 
         out["per_class_f1_tuned"] = _json_floats(f1_tuned)
         out["thresholds"] = [float(v) for v in t]
     return out
+
+
+def format_score(value: float | None) -> str:
+    """A score for a summary line; None (no class qualified) reads as n/a."""
+    return "n/a" if value is None else f"{value:.4f}"

@@ -130,6 +130,7 @@ def train(cfg: DictConfig) -> dict:
 
     datamodule = prepare_datamodule(cfg)
     module = build_module(cfg, datamodule)
+    timings = {"prepare_s": time.time() - started}
     check_output_dir(run_dir, need_bytes=2 * checkpoint_bytes(module) + 50 * 2**20)
     callbacks = build_callbacks(cfg, run_dir)
     callbacks += [RNGState(), FiniteCheckpointGuard(), InterruptCheckpoint(run_dir / "checkpoints", run_dir)]
@@ -141,18 +142,21 @@ def train(cfg: DictConfig) -> dict:
     environ_before = dict(os.environ)
     if trainer.world_size > 1:
         keep_ddp_children_in_this_job()
+    fit_started = time.time()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except SIGTERMException:
         raise SystemExit(143) from None  # Lightning's SIGTERM exception would otherwise exit with status 0
     checkpoint = trainer.checkpoint_callback
     best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None
+    timings["fit_s"] = time.time() - fit_started
     trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
 
     results: dict = {}
     if trainer.is_global_zero:
-        results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started)
+        timings["evaluate_s"] = time.time() - fit_started - timings["fit_s"]
+        results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started, timings)
     end_ddp_job(environ_before)
     return results
 
@@ -197,7 +201,7 @@ def continue_csv_logs(loggers: list) -> None:
 
 
 def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,
-                      best: str | None, wall_time: float) -> dict:
+                      best: str | None, wall_time: float, timings: dict[str, float] | None = None) -> dict:
     val, test = module.epoch_results["val"], module.epoch_results["test"]
     thr_cfg = cfg.thresholds
     thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=float(thr_cfg.default))
@@ -234,6 +238,9 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         "epochs": int(epochs_done),
         "best_checkpoint": str(best) if best else None,
         "wall_time_s": round(wall_time, 2),
+        # prepare = data generation/packing + model creation; fit = training with per-epoch validation;
+        # evaluate = validation and test of the best checkpoint
+        "timings_s": {name: round(seconds, 2) for name, seconds in (timings or {}).items()},
         "data": {"root": str(datamodule.root), "store": str(datamodule.store.path),
                  "split": {n: len(datamodule.datasets[n]) for n in ("train", "val", "test")},
                  "mean": datamodule.stats[0], "std": datamodule.stats[1]},
@@ -244,10 +251,13 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
     }
     write_json_atomic(run_dir / "results.json", results)  # written last: its presence marks a finished run
     test_summary = results["test"]
+    common_f1 = test_summary[f"macro_f1_classes_ge{min_pos}"]
     print(f"\nrun folder: {run_dir}\n"
           f"test macro F1 @0.5: {test_summary['macro_f1']:.4f}   tuned thresholds: {test_summary['macro_f1_tuned']:.4f}"
-          f"   macro ROC AUC: {test_summary['roc_auc']:.4f}   "
-          f"macro F1 over classes with >= {min_pos} test positives: {test_summary[f'macro_f1_classes_ge{min_pos}']}")
+          f"   macro ROC AUC: {metrics.format_score(test_summary['roc_auc'])}   "
+          f"macro F1 over classes with >= {min_pos} test positives: {metrics.format_score(common_f1)}"
+          + (f"\ntime: prepare {timings['prepare_s']:.0f}s  fit {timings['fit_s']:.0f}s  "
+             f"evaluate {timings['evaluate_s']:.0f}s  total {wall_time:.0f}s" if timings else ""))
     return results
 
 
