@@ -262,25 +262,36 @@ def loader_rate(loader: DataLoader, warmup_batches: int, min_batches: int, min_s
 def bench_loading(root: Path, cache: Path, prof: Profile, workers: int) -> dict:
     from hpa_lightning.datamodule import HPADataModule
 
-    dm = HPADataModule(root=str(root), image_size=prof.size, cache_dir=str(cache / "stores"),
-                       batch_size=prof.load_batch, num_workers=workers, persistent_workers=workers > 0)
-    dm.prepare_data()
-    dm.setup("fit")
+    def datamodule(worker_type: str) -> HPADataModule:
+        dm = HPADataModule(root=str(root), image_size=prof.size, cache_dir=str(cache / "stores"),
+                           batch_size=prof.load_batch, num_workers=workers, worker_type=worker_type,
+                           persistent_workers=workers > 0)
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    dm = datamodule("thread")
     train_rows = dm.datasets["train"].indices
     png_rows = train_rows[: prof.load_png_samples]
     png_set = PngDataset(root / dm.image_dir, dm.ids(png_rows), dm.store.labels[png_rows], prof.size)
     png_loader = DataLoader(png_set, batch_size=prof.load_batch, shuffle=True, drop_last=True, num_workers=workers,
                             pin_memory=dm.pin_memory, persistent_workers=workers > 0)
-    packed_loader = dm.train_dataloader()
     warm = max(2, 2 * workers)
-    note(f"loading: per-sample PNG loader over {len(png_set)} samples")
+    note(f"loading: per-sample PNG loader over {len(png_set)} samples, {workers} worker processes")
     png = loader_rate(png_loader, warm, min_batches=max(2, len(png_loader) - warm), min_seconds=0.0)
     shutdown_workers(png_loader)
-    note(f"loading: packed DataModule loader over {len(dm.datasets['train'])} train samples")
-    packed = loader_rate(packed_loader, warm, min_batches=max(4, len(packed_loader)),
-                         min_seconds=prof.load_min_seconds)
-    shutdown_workers(packed_loader)
+    rates = {}
+    for worker_type, module in (("thread", dm), ("process", datamodule("process"))):
+        loader = module.train_dataloader()
+        note(f"loading: packed DataModule loader over {len(module.datasets['train'])} train samples, "
+             f"{workers} {worker_type} workers")
+        rates[worker_type] = loader_rate(loader, warm, min_batches=max(4, len(loader)),
+                                         min_seconds=prof.load_min_seconds)
+        shutdown_workers(loader)
+    packed = rates["thread"]
     return {"ratio": packed["samples_per_s"] / png["samples_per_s"], "packed": packed, "png": png,
+            "packed_process_workers": rates["process"],
+            "process_ratio": rates["process"]["samples_per_s"] / png["samples_per_s"],
             "batch_size": prof.load_batch, "workers": workers, "image_size": prof.size,
             "store": str(dm.store.path), "train_samples": len(dm.datasets["train"]),
             "png_baseline_samples": len(png_set)}
@@ -786,10 +797,13 @@ def render_report(result: dict) -> str:
         x = s["loading"]
         p, q = x["packed"], x["png"]
         lines.append(f"  1 loading   batch {x['batch_size']}, {x['workers']} workers, {x['image_size']} px uint8:")
-        lines.append(f"              packed store  {p['samples_per_s']:8.1f} samples/s ({p['timed_samples']} "
-                     f"samples in {p['seconds']:.2f} s; first batch after {p['first_batch_s']:.2f} s)")
-        lines.append(f"              PNG decode    {q['samples_per_s']:8.1f} samples/s ({q['timed_samples']} "
-                     f"samples in {q['seconds']:.2f} s; first batch after {q['first_batch_s']:.2f} s)")
+        for label, rate in (("packed store, threads (default)", p),
+                            ("packed store, worker processes", x.get("packed_process_workers")),
+                            ("PNG decode, worker processes", q)):
+            if rate:
+                lines.append(f"              {label:<32}{rate['samples_per_s']:8.1f} samples/s "
+                             f"({rate['timed_samples']} samples in {rate['seconds']:.2f} s; "
+                             f"first batch after {rate['first_batch_s']:.2f} s)")
     if "packing" in s:
         x = s["packing"]
         one, many, full = x["one_worker"], x["all_cores"], x["full"]

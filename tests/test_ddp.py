@@ -24,7 +24,9 @@ TINY_DDP = ["+experiment=focal_g02", "+preset=tiny", "trainer=ddp_cpu", "trainer
 
 def test_two_process_ddp_metrics_equal_a_single_process_evaluation(tmp_path: Path, shared_cache: Path) -> None:
     run_dir = tmp_path / "ddp"
-    proc = run_train([*TINY_DDP, f"hydra.run.dir={run_dir}"], shared_cache, REPO)
+    # reader threads: Lightning re-creates the ThreadedDataLoader with a DistributedSampler on each rank
+    proc = run_train([*TINY_DDP, "data.num_workers=2", "data.worker_type=thread", f"hydra.run.dir={run_dir}"],
+                     shared_cache, REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # rank 1 wrote into the same folder, nowhere else
     results = json.loads((run_dir / "results.json").read_text())
