@@ -24,7 +24,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -88,25 +87,81 @@ def store_path(root: str | Path, size: int, cache_dir: str | Path, image_dir: st
     return Path(cache_dir) / f"{root.resolve().name}-{size}px-{fingerprint[:16]}{policy}"
 
 
-def _load_or_report(image_dir: Path, sample_id: str, size: int) -> np.ndarray | str:
-    """For `on_bad_sample=skip`: the sample, or the one-line reason it cannot be read."""
-    try:
-        return load_sample(image_dir, sample_id, size)
-    except DataError as err:
-        return str(err)
+class _RowWriter:
+    """Decodes samples and writes each into its row of the store file (positional writes, so any order works).
+
+    Each decode worker opens the file itself: only a status travels back to the packer, not the 1 MB sample (a
+    512 px sample pickled through a pipe per result made two workers no faster than one on two cores).
+    Plain writes, not a writable memmap: a mapping keeps every written page resident, so memory would grow with the
+    dataset; written through the file it stays at one decoded sample per worker.
+    """
+
+    def __init__(self, path: Path, header_bytes: int, image_dir: Path, size: int, skip_bad: bool):
+        self.path, self.header_bytes, self.image_dir, self.size, self.skip_bad = (
+            path, header_bytes, image_dir, size, skip_bad)
+        self.row_bytes = len(CHANNELS) * size * size
+        self._fd: int | None = None
+
+    def __call__(self, task: tuple[int, str]) -> tuple[int, str | None]:
+        """(row, Id) -> (row, None) when written, (row, reason) when skipped as unreadable."""
+        row, sample_id = task
+        try:
+            sample = load_sample(self.image_dir, sample_id, self.size)
+        except DataError as err:
+            if not self.skip_bad:
+                raise
+            return row, str(err)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY)
+        data = np.ascontiguousarray(sample, dtype=np.uint8).data
+        offset = self.header_bytes + row * self.row_bytes
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self._fd, data[written:], offset + written)
+        return row, None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
-def _decode_all(image_dir: Path, ids: list[str], size: int, workers: int,
-                skip_bad: bool = False) -> Iterator[np.ndarray | str]:
-    load = partial(_load_or_report if skip_bad else load_sample, image_dir, size=size)
+_worker_writer: _RowWriter | None = None
+
+
+def _init_worker(writer: _RowWriter) -> None:
+    global _worker_writer
+    _worker_writer = writer
+
+
+def _write_in_worker(task: tuple[int, str]) -> tuple[int, str | None]:
+    assert _worker_writer is not None
+    return _worker_writer(task)
+
+
+def _write_all(writer: _RowWriter, ids: list[str], workers: int) -> Iterator[tuple[int, str | None]]:
+    tasks = list(enumerate(ids))
     if workers <= 1:
-        yield from map(load, ids)
+        try:
+            yield from map(writer, tasks)
+        finally:
+            writer.close()
         return
     # fork: the workers only need numpy/PIL, and fork starts them without re-importing torch.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    # imap keeps results in order and only a bounded number of decoded samples in flight.
-    with mp.get_context(method).Pool(workers) as pool:
-        yield from pool.imap(load, ids, chunksize=4)
+    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(writer,)) as pool:
+        yield from pool.imap_unordered(_write_in_worker, tasks, chunksize=4)
+
+
+def _compact_rows(path: Path, header_bytes: int, row_bytes: int, kept: list[int]) -> None:
+    """Move the kept rows (ascending) down over the skipped ones, one row at a time."""
+    with path.open("r+b") as handle:
+        for new_row, old_row in enumerate(kept):
+            if new_row != old_row:
+                handle.seek(header_bytes + old_row * row_bytes)
+                data = handle.read(row_bytes)
+                handle.seek(header_bytes + new_row * row_bytes)
+                handle.write(data)
 
 
 def _remove_stale_temporaries(target: Path) -> None:
@@ -153,25 +208,18 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
     try:
         shape = (len(table), len(CHANNELS), size, size)
         header_bytes = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape).offset
-        decoded = _decode_all(images_dir, table.ids, size, workers or os.cpu_count() or 1,
-                              skip_bad=on_bad_sample == "skip")
+        writer = _RowWriter(tmp / "images.npy", header_bytes, images_dir, size, skip_bad=on_bad_sample == "skip")
+        written = _write_all(writer, table.ids, workers or os.cpu_count() or 1)
         if progress:
             from tqdm import tqdm
 
-            decoded = tqdm(decoded, total=len(table), desc=f"packing {root.name} at {size}px", unit="sample")
-        kept, skipped = [], []
-        # Plain sequential writes, not a writable memmap: a mapping keeps every written page resident, so the packer's
-        # memory would grow with the dataset; written through the file, it stays at a few decoded samples.
-        with (tmp / "images.npy").open("r+b") as out:
-            out.seek(header_bytes)
-            for i, sample in enumerate(decoded):
-                if isinstance(sample, str):
-                    skipped.append((table.ids[i], sample))
-                    continue
-                out.write(np.ascontiguousarray(sample, dtype=np.uint8).data)  # rows compacted; tail cut below
-                kept.append(i)
+            written = tqdm(written, total=len(table), desc=f"packing {root.name} at {size}px", unit="sample")
+        failures = {row: reason for row, reason in written if reason is not None}
+        skipped = [(table.ids[row], failures[row]) for row in sorted(failures)]
+        kept = [row for row in range(len(table)) if row not in failures]
         if skipped:
             _check_skipped(skipped, len(table), max_bad_fraction)
+            _compact_rows(tmp / "images.npy", header_bytes, writer.row_bytes, kept)
             _truncate_rows(tmp / "images.npy", len(kept))
             pd.DataFrame(skipped, columns=["Id", "error"]).to_csv(tmp / "skipped.csv", index=False)
         pd.DataFrame({"Id": [table.ids[i] for i in kept],
