@@ -102,7 +102,7 @@ def test_gpu_section_code_runs_on_cpu(tmp_path: Path) -> None:
     root = bench.tiled_dataset(tmp_path, 60, 60, 32, 0.0, workers=1)
     bench.quiet_libraries()
     recipe = bench.project_recipe("resnet18")
-    result = bench.bench_gpu(root, tmp_path, prof, workers=0, recipe=recipe, seed=0, device=torch.device("cpu"))
+    result = bench.bench_gpu(root, tmp_path, prof, workers=1, recipe=recipe, seed=0, device=torch.device("cpu"))
     assert result["compiled"] is None and result["compile_speedup"] is None
     eager = result["eager"]
     for key in ("images_per_s", "step_ms", "data_wait_ms", "data_wait_share"):
