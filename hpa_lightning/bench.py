@@ -50,7 +50,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hpa_lightning.classes import CHANNELS
-from hpa_lightning.pack import parse_key_values, store_path, write_json_atomic
+from hpa_lightning.pack import parse_key_values, publish_folder, store_path, write_json_atomic
 from hpa_lightning.sources import load_sample, read_label_table
 
 SECTIONS = ("loading", "packing", "overhead", "augment", "gpu")
@@ -160,11 +160,7 @@ def tiled_dataset(cache: Path, n: int, unique: int, size: int, texture_noise: fl
             writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(["Id", "Target"])
             writer.writerows(rows)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "train.csv").is_file():
-                raise
+        publish_folder(tmp, target, "train.csv")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

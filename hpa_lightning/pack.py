@@ -71,6 +71,16 @@ def write_json_atomic(path: Path, payload: object) -> None:
     os.replace(tmp, path)
 
 
+def publish_folder(tmp: Path, target: Path, marker: str) -> None:
+    """Rename a complete temporary folder to its final name. When a concurrent builder got there first (the target
+    holds its `marker` file, written last), theirs is equally valid and kept; the caller removes `tmp`."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / marker).is_file():
+            raise
+
+
 def source_fingerprint(csv_path: Path, image_dir: Path) -> str:
     digest = hashlib.sha256()
     digest.update(str(image_dir.resolve()).encode())
@@ -230,11 +240,7 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
                 "channels": list(CHANNELS), "num_classes": NUM_CLASSES,
                 "fingerprint": source_fingerprint(root / "train.csv", images_dir)}
         write_json_atomic(tmp / "meta.json", meta)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "meta.json").is_file():  # someone else finished first: theirs is equally valid
-                raise
+        publish_folder(tmp, target, "meta.json")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -347,11 +353,7 @@ def prepare_split(store: PackedStore, val_fraction: float = 0.1, test_fraction: 
             write_json_atomic(tmp / "stats.json", {"mean": mean, "std": std, "channels": list(CHANNELS),
                                                    "units": "[0,1] (uint8 / 255)", "computed_on": "train",
                                                    "counts": counts, "seed": seed})
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                if not (folder / "stats.json").is_file():
-                    raise
+            publish_folder(tmp, folder, "stats.json")
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

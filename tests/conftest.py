@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
+from sklearn.metrics import f1_score, roc_auc_score
 
 from hpa_lightning.classes import CHANNELS
 
@@ -38,3 +41,23 @@ def kaggle_folder(tmp_path: Path) -> Path:
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache (synthetic data + packed stores) shared by the end-to-end tests of a session."""
     return tmp_path_factory.mktemp("hpa_cache")
+
+
+def assert_metrics_equal_sklearn(run_dir: Path, results: dict,
+                                 predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The run's test macro F1 (at 0.5 and at its saved thresholds) and ROC AUC recomputed by sklearn from
+    test_predictions.csv; returns (thresholds, decisions)."""
+    probs = predictions[[f"prob_{c}" for c in range(28)]].to_numpy()
+    truth = predictions[[f"true_{c}" for c in range(28)]].to_numpy()
+    f1 = f1_score(truth, probs >= 0.5, average="macro", zero_division=0)
+    assert results["test"]["macro_f1"] == pytest.approx(f1, abs=1e-4)  # CSV keeps 6 decimals
+    valid = (truth.sum(0) > 0) & (truth.sum(0) < len(truth))
+    auc = roc_auc_score(truth[:, valid], probs[:, valid], average="macro")
+    assert results["test"]["roc_auc"] == pytest.approx(auc, abs=1e-4)
+    thresholds = np.array(list(json.loads((run_dir / "thresholds.json").read_text())["thresholds"].values()))
+    decided = probs >= thresholds
+    empty = ~decided.any(axis=1)
+    decided[empty, probs[empty].argmax(axis=1)] = True  # thresholds.ensure_one
+    tuned = f1_score(truth, decided, average="macro", zero_division=0)
+    assert results["test"]["macro_f1_tuned"] == pytest.approx(tuned, abs=1e-3)
+    return thresholds, decided

@@ -14,7 +14,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from numpy.lib.format import open_memmap
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score, roc_auc_score
 
 from hpa_lightning.baseline import (
     BASELINE_MODELS,
@@ -27,7 +26,7 @@ from hpa_lightning.baseline import (
 from hpa_lightning.baseline import run_baseline as run_baseline_in_process
 from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.pack import channel_stats
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_metrics_equal_sklearn
 
 TINY_DATA = ["data.synthetic.n=240", "data.synthetic.size=48", "data.image_size=32", "data.num_workers=0"]
 
@@ -202,21 +201,9 @@ def test_baseline_metrics_equal_sklearn_on_saved_predictions(baseline_run: tuple
     split = pd.read_csv(run_dir / "split.csv")
     assert predictions["Id"].is_unique
     assert set(predictions["Id"]) <= set(split.loc[split["split"] == "test", "Id"])
-    probs = predictions[[f"prob_{c}" for c in range(28)]].to_numpy()
-    truth = predictions[[f"true_{c}" for c in range(28)]].to_numpy()
     assert results["test"]["n_samples"] == len(predictions) == results["data"]["split"]["test"]
-    f1 = f1_score(truth, probs >= 0.5, average="macro", zero_division=0)
-    assert results["test"]["macro_f1"] == pytest.approx(f1, abs=1e-4)  # CSV keeps 6 decimals
-    valid = (truth.sum(0) > 0) & (truth.sum(0) < len(truth))
-    auc = roc_auc_score(truth[:, valid], probs[:, valid], average="macro")
-    assert results["test"]["roc_auc"] == pytest.approx(auc, abs=1e-4)
-    thresholds = np.array(list(json.loads((run_dir / "thresholds.json").read_text())["thresholds"].values()))
+    thresholds, decided = assert_metrics_equal_sklearn(run_dir, results, predictions)
     np.testing.assert_allclose(thresholds, results["thresholds"])
-    decided = probs >= thresholds
-    empty = ~decided.any(axis=1)
-    decided[empty, probs[empty].argmax(axis=1)] = True  # thresholds.ensure_one
-    tuned = f1_score(truth, decided, average="macro", zero_division=0)
-    assert results["test"]["macro_f1_tuned"] == pytest.approx(tuned, abs=1e-3)
     predicted = [" ".join(str(c) for c in np.flatnonzero(row)) for row in decided]
     assert predictions["Predicted"].fillna("").astype(str).tolist() == predicted
 

@@ -8,14 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-from sklearn.metrics import f1_score, roc_auc_score
 
 from hpa_lightning.classes import CLASS_NAMES
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_metrics_equal_sklearn
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
@@ -94,20 +92,8 @@ def test_reported_metrics_equal_sklearn_on_saved_predictions(tiny_run: Path) -> 
     split = pd.read_csv(tiny_run / "split.csv")
     assert predictions["Id"].is_unique
     assert set(predictions["Id"]) == set(split.loc[split["split"] == "test", "Id"])
-    probs = predictions[[f"prob_{c}" for c in range(28)]].to_numpy()
-    truth = predictions[[f"true_{c}" for c in range(28)]].to_numpy()
     assert results["test"]["n_samples"] == len(predictions)
-    f1 = f1_score(truth, probs >= 0.5, average="macro", zero_division=0)
-    assert results["test"]["macro_f1"] == pytest.approx(f1, abs=1e-4)  # CSV keeps 6 decimals
-    valid = (truth.sum(0) > 0) & (truth.sum(0) < len(truth))
-    auc = roc_auc_score(truth[:, valid], probs[:, valid], average="macro")
-    assert results["test"]["roc_auc"] == pytest.approx(auc, abs=1e-4)
-    thresholds = np.array(list(json.loads((tiny_run / "thresholds.json").read_text())["thresholds"].values()))
-    decided = probs >= thresholds
-    empty = ~decided.any(axis=1)
-    decided[empty, probs[empty].argmax(axis=1)] = True  # thresholds.ensure_one
-    tuned = f1_score(truth, decided, average="macro", zero_division=0)
-    assert results["test"]["macro_f1_tuned"] == pytest.approx(tuned, abs=1e-3)
+    assert_metrics_equal_sklearn(tiny_run, results, predictions)
 
 
 @pytest.mark.slow
