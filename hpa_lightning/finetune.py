@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.optim import Optimizer
+
+
+class FrozenStageError(RuntimeError):
+    """A trainer set-up under which the frozen stage cannot be honoured; one line naming the config key."""
 
 
 def body_modules(model: nn.Module) -> list[nn.Module]:
@@ -14,12 +17,19 @@ def body_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.children() if m is not head]
 
 
-class FreezeBackbone(BaseFinetuning):
+class FreezeBackbone(L.Callback):
     """Everything but the head is frozen for the first `frozen_epochs` epochs.
 
-    Frozen BatchNorm layers are kept in eval mode, so they normalise with their (pretrained) running statistics and
-    those statistics do not move. All parameters stay in their optimizer groups from the start: a frozen parameter
-    has no gradient, so the optimizer skips it (no momentum, no weight decay) until it is unfrozen.
+    Frozen means: the body's forward pass runs without autograd (`HPAModule.body_frozen`), so its parameters get no
+    gradient, and its BatchNorm layers are held in eval mode, so they normalise with their (pretrained) running
+    statistics and those statistics do not move. A parameter without a gradient is skipped by the optimizer (no
+    momentum, no weight decay) until the body is unfrozen.
+
+    Not Lightning's BaseFinetuning (`requires_grad=False`): DDP registers its gradient hooks for the parameters that
+    require grad when it wraps the model, before the first epoch, so parameters unfrozen later were never all-reduced
+    and the ranks drifted apart (Lightning issue 20340). Here every parameter requires grad from the start, and DDP
+    is told that some take no part in the frozen stage's backward pass (`find_unused_parameters`, set by
+    `trainer=ddp` and `trainer=ddp_cpu`).
     """
 
     def __init__(self, frozen_epochs: int = 1):
@@ -29,19 +39,31 @@ class FreezeBackbone(BaseFinetuning):
     def _frozen(self, epoch: int) -> bool:
         return epoch < self.frozen_epochs
 
-    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
-        if self.frozen_epochs > 0:
-            self.freeze(body_modules(pl_module.net), train_bn=False)
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        strategy = trainer.strategy
+        if (self.frozen_epochs > 0 and trainer.world_size > 1 and isinstance(strategy, DDPStrategy)
+                and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)):
+            raise FrozenStageError(
+                f"finetune.frozen_epochs={self.frozen_epochs} under DDP needs "
+                "trainer.strategy=ddp_find_unused_parameters_true (the frozen body takes no part in the backward "
+                "pass); or set finetune.frozen_epochs=0")
 
-    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
-        # `>=` rather than `==`: a run resumed after the unfreeze epoch must come back unfrozen.
-        if not self._frozen(epoch) and self.frozen_epochs > 0:
-            self.make_trainable(body_modules(pl_module.net))
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # set from the epoch, not toggled once: a run resumed after the unfreeze epoch comes back unfrozen
+        pl_module.body_frozen = self._frozen(trainer.current_epoch)
+        if not pl_module.body_frozen:
+            # Lightning keeps each submodule's mode across epochs: the BatchNorm layers held in eval mode while
+            # frozen resume updating their statistics
             for module in body_modules(pl_module.net):
-                module.train()  # BatchNorm layers held in eval mode while frozen resume updating their statistics
+                module.train()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        # Lightning puts the whole model in train mode at every epoch start; frozen BatchNorm stays in eval mode
         if self._frozen(trainer.current_epoch):
-            for module in pl_module.net.modules():
-                if isinstance(module, _BatchNorm) and module.training and module is not pl_module.net.get_classifier():
-                    module.eval()
+            for module in body_modules(pl_module.net):
+                for layer in module.modules():
+                    if isinstance(layer, _BatchNorm) and layer.training:
+                        layer.eval()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.body_frozen = False

@@ -15,28 +15,11 @@ from hpa_lightning import metrics
 from hpa_lightning.augment import DeviceTransform
 from hpa_lightning.classes import CLASS_NAMES, NUM_CLASSES
 from hpa_lightning.model import create_model, parameter_groups
+from hpa_lightning.targets import check_targets
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-# Callables a checkpoint's hyperparameters may name: its `_target_`s are instantiated, so a checkpoint from elsewhere
-# must not be able to point them at arbitrary code.
-SAFE_TARGET_PREFIXES = ("hpa_lightning.", "torch.optim.", "torch.nn.")
-
-
-def check_targets(node: object, source: str) -> None:
-    if isinstance(node, dict):
-        target = node.get("_target_")
-        if target is not None and not str(target).startswith(SAFE_TARGET_PREFIXES):
-            raise ValueError(f"{source}: refusing hyperparameter _target_ {target!r} (allowed: "
-                             f"{', '.join(SAFE_TARGET_PREFIXES)})")
-        for value in node.values():
-            check_targets(value, source)
-    elif isinstance(node, list):
-        for value in node:
-            check_targets(value, source)
 
 
 def without_name(node: dict) -> dict:
@@ -62,6 +45,8 @@ class HPAModule(L.LightningModule):
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  class_names: Sequence[str] = CLASS_NAMES):
         super().__init__()
+        # the nodes below are instantiated; from a checkpoint they are data written by someone else
+        check_targets({"loss": loss, "optimizer": optimizer, "scheduler": scheduler}, "hyperparameters")
         self.save_hyperparameters()
         net_kwargs = {k: v for k, v in model.items() if k not in ("channels_last", "compile", "sync_batchnorm")}
         self.net, self.pretrained_loaded = create_model(num_classes=len(class_names), **net_kwargs)
@@ -72,6 +57,7 @@ class HPAModule(L.LightningModule):
         self.criterion = instantiate(without_name(loss))
         self.transform = DeviceTransform(mean or [0.0] * 4, std or [1.0] * 4, augment)
         self._stats_given = mean is not None
+        self.body_frozen = False  # set by `FreezeBackbone` during the poster's frozen first stage
         self._outputs: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {"val": [], "test": [], "predict": []}
         self.epoch_results: dict[str, dict[str, np.ndarray]] = {}
 
@@ -98,6 +84,11 @@ class HPAModule(L.LightningModule):
         return batch
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.body_frozen:
+            # the body runs without autograd: no gradients, no optimizer step, and no backward pass through it
+            with torch.no_grad():
+                features = self.net.forward_features(x)
+            return self.net.forward_head(features)
         return self.net(x)
 
     # ---- steps --------------------------------------------------------------------------------------------------
@@ -172,11 +163,24 @@ class HPAModule(L.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> HPAModule:
-        """Load for inference: weights only (no pickled code), and never re-fetch pretrained weights."""
+        """Load for inference: weights only (no pickled code), only allowlisted `_target_`s, and never re-fetch
+        pretrained weights."""
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         hparams = dict(checkpoint["hyper_parameters"])
-        check_targets(hparams, str(path))
+        check_targets(hparams, str(path), "hyper_parameters")
         hparams["model"] = {**hparams["model"], "pretrained": False}
         module = cls(**hparams)
         module.load_state_dict(checkpoint["state_dict"])
         return module.eval()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's loader, after the same checks as `from_checkpoint`: the file must load with
+        `weights_only=True` and name only allowlisted `_target_`s (Lightning itself instantiates whatever it holds)."""
+        if hparams_file is not None:
+            raise ValueError(f"{hparams_file}: hparams_file is not supported; checkpoints carry their hyperparameters")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        check_targets(checkpoint.get("hyper_parameters", {}), str(checkpoint_path), "hyper_parameters")
+        check_targets(kwargs, "load_from_checkpoint arguments")
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
+                                            weights_only=True, **kwargs)

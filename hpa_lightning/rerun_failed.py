@@ -42,6 +42,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from hpa_lightning.pack import pid_alive
+from hpa_lightning.targets import UnsafeTargetError
 
 STATUS_FILE = "status.json"
 FAILED_FILE = "FAILED"
@@ -280,6 +281,7 @@ def natural_key(text: str) -> list:
 
 
 RERUNNABLE = ("failed", "crashed", "incomplete")
+RERUNNABLE_ENTRY_POINTS = ("train", "baseline", "lr_find")
 
 
 def failed_jobs(root: str | Path, statuses: tuple[str, ...] = RERUNNABLE) -> list[Job]:
@@ -354,6 +356,9 @@ def plan_rerun(job: Job, extra: list[str]) -> Rerun:
     hydra_yaml = job.dir / ".hydra" / "hydra.yaml"
     hydra_cfg = OmegaConf.load(hydra_yaml).hydra if hydra_yaml.is_file() else OmegaConf.create()
     job_name = OmegaConf.select(hydra_cfg, "job.name") or "train"
+    if job_name not in RERUNNABLE_ENTRY_POINTS:  # the file picks the module that runs: only ours
+        raise UnsafeTargetError(f"{hydra_yaml}: hydra.job.name {job_name!r} is not one of "
+                                f"{', '.join(RERUNNABLE_ENTRY_POINTS)}; refusing to rerun it")
     cwd = Path(OmegaConf.select(hydra_cfg, "runtime.cwd") or Path.cwd())
     if not cwd.is_dir():
         cwd = Path.cwd()
@@ -367,7 +372,9 @@ def plan_rerun(job: Job, extra: list[str]) -> Rerun:
     overrides = merge_overrides(job.overrides, extra)
     command = [sys.executable, "-m", f"hpa_lightning.{job_name}", *overrides, *hydra_overrides,
                f"hydra.run.dir={_quote_value(str(new_dir.resolve()))}"]
-    env = {**os.environ, ENV_RERUN_OF: str(job.dir.resolve())}
+    # PYTHONSAFEPATH: the saved cwd must not put a folder of its own in front of the installed package (python -m
+    # would import hpa_lightning from the cwd first); Lightning's DDP children inherit it
+    env = {**os.environ, ENV_RERUN_OF: str(job.dir.resolve()), "PYTHONSAFEPATH": "1"}
     return Rerun(job=job, new_dir=new_dir, command=command, cwd=cwd, env=env)
 
 
@@ -401,7 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     reruns = []
     for job in jobs:
-        rerun = plan_rerun(job, list(args.overrides))
+        try:
+            rerun = plan_rerun(job, list(args.overrides))
+        except UnsafeTargetError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         reruns.append(rerun)
         print(f"{job.dir} [{job.status}: {job.error or '-'}]\n  -> {rerun.new_dir}\n  $ (cd {rerun.cwd} && "
               f"{shlex.join(rerun.command)})")

@@ -29,7 +29,7 @@ from hpa_lightning import metrics
 from hpa_lightning.callbacks import LRTrace
 from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.datamodule import HPADataModule
-from hpa_lightning.finetune import FreezeBackbone
+from hpa_lightning.finetune import FreezeBackbone, FrozenStageError
 from hpa_lightning.losses import positive_class_weights
 from hpa_lightning.model import PretrainedUnavailable
 from hpa_lightning.module import HPAModule, NonFiniteLossError
@@ -45,10 +45,12 @@ from hpa_lightning.reliability import (
     resume_checkpoint,
 )
 from hpa_lightning.sources import DataError
+from hpa_lightning.targets import UnsafeTargetError, check_targets
 
 log = logging.getLogger(__name__)
 # Errors a user fixes by changing data, config or LR: reported as one line (in multirun the job is marked failed).
-USER_ERRORS = (DataError, PretrainedUnavailable, RunSetupError, NonFiniteLossError, NonFiniteCheckpointError)
+USER_ERRORS = (DataError, PretrainedUnavailable, RunSetupError, NonFiniteLossError, NonFiniteCheckpointError,
+               UnsafeTargetError, FrozenStageError)
 
 
 def plain(node) -> object:
@@ -122,9 +124,21 @@ def split_summary(result: dict[str, np.ndarray], thresholds: np.ndarray, ensure_
     return summary
 
 
+def check_saved_config(cfg: DictConfig, run_dir: Path) -> None:
+    """A resumed or rerun job's configuration was read back from a run folder that anyone may have written: it may
+    name only the allowlisted `_target_`s (a fresh command line is the user's own and is not restricted)."""
+    from hpa_lightning.rerun_failed import ENV_RERUN_OF
+
+    if cfg.get("resume") not in (False, None, "false", "False"):
+        check_targets(cfg, str(run_dir / ".hydra" / "overrides.yaml"))
+    elif os.environ.get(ENV_RERUN_OF):
+        check_targets(cfg, str(Path(os.environ[ENV_RERUN_OF]) / ".hydra" / "overrides.yaml"))
+
+
 def train(cfg: DictConfig) -> dict:
     started = time.time()
     run_dir = Path(cfg.paths.output_dir)
+    check_saved_config(cfg, run_dir)
     resume_from = resume_checkpoint(run_dir, cfg.get("resume", False), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
 

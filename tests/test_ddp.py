@@ -1,14 +1,19 @@
-"""DDP on CPU (2 processes, gloo): exact metrics and predictions, rank-0-only outputs, no sweep relaunch."""
+"""DDP on CPU (2 processes, gloo): identical ranks through the frozen epoch and after, exact metrics and predictions,
+rank-0-only outputs, no sweep relaunch."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -18,8 +23,44 @@ from tests.conftest import REPO
 from tests.test_train import run_train
 
 pytestmark = pytest.mark.slow
-TINY_DDP = ["+experiment=focal_g02", "+preset=tiny", "trainer=ddp_cpu", "trainer.max_epochs=1",
+TINY_DDP = ["+experiment=focal_g02", "+preset=tiny", "trainer=ddp_cpu", "trainer.max_epochs=2",
             "data.synthetic.n=150", "data.image_size=24", "data.eval_batch_size=7"]
+
+
+def run_recipe(out: Path, mode: str) -> dict[tuple[int, int], dict]:
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_recipe.py"), str(out), mode], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = {}
+    for path in out.glob("rank*_epoch*.pt"):
+        rank, epoch = (int(part) for part in path.stem.removeprefix("rank").split("_epoch"))
+        saved[rank, epoch] = torch.load(path, weights_only=True)
+    return saved
+
+
+def test_ddp_ranks_stay_identical_through_the_frozen_epoch_and_after(tmp_path: Path) -> None:
+    ddp = run_recipe(tmp_path / "ddp", "ddp")
+    single = run_recipe(tmp_path / "single", "single")
+    from tests.ddp_recipe import EPOCHS
+
+    assert sorted(ddp) == [(r, e) for r in (0, 1) for e in range(EPOCHS)]
+    params = [k for k in ddp[0, 0]["state"] if "running_" not in k and "num_batches" not in k]
+    for epoch in range(EPOCHS):
+        rank0, rank1 = ddp[0, epoch]["state"], ddp[1, epoch]["state"]
+        differing = [k for k in params if not torch.equal(rank0[k], rank1[k])]
+        assert not differing, f"epoch {epoch}: {len(differing)} of {len(params)} tensors differ, e.g. {differing[:3]}"
+    body = [k for k in params if not k.startswith("fc.")]
+    # frozen stage: no optimizer state (so no momentum or weight decay) on the body, BatchNorm statistics unchanged
+    assert ddp[0, 0]["with_optimizer_state"] == ["fc.bias", "fc.weight"]
+    assert set(body) <= set(ddp[0, 1]["with_optimizer_state"])  # after the unfreeze every parameter trains
+    # the frozen epoch is well defined across process counts (BatchNorm in eval mode): DDP over 2 x 8 samples per step
+    # reaches what one process reaches over the same 16 samples
+    for key, value in single[0, 0]["state"].items():
+        torch.testing.assert_close(ddp[0, 0]["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    convolutions = [k for k in body if ddp[0, 0]["state"][k].ndim == 4]
+    assert all(not torch.equal(ddp[0, 1]["state"][k], ddp[0, 0]["state"][k]) for k in convolutions)
 
 
 def test_two_process_ddp_metrics_equal_a_single_process_evaluation(tmp_path: Path, shared_cache: Path) -> None:

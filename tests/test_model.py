@@ -86,22 +86,3 @@ def test_parameter_groups_rise_toward_the_head(name: str) -> None:
     assert any(p is model.layer1[0].conv1.weight for p in by_name["early"]["params"])
     assert any(p is model.layer4[0].conv1.weight for p in by_name["late"]["params"])
     assert [p is model.fc.weight for p in by_name["head"]["params"]] == [True]
-
-
-def test_checkpoint_hyperparameters_cannot_name_arbitrary_callables(tmp_path: Path) -> None:
-    from hpa_lightning.module import HPAModule
-
-    module = HPAModule(model={"name": "resnet18", "pretrained": False},
-                       loss={"_target_": "hpa_lightning.losses.FocalLoss", "gamma": 0.2},
-                       optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1})
-    hparams = dict(module.hparams)
-    good = tmp_path / "good.ckpt"
-    torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict()}, good)
-    assert HPAModule.from_checkpoint(good).hparams.loss["gamma"] == 0.2
-    marker = tmp_path / "pwned"
-    hparams["loss"] = {"_target_": "pathlib.Path.touch", "self": str(marker)}
-    evil = tmp_path / "evil.ckpt"
-    torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict()}, evil)
-    with pytest.raises(ValueError, match="refusing hyperparameter _target_ 'pathlib.Path.touch'"):
-        HPAModule.from_checkpoint(evil)
-    assert not marker.exists()
