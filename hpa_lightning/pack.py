@@ -21,7 +21,6 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import pandas as pd
 from numpy.lib.format import open_memmap
 
 from hpa_lightning.classes import CHANNELS, NUM_CLASSES
+from hpa_lightning.files import remove_stale_temporaries, temporary_sibling
 from hpa_lightning.sources import DataError, LabelTable, load_sample, read_label_table
 
 log = logging.getLogger(__name__)
@@ -82,16 +82,34 @@ def publish_folder(tmp: Path, target: Path, marker: str) -> None:
 
 
 def source_fingerprint(csv_path: Path, image_dir: Path) -> str:
+    """What the store is a function of: train.csv's bytes, the image folder's path, and the name, size and
+    modification time of every file in that folder (a stat each, about a second for the 124288 Kaggle files), so
+    that a replaced, added or removed channel file packs a new store instead of reusing old pixels."""
     digest = hashlib.sha256()
     digest.update(str(image_dir.resolve()).encode())
     digest.update(csv_path.read_bytes())
+    if image_dir.is_dir():
+        with os.scandir(image_dir) as entries:
+            files = sorted((entry.name, entry.stat()) for entry in entries if entry.is_file())
+        for name, stat in files:
+            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
+def check_free_space(folder: Path, samples: int, size: int) -> None:
+    """Refuse before decoding anything when the store cannot fit: it is written sparse, so a full disk would
+    otherwise surface hours later as a traceback from a worker."""
+    needed = samples * len(CHANNELS) * size * size + 2**20
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DataError(f"{folder}: packing {samples} samples at {size}px needs {needed / 2**30:.2f} GiB, only "
+                        f"{free / 2**30:.2f} GiB free there; free space or set data.cache_dir (pack: cache_dir=)")
+
+
 def store_path(root: str | Path, size: int, cache_dir: str | Path, image_dir: str = "train",
-               on_bad_sample: str = "error") -> Path:
+               on_bad_sample: str = "error", fingerprint: str | None = None) -> Path:
     root = Path(root)
-    fingerprint = source_fingerprint(root / "train.csv", root / image_dir)
+    fingerprint = fingerprint or source_fingerprint(root / "train.csv", root / image_dir)
     # a store that skipped bad samples holds fewer rows: never reuse it for a strict run, or the other way round
     policy = "-skipbad" if on_bad_sample == "skip" else ""
     return Path(cache_dir) / f"{root.resolve().name}-{size}px-{fingerprint[:16]}{policy}"
@@ -174,23 +192,6 @@ def _compact_rows(path: Path, header_bytes: int, row_bytes: int, kept: list[int]
                 handle.write(data)
 
 
-def _remove_stale_temporaries(target: Path) -> None:
-    for tmp in target.parent.glob(f"{target.name}.tmp-*"):
-        pid = tmp.name.split(".tmp-")[-1].split("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: str = "train",
                 workers: int | None = None, progress: bool = False, on_bad_sample: str = "error",
                 max_bad_fraction: float = 0.01) -> PackedStore:
@@ -208,12 +209,14 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
     images_dir = root / image_dir
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: image folder not found")
-    target = store_path(root, size, cache_dir, image_dir, on_bad_sample)
+    fingerprint = source_fingerprint(root / "train.csv", images_dir)
+    target = store_path(root, size, cache_dir, image_dir, on_bad_sample, fingerprint)
     if (target / "meta.json").is_file():
         return PackedStore.open(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    remove_stale_temporaries(target)
+    check_free_space(target.parent, len(table), size)
+    tmp = temporary_sibling(target)
     tmp.mkdir()
     try:
         shape = (len(table), len(CHANNELS), size, size)
@@ -238,7 +241,7 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
         meta = {"format": STORE_FORMAT, "source": str(root.resolve()), "image_dir": image_dir, "image_size": size,
                 "num_samples": len(kept), "skipped_samples": len(skipped), "on_bad_sample": on_bad_sample,
                 "channels": list(CHANNELS), "num_classes": NUM_CLASSES,
-                "fingerprint": source_fingerprint(root / "train.csv", images_dir)}
+                "fingerprint": fingerprint}
         write_json_atomic(tmp / "meta.json", meta)
         publish_folder(tmp, target, "meta.json")
     finally:
@@ -345,8 +348,10 @@ def prepare_split(store: PackedStore, val_fraction: float = 0.1, test_fraction: 
     if not (folder / "stats.json").is_file():
         assignment = stratified_split(store.labels, val_fraction, test_fraction, seed)
         mean, std = channel_stats(store.images(), np.flatnonzero(assignment == "train"))
-        tmp = folder.with_name(f"{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
+        tmp = temporary_sibling(folder)
+        tmp.mkdir()
         try:
             pd.DataFrame({"Id": store.ids, "split": assignment}).to_csv(tmp / "split.csv", index=False)
             counts = {name: int((assignment == name).sum()) for name in SPLIT_NAMES}

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from hpa_lightning.pack import pid_alive
+from hpa_lightning.files import pid_alive
 from hpa_lightning.targets import UnsafeTargetError
 
 STATUS_FILE = "status.json"

@@ -10,12 +10,10 @@ CLI: ``python -m hpa_lightning.synth out=DIR n=500 seed=0 size=128 [texture_nois
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -30,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from hpa_lightning.classes import CHANNELS, KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES, NUM_CLASSES
+from hpa_lightning.files import remove_stale_temporaries, temporary_sibling
 
 __all__ = ["generate", "main", "render_sample", "sample_labels"]
 
@@ -1066,20 +1065,6 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _remove_stale(parent: Path, prefix: str) -> None:
-    """Delete ``<prefix><pid>`` folders of this host whose process is gone (a generate() killed without cleanup)."""
-    for tmp in parent.glob(glob.escape(prefix) + "*"):
-        pid = tmp.name[len(prefix) :]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:  # alive, someone else's
-            pass
-
-
 def generate(
     out: str | Path,
     n: int,
@@ -1113,9 +1098,8 @@ def generate(
         raise FileExistsError(f"{root} already exists; synth never overwrites, remove it or pick another out=")
     root.parent.mkdir(parents=True, exist_ok=True)
     absolute = Path(os.path.abspath(root))  # normalises "." and trailing slashes before taking the name
-    prefix = f"{absolute.name}.tmp-{socket.gethostname()}-"
-    _remove_stale(absolute.parent, prefix)
-    tmp = absolute.with_name(f"{prefix}{os.getpid()}")
+    remove_stale_temporaries(absolute)
+    tmp = temporary_sibling(absolute, unique=False)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier process that had our pid
     train_dir = tmp / "train"
     train_dir.mkdir(parents=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from hpa_lightning.classes import KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES
 from hpa_lightning.pack import PackedStore, build_store, channel_stats, prepare_split, stratified_split
@@ -51,18 +54,50 @@ def test_half_written_store_is_never_used(kaggle_folder: Path, tmp_path: Path) -
     assert leftovers == []
 
 
-def test_stale_temporary_of_a_dead_process_is_removed(kaggle_folder: Path, tmp_path: Path) -> None:
+def test_stale_temporary_of_a_dead_process_of_this_host_is_removed_and_other_hosts_are_left(
+        kaggle_folder: Path, tmp_path: Path) -> None:
     cache = tmp_path / "stores"
     store = build_store(kaggle_folder, 12, cache, workers=1)
     dead_pid = 2**22 + 12345
-    stale = store.path.with_name(f"{store.path.name}.tmp-{dead_pid}-abcd")
-    stale.mkdir()
-    (stale / "images.npy").write_bytes(b"partial")
-    import shutil
-
+    stale = store.path.with_name(f"{store.path.name}.tmp-{socket.gethostname()}-{dead_pid}-abcd")
+    # a packer on another node (pid meaningless here) and one of the old pid-only form: both in progress elsewhere
+    elsewhere = [store.path.with_name(f"{store.path.name}.tmp-other-node-7-{dead_pid}-abcd"),
+                 store.path.with_name(f"{store.path.name}.tmp-{dead_pid}-abcd")]
+    for folder in (stale, *elsewhere):
+        folder.mkdir()
+        (folder / "images.npy").write_bytes(b"partial")
     shutil.rmtree(store.path)
-    build_store(kaggle_folder, 12, cache, workers=1)
-    assert not stale.exists()
+    rebuilt = build_store(kaggle_folder, 12, cache, workers=1)
+    assert not stale.exists() and all(folder.is_dir() for folder in elsewhere)
+    assert not [p for p in cache.iterdir() if p.name.startswith(f"{rebuilt.path.name}.tmp-{socket.gethostname()}")]
+
+
+def test_replaced_image_file_packs_a_new_store(kaggle_folder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "stores"
+    first = build_store(kaggle_folder, 12, cache, workers=1)
+    row = first.ids.index("id007")
+    old = first.images()[row].copy()
+    path = kaggle_folder / "train" / "id007_green.png"
+    Image.fromarray(np.full((16, 16), 201, dtype=np.uint8), mode="L").save(path)  # same size, new pixels
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))  # even within one mtime tick
+    second = build_store(kaggle_folder, 12, cache, workers=1)
+    assert second.path != first.path
+    assert (second.images()[row][1] == 201).all() and (second.images()[row][0] == old[0]).all()
+
+
+def test_full_disk_is_refused_before_decoding(kaggle_folder: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import hpa_lightning.pack as pack
+
+    store_bytes = 40 * 4 * 512 * 512
+    monkeypatch.setattr(pack.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, store_bytes // 2))
+    monkeypatch.setattr(pack, "load_sample", lambda *a: pytest.fail("decoded before the space check"))
+    with pytest.raises(DataError) as raised:
+        build_store(kaggle_folder, 512, tmp_path / "stores", workers=1)
+    message = str(raised.value)
+    assert "\n" not in message and str(tmp_path / "stores") in message
+    assert "needs 0.04 GiB, only 0.02 GiB free" in message
+    assert not list((tmp_path / "stores").iterdir())
 
 
 def test_split_sizes_match_the_poster_on_kaggle_scale() -> None:
