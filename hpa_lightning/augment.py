@@ -27,6 +27,25 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class RandomRot90(nn.Module):
+    """Each sample turned by 0, 90, 180 or 270 degrees, the four equally likely, exactly (`torch.rot90`, no warp).
+
+    Not kornia's `RandomRotation90(times=(0, 3))`: it rounds a continuous draw from [0, 3], so 0 and 270 degrees come
+    up half as often as 90 and 180, and it rotates by interpolation.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"RandomRot90 needs square images, got {x.shape[-2]}x{x.shape[-1]}")
+        turns = torch.randint(0, 4, (x.shape[0],), device=x.device)
+        out = x.clone()
+        for k in (1, 2, 3):
+            chosen = torch.nonzero(turns == k).flatten()
+            if chosen.numel():
+                out[chosen] = torch.rot90(x[chosen], k, dims=(-2, -1))
+        return out
+
+
 def build_augmentation(rot90: bool = True, rotation_degrees: float = 10.0, hflip: float = 0.5, vflip: float = 0.5,
                        brightness: float = 0.1, contrast: float = 0.1, p_lighting: float = 0.5) -> nn.Module:
     """The poster's "random rotate, flip, lighting" as a kornia pipeline over [0, 1] images, each sample drawn anew.
@@ -34,8 +53,6 @@ def build_augmentation(rot90: bool = True, rotation_degrees: float = 10.0, hflip
     Lighting is applied before standardisation so that brightness/contrast factors mean the same for every channel.
     """
     ops: list[nn.Module] = []
-    if rot90:
-        ops.append(K.RandomRotation90(times=(0, 3), p=1.0))
     if rotation_degrees > 0:
         ops.append(K.RandomRotation(degrees=rotation_degrees, p=0.5))
     if hflip > 0:
@@ -46,9 +63,10 @@ def build_augmentation(rot90: bool = True, rotation_degrees: float = 10.0, hflip
         ops.append(K.RandomBrightness(brightness=(1.0 - brightness, 1.0 + brightness), p=p_lighting))
     if contrast > 0:
         ops.append(K.RandomContrast(contrast=(1.0 - contrast, 1.0 + contrast), p=p_lighting))
-    if not ops:
-        return nn.Identity()
-    return K.AugmentationSequential(*ops, data_keys=["input"])
+    stages: list[nn.Module] = [RandomRot90()] if rot90 else []
+    if ops:
+        stages.append(K.AugmentationSequential(*ops, data_keys=["input"]))
+    return nn.Sequential(*stages) if stages else nn.Identity()
 
 
 class DeviceTransform(nn.Module):

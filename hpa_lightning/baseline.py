@@ -41,6 +41,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from hpa_lightning import metrics
 from hpa_lightning.classes import CHANNELS, CLASS_NAMES
+from hpa_lightning.cli import hydra_task, run_hydra
 from hpa_lightning.pack import write_json_atomic
 from hpa_lightning.sources import DataError
 from hpa_lightning.train import plain, split_summary, write_predictions
@@ -388,6 +389,7 @@ def run_baseline(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="baseline")
+@hydra_task
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run_baseline(cfg)
@@ -400,4 +402,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

@@ -50,7 +50,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hpa_lightning.classes import CHANNELS
-from hpa_lightning.pack import parse_key_values, publish_folder, store_path, write_json_atomic
+from hpa_lightning.cli import UsageError, fail, parse_key_values
+from hpa_lightning.pack import publish_folder, store_path, write_json_atomic
 from hpa_lightning.sources import load_sample, read_label_table
 
 SECTIONS = ("loading", "packing", "overhead", "augment", "gpu")
@@ -945,7 +946,7 @@ def run(args: dict) -> dict:
     wanted = SECTIONS if args["sections"] in ("", "all") else tuple(args["sections"].split(","))
     unknown = [w for w in wanted if w not in SECTIONS]
     if unknown:
-        raise SystemExit(f"hpa_lightning.bench: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+        raise UsageError(f"hpa_lightning.bench: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     cache.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
     seed = int(args["seed"])
@@ -1031,8 +1032,10 @@ DEFAULTS: dict[str, object] = {"quick": False, "out": "", "cache": "", "workers"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, "hpa_lightning.bench")
-    result = run(args)
+    try:
+        result = run(parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, "hpa_lightning.bench"))
+    except UsageError as err:
+        fail(err)
     print(render_report(result), flush=True)
     if result["errors"]:
         raise SystemExit(1)

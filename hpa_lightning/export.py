@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hpa_lightning.classes import CHANNELS
+from hpa_lightning.cli import UsageError, fail, parse_key_values
 from hpa_lightning.inference import (
     CARD_NAME,
     EXPORT_FORMAT,
@@ -35,7 +36,7 @@ from hpa_lightning.inference import (
     load_model,
     sha256_file,
 )
-from hpa_lightning.pack import parse_key_values, write_json_atomic
+from hpa_lightning.pack import write_json_atomic
 
 PROG = "hpa_lightning.export"
 
@@ -118,15 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_key_values(sys.argv[1:] if argv is None else argv, {"ckpt": None, "out": None}, PROG)
         if not args["ckpt"] or not args["out"]:
-            raise SystemExit(f"{PROG}: ckpt=RUN_DIR|CKPT and out=DIR are required")
-    except SystemExit as err:
-        print(f"error: {err.code}", file=sys.stderr)
-        sys.exit(2)
-    try:
+            raise UsageError(f"{PROG}: ckpt=RUN_DIR|CKPT and out=DIR are required")
         out = export_model(str(args["ckpt"]), str(args["out"]))
-    except InferenceError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (UsageError, InferenceError) as err:
+        fail(err)
     size_mb = (out / WEIGHTS_NAME).stat().st_size / 2**20
     print(f"exported {args['ckpt']} -> {out} ({WEIGHTS_NAME} {size_mb:.1f} MiB, {CARD_NAME})")
 

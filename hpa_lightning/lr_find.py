@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.tuner import Tuner
 from omegaconf import DictConfig
 
+from hpa_lightning.cli import hydra_task, run_hydra
 from hpa_lightning.pack import write_json_atomic
 from hpa_lightning.train import USER_ERRORS, build_module, prepare_datamodule
 
@@ -73,6 +74,7 @@ def lr_find(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lr_find")
+@hydra_task
 def main(cfg: DictConfig) -> float | None:
     try:
         return lr_find(cfg)["suggested_lr"]
@@ -82,4 +84,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

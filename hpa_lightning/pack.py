@@ -30,6 +30,7 @@ import pandas as pd
 from numpy.lib.format import open_memmap
 
 from hpa_lightning.classes import CHANNELS, NUM_CLASSES
+from hpa_lightning.cli import UsageError, fail, parse_key_values
 from hpa_lightning.files import remove_stale_temporaries, temporary_sibling
 from hpa_lightning.sources import DataError, LabelTable, load_sample, read_label_table
 
@@ -373,33 +374,19 @@ def load_split(folder: Path, store: PackedStore) -> Split:
     return Split(path=folder, assignment=frame["split"].to_numpy(dtype=object), mean=stats["mean"], std=stats["std"])
 
 
-def parse_key_values(argv: list[str], defaults: dict[str, object], prog: str) -> dict[str, object]:
-    """`key=value` command-line arguments, typed like their defaults; one-line error on unknown keys or bad values."""
-    values = dict(defaults)
-    for arg in argv:
-        key, sep, raw = arg.partition("=")
-        if not sep or key not in defaults:
-            raise SystemExit(f"{prog}: unknown argument {arg!r}; expected key=value with key in {', '.join(defaults)}")
-        kind = type(defaults[key]) if defaults[key] is not None else str
-        try:
-            values[key] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
-        except ValueError:
-            raise SystemExit(f"{prog}: {key}={raw!r} is not a valid {kind.__name__}") from None
-    return values
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_key_values(sys.argv[1:] if argv is None else argv,
-                            {"root": None, "size": 512, "cache_dir": ".cache/stores", "image_dir": "train",
-                             "workers": 0, "val_fraction": 0.1, "test_fraction": 0.1, "seed": 42}, "hpa_lightning.pack")
-    if not args["root"]:
-        raise SystemExit("hpa_lightning.pack: root=DIR is required (a folder holding train.csv and train/)")
     try:
+        args = parse_key_values(sys.argv[1:] if argv is None else argv,
+                                {"root": None, "size": 512, "cache_dir": ".cache/stores", "image_dir": "train",
+                                 "workers": 0, "val_fraction": 0.1, "test_fraction": 0.1, "seed": 42},
+                                "hpa_lightning.pack")
+        if not args["root"]:
+            raise UsageError("hpa_lightning.pack: root=DIR is required (a folder holding train.csv and train/)")
         store = build_store(args["root"], int(args["size"]), args["cache_dir"], str(args["image_dir"]),
                             workers=int(args["workers"]) or None, progress=True)
         split = prepare_split(store, float(args["val_fraction"]), float(args["test_fraction"]), int(args["seed"]))
-    except DataError as err:
-        raise SystemExit(f"error: {err}") from None
+    except (DataError, UsageError) as err:
+        fail(err)
     counts = {name: len(split.indices(name)) for name in SPLIT_NAMES}
     print(f"store: {store.path} ({len(store)} samples at {store.image_size}px); split {split.path.name}: {counts}")
 

@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpa_lightning import metrics
 from hpa_lightning.classes import CHANNELS
+from hpa_lightning.cli import UsageError, fail, parse_key_values
 from hpa_lightning.inference import InferenceError, InferenceModel, load_model, tta_probabilities, tta_views
-from hpa_lightning.pack import parse_key_values
 from hpa_lightning.sources import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -226,11 +226,6 @@ def write_outputs(out: str | Path, ids: list[str], probs: np.ndarray, model: Inf
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def run(args: dict[str, object]) -> dict[str, object]:
     if not args["ckpt"] or not args["input"]:
         raise InferenceError("ckpt=RUN_DIR|CKPT|EXPORT_DIR and input=DIR are required")
@@ -264,13 +259,9 @@ def run(args: dict[str, object]) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        args = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG)
-    except SystemExit as err:
-        _fail(str(err.code))
-    try:
-        result = run(args)
-    except (DataError, InferenceError) as err:
-        _fail(str(err))
+        result = run(parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG))
+    except (UsageError, DataError, InferenceError) as err:
+        fail(err)
     model: InferenceModel = result["model"]
     thresholds = (f"thresholds from {model.thresholds_source} (ensure_one={model.ensure_one})"
                   if model.thresholds_source else "threshold 0.5 (no thresholds.json)")

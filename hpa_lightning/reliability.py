@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from hpa_lightning.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
+
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
 
 
@@ -22,6 +24,10 @@ class RunSetupError(RuntimeError):
 
 class NonFiniteCheckpointError(RuntimeError):
     pass
+
+
+class RunComplete(Exception):
+    """`resume=auto` found a finished run (a requeued job that had already completed): nothing to do, exit 0."""
 
 
 def resume_checkpoint(run_dir: Path, resume: bool | str, ckpt_path: str | None) -> str | None:
@@ -41,6 +47,8 @@ def resume_checkpoint(run_dir: Path, resume: bool | str, ckpt_path: str | None) 
         return None
     last = run_dir / "checkpoints" / "last.ckpt"
     if (run_dir / "results.json").is_file():
+        if resume == "auto":
+            raise RunComplete(f"{run_dir}: already complete (results.json exists); nothing to resume")
         raise RunSetupError(f"resume: {run_dir} already finished (results.json exists); start a new run instead")
     if last.is_file():
         return str(last)
@@ -88,16 +96,38 @@ class InterruptCheckpoint(L.Callback):
 
     Not Lightning's OnExceptionCheckpoint: that one makes every later `fit()` silently resume from its file and
     deletes the file at teardown, where this project wants resuming to be asked for and `last.ckpt` to stay.
+
+    `interrupt` keeps the exception's exit status (130 Ctrl-C, 143 SIGTERM): Lightning turns Ctrl-C into exit 1.
     """
 
     def __init__(self, dirpath: str | Path, run_dir: str | Path):
         self.ckpt_path = str(Path(dirpath) / "last.ckpt")
         self.run_dir = Path(run_dir)
         self.saved: str | None = None
+        self.interrupt_exit_code: int | None = None
+        self._validated_step: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated_step = trainer.global_step
+
+    def _finish_epoch_checkpoints(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning runs the checkpoint callbacks after every other epoch-end hook. An interrupt in between would
+        leave an epoch that was validated out of `best.ckpt` for ever (the resumed run starts at the next epoch), so
+        the resumed run would report another best epoch than an uninterrupted one: give them their turn now."""
+        if self._validated_step != trainer.global_step:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            # each saves in exactly one of the two hooks, and at most once per step
+            callback.on_train_epoch_end(trainer, pl_module)
+            callback.on_validation_end(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, INTERRUPTS):
+            self.interrupt_exit_code = exit_code_for(exception)
         if not isinstance(exception, INTERRUPTS) or trainer.state.fn != "fit" or not all_finite(pl_module):
             return
+        self._finish_epoch_checkpoints(trainer, pl_module)
         trainer.save_checkpoint(self.ckpt_path)
         self.saved = self.ckpt_path
         if trainer.is_global_zero:
@@ -137,5 +167,7 @@ def _as_python_state(state) -> tuple:
 
 
 def exit_code_for(exception: BaseException) -> int:
-    return 130 if isinstance(exception, KeyboardInterrupt) else 143 if isinstance(exception, SIGTERMException) else 1
+    if isinstance(exception, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_TERMINATED if isinstance(exception, SIGTERMException) else 1
 

@@ -29,6 +29,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from hpa_lightning.cli import fail
 from hpa_lightning.rerun_failed import Job, find_jobs, natural_key
 
 COLUMNS = ["label", "status", "experiment", "model", "loss", "gamma", "scheduler", "base_lr", "val_macro_f1",
@@ -290,11 +291,12 @@ def parse_args(argv: list[str]) -> tuple[list[Path], Path | None]:
         elif arg in ("--out", "-o"):
             out = Path(next(args))
         elif arg in ("-h", "--help"):
-            raise SystemExit(__doc__)
+            print(__doc__)
+            raise SystemExit(0)
         else:
             roots.append(Path(arg))
     if not roots:
-        raise SystemExit("usage: python -m hpa_lightning.report DIR [DIR ...] [out=DIR]")
+        fail("usage: python -m hpa_lightning.report DIR [DIR ...] [out=DIR]")
     return roots, out
 
 
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(roots, out)
     if not report["completed"] and not report["problems"]:
         print(f"error: no results.json or job folders under {', '.join(map(str, roots))}", file=sys.stderr)
-        return 1
+        return 2
     print(markdown_table(report["completed"], MARKDOWN_COLUMNS) if report["completed"] else "(no completed runs)")
     for row in report["problems"]:
         print(f"{row['status'].upper()}: {row['run']}: {row['error'] or '-'}"

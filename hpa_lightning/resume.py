@@ -13,13 +13,15 @@ from pathlib import Path
 
 import yaml
 
+from hpa_lightning.cli import fail
+
 REPLACED = ("hydra.run.dir=", "resume=", "ckpt_path=")
 
 
 def resume_command(run_dir: Path, extra: list[str]) -> list[str]:
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     if not overrides_file.is_file():
-        raise SystemExit(f"error: {overrides_file}: not found; is {run_dir} a run folder of hpa_lightning.train?")
+        fail(f"{overrides_file}: not found; is {run_dir} a run folder of hpa_lightning.train?")
     overrides = [o for o in yaml.safe_load(overrides_file.read_text()) or [] if not o.startswith(REPLACED)]
     return [sys.executable, "-m", "hpa_lightning.train", *overrides, *extra, f"hydra.run.dir={run_dir}", "resume=true"]
 
@@ -27,10 +29,16 @@ def resume_command(run_dir: Path, extra: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0].startswith("-"):
-        raise SystemExit("usage: python -m hpa_lightning.resume RUN_DIR [overrides...]")
+        fail("usage: python -m hpa_lightning.resume RUN_DIR [overrides...]")
     command = resume_command(Path(args[0]).resolve(), args[1:])
     print("resuming:", " ".join(command[2:]), flush=True)
-    raise SystemExit(subprocess.call(command))
+    child = subprocess.Popen(command)
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the child too: let it save its checkpoint and exit
+        code = child.wait()
+    # a child killed by signal N reports -N; the shell's convention is 128 + N
+    raise SystemExit(128 - code if code < 0 else code)
 
 
 if __name__ == "__main__":

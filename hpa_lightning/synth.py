@@ -1142,7 +1142,7 @@ _USAGE = ("usage: python -m hpa_lightning.synth out=DIR [n=500] [seed=0] [size=1
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry point; prints the dataset path. Exit code 2 for bad arguments, 1 if ``out`` exists."""
+    """CLI entry point; prints the dataset path. Exit code 2 for bad arguments or an existing ``out``."""
     args = sys.argv[1:] if argv is None else argv
     kwargs: dict[str, object] = {"n": 500}
     for arg in args:
@@ -1167,7 +1167,7 @@ def main(argv: list[str] | None = None) -> None:
         path = generate(**kwargs)  # type: ignore[arg-type]
     except (FileExistsError, ValueError) as e:
         print(f"synth: {e}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
+        raise SystemExit(2) from None
     print(path)
 
 

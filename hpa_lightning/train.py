@@ -5,7 +5,9 @@ Returns `val/macro_f1` of the best checkpoint, the metric Hydra sweepers optimis
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import logging
 import os
 import shutil
@@ -28,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from hpa_lightning import metrics
 from hpa_lightning.callbacks import LRTrace
 from hpa_lightning.classes import CLASS_NAMES
+from hpa_lightning.cli import EXIT_TERMINATED, hydra_task, run_hydra
 from hpa_lightning.datamodule import HPADataModule
 from hpa_lightning.finetune import FreezeBackbone, FrozenStageError
 from hpa_lightning.losses import positive_class_weights
@@ -39,6 +42,7 @@ from hpa_lightning.reliability import (
     InterruptCheckpoint,
     NonFiniteCheckpointError,
     RNGState,
+    RunComplete,
     RunSetupError,
     check_output_dir,
     checkpoint_bytes,
@@ -147,7 +151,8 @@ def train(cfg: DictConfig) -> dict:
     timings = {"prepare_s": time.time() - started}
     check_output_dir(run_dir, need_bytes=2 * checkpoint_bytes(module) + 50 * 2**20)
     callbacks = build_callbacks(cfg, run_dir)
-    callbacks += [RNGState(), FiniteCheckpointGuard(), InterruptCheckpoint(run_dir / "checkpoints", run_dir)]
+    interrupt = InterruptCheckpoint(run_dir / "checkpoints", run_dir)
+    callbacks += [RNGState(), FiniteCheckpointGuard(), interrupt]
     loggers = build_loggers(cfg)
     if resume_from:
         continue_csv_logs(loggers)
@@ -157,15 +162,13 @@ def train(cfg: DictConfig) -> dict:
     if trainer.world_size > 1:
         keep_ddp_children_in_this_job()
     fit_started = time.time()
-    try:
+    with interrupt_exit_codes(interrupt):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    except SIGTERMException:
-        raise SystemExit(143) from None  # Lightning's SIGTERM exception would otherwise exit with status 0
-    checkpoint = trainer.checkpoint_callback
-    best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None
-    timings["fit_s"] = time.time() - fit_started
-    trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
-    trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+        checkpoint = trainer.checkpoint_callback
+        best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None
+        timings["fit_s"] = time.time() - fit_started
+        trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
 
     results: dict = {}
     if trainer.is_global_zero:
@@ -173,6 +176,19 @@ def train(cfg: DictConfig) -> dict:
         results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started, timings)
     end_ddp_job(environ_before)
     return results
+
+
+@contextlib.contextmanager
+def interrupt_exit_codes(interrupt: InterruptCheckpoint):
+    """Exit 130 on Ctrl-C and 143 on SIGTERM (Lightning exits 1 on Ctrl-C, and its SIGTERM exception would exit 0)."""
+    try:
+        yield
+    except SIGTERMException:
+        raise SystemExit(EXIT_TERMINATED) from None
+    except SystemExit:
+        if interrupt.interrupt_exit_code is not None:
+            raise SystemExit(interrupt.interrupt_exit_code) from None
+        raise
 
 
 def end_ddp_job(environ_before: dict[str, str]) -> None:
@@ -276,11 +292,20 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra_task
 def main(cfg: DictConfig) -> float | None:
     # JobGuard: status.json (+ FAILED on failure) in the run folder, a GPU claim under the gpu_pool launcher, the
     # claimed GPU in results.json, result panels and the end of this job's W&B run (failed runs marked failed).
     from hpa_lightning.rerun_failed import JobGuard
 
+    try:  # before JobGuard: a finished run keeps its status
+        resume_checkpoint(Path(cfg.paths.output_dir), cfg.get("resume", False), cfg.get("ckpt_path"))
+    except RunComplete as done:
+        print(done)
+        results = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+        return results.get("val", {}).get("macro_f1")
+    except RunSetupError:
+        pass  # reported inside the job as usual
     with JobGuard(cfg) as job:
         try:
             results = train(cfg)
@@ -295,4 +320,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

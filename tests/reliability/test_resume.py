@@ -49,16 +49,19 @@ def test_same_seed_same_weights_and_metrics_with_workers(tmp_path: Path, shared_
     assert results[0]["test"] == results[1]["test"] and results[0]["val"] == results[1]["val"]
 
 
-def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path: Path, shared_cache: Path) -> None:
+def test_ctrl_c_at_the_best_epochs_end_then_resume_equals_an_uninterrupted_run(tmp_path: Path,
+                                                                              shared_cache: Path) -> None:
     straight = tmp_path / "straight"
     proc = run_train([*TINY, "trainer.max_epochs=3", f"hydra.run.dir={straight}"], shared_cache, REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    best_epoch = torch.load(straight / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["epoch"]
 
+    # Ctrl-C after that epoch's validation, before Lightning's checkpoint callbacks (which it runs last)
     broken = tmp_path / "broken"
     proc = run_train([*TINY, "trainer.max_epochs=3", f"hydra.run.dir={broken}",
                       "+callbacks.fault._target_=tests.reliability.faults.InterruptAfterEpoch",
-                      "+callbacks.fault.epoch=0"], shared_cache, REPO)
-    assert proc.returncode != 0
+                      f"+callbacks.fault.epoch={best_epoch}"], shared_cache, REPO)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
     assert f"resume with: python -m hpa_lightning.resume {broken}" in proc.stdout
     assert (broken / "checkpoints" / "last.ckpt").is_file() and not (broken / "results.json").exists()
 
@@ -70,10 +73,23 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path: Path, shared_c
     results = json.loads((broken / "results.json").read_text())
     assert results["epochs"] == 3
     assert_same_weights(straight / "checkpoints" / "last.ckpt", broken / "checkpoints" / "last.ckpt")
+    assert_same_weights(straight / "checkpoints" / "best.ckpt", broken / "checkpoints" / "best.ckpt")
+    expected = json.loads((straight / "results.json").read_text())
+    assert results["test"] == expected["test"] and results["val"] == expected["val"]
+    pd.testing.assert_frame_equal(pd.read_csv(broken / "test_predictions.csv"),
+                                  pd.read_csv(straight / "test_predictions.csv"))
     trace = pd.read_csv(broken / "lr_trace.csv")
     assert trace["step"].tolist() == list(range(len(trace))) and trace["epoch"].max() == 2
     metrics = pd.read_csv(broken / "metrics.csv")
     assert set(metrics.dropna(subset=["val/macro_f1"])["epoch"]) >= {0, 1, 2}  # epochs before and after the stop
+
+    # a requeued job that had already finished: resume=auto says so and exits 0, leaving the run as it is
+    finished = (broken / "results.json").stat().st_mtime_ns
+    proc = run_train([*TINY, "trainer.max_epochs=3", f"hydra.run.dir={broken}", "resume=auto"], shared_cache, REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "already complete" in proc.stdout
+    assert (broken / "results.json").stat().st_mtime_ns == finished
+    assert json.loads((broken / "status.json").read_text())["status"] == "completed"
 
 
 def test_sigterm_mid_epoch_saves_and_resumes_to_the_configured_epochs(tmp_path: Path, shared_cache: Path) -> None:

@@ -1,0 +1,69 @@
+"""One exit-status convention for every entry point, and the small helpers that keep it.
+
+    0    done (also: nothing to do, e.g. `resume=auto` on a finished run)
+    1    a crash: a bug or an environment failure, reported with its traceback
+    2    bad input or configuration: one line `error: ...` naming the file, row or key
+    130  interrupted (Ctrl-C)
+    143  terminated (SIGTERM, e.g. a cluster preempting the job)
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class UsageError(ValueError):
+    """A bad command line; the message is one line naming the argument."""
+
+
+def fail(message: object) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def parse_key_values(argv: list[str], defaults: dict[str, object], prog: str) -> dict[str, object]:
+    """`key=value` command-line arguments, typed like their defaults; `UsageError` on unknown keys or bad values."""
+    values = dict(defaults)
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        if not sep or key not in defaults:
+            raise UsageError(f"{prog}: unknown argument {arg!r}; expected key=value with key in {', '.join(defaults)}")
+        kind = type(defaults[key]) if defaults[key] is not None else str
+        try:
+            values[key] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
+        except ValueError:
+            raise UsageError(f"{prog}: {key}={raw!r} is not a valid {kind.__name__}") from None
+    return values
+
+
+_task_started = False
+
+
+def hydra_task(function: Callable) -> Callable:
+    """Mark the start of a `@hydra.main` task (put it under the decorator), so that `run_hydra` can tell Hydra's own
+    failures (a bad override or config, reported before the task starts) from the task's."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        global _task_started
+        _task_started = True
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def run_hydra(hydra_main: Callable[[], object]) -> None:
+    """Call a `@hydra.main` entry point: Hydra exits 1 on a bad override or config, which is bad input here (2)."""
+    try:
+        hydra_main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not _task_started:
+            raise SystemExit(EXIT_BAD_INPUT) from None
+        raise

@@ -1,0 +1,47 @@
+"""One exit-status convention for every entry point (hpa_lightning.cli): 2 for bad input or configuration, with an
+`error:` line and no traceback; 130 for Ctrl-C and 143 for SIGTERM are checked on real trainings in
+tests/reliability/test_resume.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+MISSING = "/nonexistent/hpa"
+BAD_INPUT = {
+    "pack root": ("hpa_lightning.pack", [f"root={MISSING}"]),
+    "pack argument": ("hpa_lightning.pack", ["sise=512"]),
+    "predict": ("hpa_lightning.predict", [f"ckpt={MISSING}", f"input={MISSING}"]),
+    "predict argument": ("hpa_lightning.predict", ["tta=two"]),
+    "export": ("hpa_lightning.export", [f"ckpt={MISSING}", "out=x"]),
+    "report": ("hpa_lightning.report", [MISSING]),
+    "resume": ("hpa_lightning.resume", [MISSING]),
+    "rerun_failed": ("hpa_lightning.rerun_failed", [MISSING]),
+    "synth": ("hpa_lightning.synth", ["n=ten"]),
+    "bench": ("hpa_lightning.bench", ["sections=nope"]),
+    "train override": ("hpa_lightning.train", ["trainer.no_such_key=1"]),
+    "train data": ("hpa_lightning.train", ["data=hpa", f"data.root={MISSING}", "model.pretrained=false"]),
+    "baseline override": ("hpa_lightning.baseline", ["no_such_key=1"]),
+    "lr_find override": ("hpa_lightning.lr_find", ["no_such_key=1"]),
+}
+
+
+def test_bad_input_exits_2_with_an_error_and_no_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "HPA_CACHE_DIR": str(tmp_path / "cache")}
+    procs = {name: subprocess.Popen([sys.executable, "-m", module, *args, f"hydra.run.dir={tmp_path / 'run'}"]
+                                    if module.endswith(("train", "baseline", "lr_find")) else
+                                    [sys.executable, "-m", module, *args],
+                                    cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (module, args) in BAD_INPUT.items()}
+    failures = []
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        if proc.returncode != 2 or "Traceback" in stderr or not stderr.strip():
+            failures.append(f"{name}: exit {proc.returncode}: {stderr.strip()[-300:]}")
+    assert not failures, "\n".join(failures)
+    assert not (tmp_path / "cache" / "stores").exists()  # nothing half-written
+    assert REPO.is_dir()
