@@ -32,13 +32,14 @@ def write_png(path: Path) -> None:
 
 def run_folder(folder: Path, experiment: str, test_f1: float, overrides: list[str], model: str = "resnet18",
                loss: str | None = "focal", gamma: float | None = 2.0, scheduler: str = "constant",
-               lr: float | None = 0.02, lr_trace: bool = False) -> Path:
+               lr: float | None = 0.02, lr_trace: bool = False, val_f1: float | None = None) -> Path:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
     results = {"status": "completed", "experiment": experiment, "model": model, "loss": loss, "gamma": gamma,
                "scheduler": scheduler, "base_lr": lr, "epochs": 3 if loss else None, "wall_time_s": 12.5,
                "device": "cpu",
-               "val": {"macro_f1": test_f1 + 0.01, "macro_f1_tuned": test_f1 + 0.05, "roc_auc": 0.8},
+               "val": {"macro_f1": test_f1 + 0.01 if val_f1 is None else val_f1, "macro_f1_tuned": test_f1 + 0.05,
+                       "roc_auc": 0.8},
                "test": {"macro_f1": test_f1, "macro_f1_tuned": test_f1 + 0.04, "roc_auc": 0.7 + test_f1 / 10}}
     (folder / "results.json").write_text(json.dumps(results))
     if lr_trace:
@@ -51,7 +52,9 @@ def runs(tmp_path: Path) -> Path:
     sweep = tmp_path / "sweep"
     (sweep).mkdir()
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
-    run_folder(sweep / "0_bce", "bce", 0.20, ["+sweep=poster", "+experiment=bce"], loss="bce", gamma=0.0)
+    # best on validation, not on test: the report's headline must pick it (choosing by test score is optimistic)
+    run_folder(sweep / "0_bce", "bce", 0.20, ["+sweep=poster", "+experiment=bce"], loss="bce", gamma=0.0,
+               val_f1=0.40)
     run_folder(sweep / "1_focal_g02_sgdr", "focal_g02_sgdr", 0.30, ["+sweep=poster", "+experiment=focal_g02_sgdr"],
                gamma=0.2, scheduler="sgdr", lr_trace=True)
     failed = sweep / "2_focal_g1"
@@ -96,7 +99,9 @@ def test_report_table_figures_plots_and_failed_jobs(runs: Path) -> None:
     md = (out / "report.md").read_text()
     assert "| focal_g02_sgdr | resnet18 | focal | 0.2 | sgdr | 0.02 | 0.3100 | 0.3500 | 0.3000 | 0.3400 |" in md
     assert "## Failed or unfinished jobs" in md and "NonFiniteLossError" in md and "sweep/3_focal_g2" in md
-    assert "Best test macro F1 (tuned thresholds): **0.3400** (focal_g02_sgdr)" in md
+    assert ("Best on validation (val macro F1 @0.5 0.4000): **bce**; its test macro F1: 0.2000 @0.5, 0.2400 with "
+            "tuned thresholds, ROC AUC 0.7200.") in md
+    assert "focal_g02_sgdr" not in md.split("## Results")[0]
     for figure in ("test_macro_f1.png", "test_roc_auc.png"):
         assert (out / figure).read_bytes().startswith(PNG) and f"]({figure})" in md
     assert (out / "plots" / "focal_g02_sgdr_lr_trace.png").read_bytes().startswith(PNG)
@@ -121,5 +126,5 @@ def test_report_of_one_sweep_defaults_into_it_and_shows_reruns(runs: Path) -> No
 
 
 def test_report_of_an_empty_folder_fails(tmp_path: Path) -> None:
-    assert report.main([str(tmp_path)]) == 1
+    assert report.main([str(tmp_path)]) == 2
     assert report.main([str(tmp_path / "missing")]) == 2
