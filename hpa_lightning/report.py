@@ -259,9 +259,10 @@ def write_report(roots: list[Path], out: Path) -> dict:
         scored = [row for row in completed if row.get("val_macro_f1") is not None]
         if scored:
             best = max(scored, key=lambda row: row["val_macro_f1"])
+            test = {key: format_score(best.get(f"test_{key}")) for key in ("macro_f1", "macro_f1_tuned", "roc_auc")}
             md += [f"Best on validation (val macro F1 @0.5 {best['val_macro_f1']:.4f}): **{best['label']}**; its test "
-                   f"macro F1: {format_score(best.get('test_macro_f1'))} @0.5, {format_score(best.get('test_macro_f1_tuned'))} "
-                   f"with tuned thresholds, ROC AUC {format_score(best.get('test_roc_auc'))}.", ""]
+                   f"macro F1: {test['macro_f1']} @0.5, {test['macro_f1_tuned']} with tuned thresholds, ROC AUC "
+                   f"{test['roc_auc']}.", ""]
         columns = MARKDOWN_COLUMNS + ([("rerun", "note")] if any(row.get("rerun") for row in completed) else [])
         md += ["## Results", "", markdown_table(completed, columns), "",
                "F1 @0.5: macro F1 with every class at threshold 0.5; tuned: per-class thresholds tuned on val. "
