@@ -329,10 +329,11 @@ def run_baseline(cfg: DictConfig) -> dict:
     test = {"targets": targets["test"], "probs": fitted.probs[1]}
 
     tick = time.perf_counter()
-    thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=default_threshold)
-    write_json_atomic(run_dir / "thresholds.json", {
-        "thresholds": {name: float(t) for name, t in zip(CLASS_NAMES, thresholds, strict=True)},
-        "tuned_on": "val", "default": default_threshold, "ensure_one": ensure_one})
+    min_positives = int((cfg.get("thresholds") or {}).get("min_positives", 1))
+    thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=default_threshold,
+                                         min_positives=min_positives)
+    write_json_atomic(run_dir / "thresholds.json", metrics.threshold_record(
+        thresholds, val["targets"], list(CLASS_NAMES), default_threshold, min_positives, ensure_one))
     decisions = metrics.decide(test["probs"], thresholds, ensure_one=ensure_one)
     write_predictions(run_dir / "test_predictions.csv", datamodule.ids(rows["test"]), test["probs"], test["targets"],
                       decisions)

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["decide", "macro_f1", "per_class_f1", "roc_auc_valid_classes", "summarize", "tune_thresholds"]
+__all__ = ["decide", "macro_f1", "per_class_f1", "roc_auc_valid_classes", "summarize", "threshold_record",
+           "tune_thresholds"]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -133,7 +134,8 @@ def _grid_class_threshold(scores: np.ndarray, positive: np.ndarray, grid: np.nda
     return _pick_best(f1, grid)
 
 
-def tune_thresholds(targets: Any, probs: Any, default: float = 0.5, grid: np.ndarray | None = None) -> np.ndarray:
+def tune_thresholds(targets: Any, probs: Any, default: float = 0.5, grid: np.ndarray | None = None,
+                    min_positives: int = 1) -> np.ndarray:
     """Per-class decision thresholds maximising each class's F1 on these (validation) samples.
 
     With ``grid=None`` the search is exact: every cut between consecutive distinct scores of a class is a
@@ -141,8 +143,9 @@ def tune_thresholds(targets: Any, probs: Any, default: float = 0.5, grid: np.nda
     score (the lowest score itself for the cut that includes every sample). ``probs >= threshold`` therefore
     reproduces exactly the decisions, and F1, that were counted. With a ``grid``, only its values are tried as
     thresholds (``probs >= t``). Among thresholds with equal best F1 the one closest to 0.5 wins (then the larger),
-    which keeps thresholds away from extreme values when the data does not prefer them. A class with no positive
-    samples keeps ``default``: its F1 is 0 at every threshold, so there is nothing to tune.
+    which keeps thresholds away from extreme values when the data does not prefer them. A class with fewer than
+    ``min_positives`` positive samples (at least 1) keeps ``default``: with none its F1 is 0 at every threshold, and
+    with a handful the best cut is noise (two low-scored positives make "predict every sample" the F1 optimum).
 
     Cost: one sort per class, O(N log N); 3107 x 28 takes a few milliseconds.
 
@@ -159,13 +162,27 @@ def tune_thresholds(targets: Any, probs: Any, default: float = 0.5, grid: np.nda
     thresholds = np.full(y.shape[1], float(default))
     for c in range(y.shape[1]):
         positive = y[:, c]
-        if not positive.any():
+        if positive.sum() < max(1, min_positives):
             continue
         if grid is None:
             thresholds[c] = _exact_class_threshold(s[:, c], positive)
         else:
             thresholds[c] = _grid_class_threshold(s[:, c], positive, grid)
     return thresholds
+
+
+def threshold_record(thresholds: np.ndarray, targets: Any, class_names: list[str], default: float,
+                     min_positives: int, ensure_one: bool) -> dict[str, Any]:
+    """The content of thresholds.json: per-class thresholds, how they were tuned, and which classes kept the default
+    (with their number of validation positives)."""
+    positives = _binary_2d(targets, "targets").sum(axis=0)
+    tuned = positives >= max(1, min_positives)
+    return {"thresholds": {name: float(t) for name, t in zip(class_names, thresholds, strict=True)},
+            "tuned_on": "val", "tta": 1, "default": float(default), "min_positives": int(min_positives),
+            "ensure_one": bool(ensure_one),
+            "tuned_classes": [name for name, ok in zip(class_names, tuned, strict=True) if ok],
+            "default_classes": {name: int(n) for name, n, ok in zip(class_names, positives, tuned, strict=True)
+                                if not ok}}
 
 
 def decide(probs: Any, thresholds: np.ndarray | float, ensure_one: bool = False) -> np.ndarray:

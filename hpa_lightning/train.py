@@ -234,11 +234,12 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
                       best: str | None, wall_time: float, timings: dict[str, float] | None = None) -> dict:
     val, test = module.epoch_results["val"], module.epoch_results["test"]
     thr_cfg = cfg.thresholds
-    thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=float(thr_cfg.default))
+    min_positives = int(thr_cfg.get("min_positives", 1))
+    thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=float(thr_cfg.default),
+                                         min_positives=min_positives)
     ensure_one = bool(thr_cfg.ensure_one)
-    write_json_atomic(run_dir / "thresholds.json", {
-        "thresholds": {name: float(t) for name, t in zip(CLASS_NAMES, thresholds, strict=True)},
-        "tuned_on": "val", "default": float(thr_cfg.default), "ensure_one": ensure_one})
+    write_json_atomic(run_dir / "thresholds.json", metrics.threshold_record(
+        thresholds, val["targets"], list(CLASS_NAMES), float(thr_cfg.default), min_positives, ensure_one))
     decisions = metrics.decide(test["probs"], thresholds, ensure_one=ensure_one)
     write_predictions(run_dir / "test_predictions.csv", datamodule.ids(test["rows"]), test["probs"], test["targets"],
                       decisions)

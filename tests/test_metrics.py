@@ -14,6 +14,7 @@ from hpa_lightning.metrics import (
     per_class_f1,
     roc_auc_valid_classes,
     summarize,
+    threshold_record,
     tune_thresholds,
 )
 
@@ -208,3 +209,19 @@ def test_summarize_is_json_serialisable() -> None:
     none_valid = summarize(np.zeros((3, 2)), np.full((3, 2), 0.2))
     assert none_valid["roc_auc"] is None and none_valid["n_auc_classes"] == 0
     json.dumps(none_valid, allow_nan=False)
+
+
+def test_rare_classes_keep_the_default_threshold_and_are_reported() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0.3, 1.0, (300, 2))
+    targets = np.zeros((300, 2), dtype=np.uint8)
+    targets[probs[:, 0] > 0.8, 0] = 1  # a common, well-separated class
+    low = np.argsort(probs[:, 1])[:2]
+    targets[low, 1] = 1  # a rare class whose two val positives scored lowest
+    unguarded = tune_thresholds(targets, probs, min_positives=1)
+    assert (probs[:, 1] >= unguarded[1]).all()  # the F1 optimum on two samples: predict every sample
+    guarded = tune_thresholds(targets, probs, default=0.5, min_positives=5)
+    assert guarded[1] == 0.5 and guarded[0] == unguarded[0]
+    record = threshold_record(guarded, targets, ["common", "rare"], 0.5, 5, True)
+    assert record["tuned_classes"] == ["common"] and record["default_classes"] == {"rare": 2}
+    assert record["thresholds"] == {"common": guarded[0], "rare": 0.5} and record["tta"] == 1
