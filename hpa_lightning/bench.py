@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.cli import UsageError, fail, parse_key_values
 from hpa_lightning.pack import publish_folder, store_path, write_json_atomic
+from hpa_lightning.resources import available_cpus
 from hpa_lightning.sources import load_sample, read_label_table
 
 SECTIONS = ("loading", "packing", "overhead", "augment", "gpu")
@@ -102,13 +103,6 @@ log = logging.getLogger("hpa_lightning.bench")
 def note(message: str) -> None:
     """Progress on stderr, so stdout holds only the report."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def finite(value: object) -> bool:

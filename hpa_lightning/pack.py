@@ -20,6 +20,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from numpy.lib.format import open_memmap
 from hpa_lightning.classes import CHANNELS, NUM_CLASSES
 from hpa_lightning.cli import UsageError, fail, parse_key_values
 from hpa_lightning.files import remove_stale_temporaries, temporary_sibling
+from hpa_lightning.resources import available_cpus
 from hpa_lightning.sources import DataError, LabelTable, load_sample, read_label_table
 
 log = logging.getLogger(__name__)
@@ -161,6 +163,10 @@ _worker_writer: _RowWriter | None = None
 def _init_worker(writer: _RowWriter) -> None:
     global _worker_writer
     _worker_writer = writer
+    # Forked workers inherit the parent's handlers; submitit's job handler ignores SIGTERM, and a worker that ignores
+    # it would make the pool's shutdown wait for ever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops the pool
 
 
 def _write_in_worker(task: tuple[int, str]) -> tuple[int, str | None]:
@@ -178,8 +184,15 @@ def _write_all(writer: _RowWriter, ids: list[str], workers: int) -> Iterator[tup
         return
     # fork: the workers only need numpy/PIL, and fork starts them without re-importing torch.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(writer,)) as pool:
+    pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(writer,))
+    try:
         yield from pool.imap_unordered(_write_in_worker, tasks, chunksize=4)
+        pool.close()  # all work done: let the workers exit on their own rather than signalling them
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def _compact_rows(path: Path, header_bytes: int, row_bytes: int, kept: list[int]) -> None:
@@ -223,7 +236,7 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
         shape = (len(table), len(CHANNELS), size, size)
         header_bytes = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape).offset
         writer = _RowWriter(tmp / "images.npy", header_bytes, images_dir, size, skip_bad=on_bad_sample == "skip")
-        written = _write_all(writer, table.ids, workers or os.cpu_count() or 1)
+        written = _write_all(writer, table.ids, workers or available_cpus())
         if progress:
             from tqdm import tqdm
 

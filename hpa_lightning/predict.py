@@ -35,6 +35,7 @@ from hpa_lightning import metrics
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.cli import UsageError, fail, parse_key_values
 from hpa_lightning.inference import InferenceError, InferenceModel, load_model, tta_probabilities, tta_views
+from hpa_lightning.resources import available_cpus
 from hpa_lightning.sources import (
     IMAGE_EXTENSIONS,
     DataError,
@@ -164,7 +165,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
+    return min(8, available_cpus())
 
 
 def predict_probabilities(model: InferenceModel, data: PredictInput, image_size: int, tta: int = 1,

@@ -93,14 +93,24 @@ def _hydra_job_info() -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return {}
+        return slurm_ids()
     hydra_cfg = HydraConfig.get()
     info = {"mode": str(hydra_cfg.mode.name) if hydra_cfg.mode is not None else None,
             "overrides": list(hydra_cfg.overrides.task), "job_name": hydra_cfg.job.name}
     if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
         info["job_num"] = int(hydra_cfg.job.num)
         info["sweep_dir"] = str(Path(hydra_cfg.sweep.dir).resolve())
-    return info
+    return {**info, **slurm_ids()}
+
+
+# SLURM's names for a job: its id, and for an array task (a sweep job under hydra/launcher=slurm) the array's id and
+# the task's index; a requeued job keeps them, and `sacct -j` / `scontrol show job` take them.
+SLURM_ID_VARIABLES = {"slurm_job_id": "SLURM_JOB_ID", "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
+                      "slurm_array_task_id": "SLURM_ARRAY_TASK_ID", "slurm_restart_count": "SLURM_RESTART_COUNT"}
+
+
+def slurm_ids() -> dict[str, str]:
+    return {key: os.environ[name] for key, name in SLURM_ID_VARIABLES.items() if os.environ.get(name)}
 
 
 def process_rank() -> int:

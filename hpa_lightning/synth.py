@@ -29,6 +29,7 @@ import numpy as np
 
 from hpa_lightning.classes import CHANNELS, KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES, NUM_CLASSES
 from hpa_lightning.files import remove_stale_temporaries, temporary_sibling
+from hpa_lightning.resources import available_cpus
 
 __all__ = ["generate", "main", "render_sample", "sample_labels"]
 
@@ -1057,14 +1058,6 @@ def _run_workers(train_dir: Path, n: int, seed: int, size: int, texture_noise: f
                 p.wait()
 
 
-def _available_cpus() -> int:
-    """CPUs this process may run on (affinity / cgroup cpusets), which os.cpu_count() ignores."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def generate(
     out: str | Path,
     n: int,
@@ -1091,7 +1084,7 @@ def generate(
         raise ValueError(f"texture_noise must be in [0, 1], got {texture_noise}")
     if not 0.25 <= zoom <= 8.0:
         raise ValueError(f"zoom must be in [0.25, 8], got {zoom}")
-    workers = _available_cpus() if workers is None else workers
+    workers = available_cpus() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if root.exists():

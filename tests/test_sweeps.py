@@ -75,6 +75,31 @@ def test_launchers(monkeypatch) -> None:
     assert compose_train([]).hydra.launcher._target_.endswith("BasicLauncher")  # plain CPU multirun by default
 
 
+def test_slurm_launcher_asks_for_requeue_in_the_real_sbatch_script(tmp_path: Path) -> None:
+    """submitit writes the script SLURM runs: `--requeue` must be in it (JobRequeue=0 clusters refuse otherwise)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    slurm = compose_train(["hydra/launcher=slurm"]).hydra.launcher
+    script = _make_sbatch_string(command="true", folder=str(tmp_path), nodes=slurm.nodes,
+                                 additional_parameters=dict(slurm.additional_parameters))
+    assert "#SBATCH --requeue" in script.splitlines()
+
+
+def test_multi_node_override_of_the_readme_composes() -> None:
+    for trainer in ("default", "ddp", "gpu"):
+        cfg = compose_train([f"trainer={trainer}", "trainer.num_nodes=2", "trainer.devices=4"])
+        assert cfg.trainer.num_nodes == 2
+
+
+def test_job_info_for_status_json_carries_the_slurm_ids(tmp_path: Path, monkeypatch) -> None:
+    from hpa_lightning.rerun_failed import _hydra_job_info
+
+    for name, value in {"SLURM_JOB_ID": "1234", "SLURM_ARRAY_JOB_ID": "1200", "SLURM_ARRAY_TASK_ID": "3"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert _hydra_job_info() == {"slurm_job_id": "1234", "slurm_array_job_id": "1200", "slurm_array_task_id": "3"}
+
+
 # --------------------------------------------------------------------------------------------- GPU claiming
 
 CLAIM_SCRIPT = textwrap.dedent("""
