@@ -16,6 +16,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hpa_lightning.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
+# Stops that come from outside and deserve a last.ckpt: the interrupts, and a SystemExit raised inside fit by a signal
+# handler, as submitit's SIGUSR2 handler does when it requeues a job shortly before its time limit.
+CHECKPOINTED_STOPS = (*INTERRUPTS, SystemExit)
 
 
 class RunSetupError(RuntimeError):
@@ -92,7 +95,8 @@ class FiniteCheckpointGuard(L.Callback):
 
 
 class InterruptCheckpoint(L.Callback):
-    """On Ctrl-C or SIGTERM (not on errors), save `last.ckpt` so `resume=true` continues from here.
+    """On Ctrl-C, SIGTERM or a signal handler's exit (submitit's requeue on SIGUSR2; not on errors), save
+    `last.ckpt` so `resume=true` continues from here.
 
     Not Lightning's OnExceptionCheckpoint: that one makes every later `fit()` silently resume from its file and
     deletes the file at teardown, where this project wants resuming to be asked for and `last.ckpt` to stay.
@@ -125,7 +129,7 @@ class InterruptCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, INTERRUPTS):
             self.interrupt_exit_code = exit_code_for(exception)
-        if not isinstance(exception, INTERRUPTS) or trainer.state.fn != "fit" or not all_finite(pl_module):
+        if not isinstance(exception, CHECKPOINTED_STOPS) or trainer.state.fn != "fit" or not all_finite(pl_module):
             return
         self._finish_epoch_checkpoints(trainer, pl_module)
         trainer.save_checkpoint(self.ckpt_path)

@@ -155,7 +155,7 @@ def train(cfg: DictConfig) -> dict:
     callbacks += [RNGState(), FiniteCheckpointGuard(), interrupt]
     loggers = build_loggers(cfg)
     if resume_from:
-        continue_csv_logs(loggers)
+        continue_csv_logs(loggers, int(torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"]))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     environ_before = dict(os.environ)
@@ -218,16 +218,25 @@ def keep_ddp_children_in_this_job() -> None:
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
-def continue_csv_logs(loggers: list) -> None:
-    """A resumed run appends to its metrics.csv (Lightning's CSV writer deletes an existing file when it starts)."""
+def continue_csv_logs(loggers: list, resumed_step: int) -> None:
+    """A resumed run appends to its metrics.csv (Lightning's CSV writer deletes an existing file when it starts).
+
+    Rows logged after the checkpoint (step >= its global step: a job stopped mid-epoch, or requeued after its last
+    epoch-end checkpoint) are logged again by the resumed run, so they are dropped here: no step appears twice.
+    """
     for logger in loggers:
         if isinstance(logger, CSVLogger):
             existing = Path(logger.log_dir) / "metrics.csv"
             if existing.is_file():
                 saved = existing.read_text()
+                rows = list(csv.reader(saved.splitlines()))
+                header = rows[0] if rows else []
+                step = header.index("step") if "step" in header else None
+                kept = [row for row in rows[1:] if step is None or not row[step] or int(row[step]) < resumed_step]
                 writer = logger.experiment  # this removes the file
-                existing.write_text(saved)
-                writer.metrics_keys = next(csv.reader(saved.splitlines()), [])
+                with existing.open("w", newline="") as handle:
+                    csv.writer(handle, lineterminator="\n").writerows([header, *kept] if header else [])
+                writer.metrics_keys = header
 
 
 def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import lightning as L
 
@@ -39,3 +40,16 @@ class PoisonWeightsAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             next(pl_module.net.parameters()).data.fill_(float("nan"))
+
+
+class SubmititTimeoutAtStep(L.Callback):
+    """submitit's way of ending a job near its time limit: SLURM sends SIGUSR2, submitit's handler requeues the job and
+    calls sys.exit(-1) from inside whatever the main thread was doing. Installed like submitit's, sent at `step`."""
+
+    def __init__(self, step: int = 3):
+        self.step = step
+        signal.signal(signal.SIGUSR2, lambda signum, frame: sys.exit(-1))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR2)

@@ -92,12 +92,16 @@ def test_ctrl_c_at_the_best_epochs_end_then_resume_equals_an_uninterrupted_run(t
     assert json.loads((broken / "status.json").read_text())["status"] == "completed"
 
 
-def test_sigterm_mid_epoch_saves_and_resumes_to_the_configured_epochs(tmp_path: Path, shared_cache: Path) -> None:
+@pytest.mark.parametrize(("fault", "exit_code"), [("SigtermAtStep", 143), ("SubmititTimeoutAtStep", 255)])
+def test_stop_mid_epoch_saves_and_resumes_without_duplicate_steps(tmp_path: Path, shared_cache: Path, fault: str,
+                                                                  exit_code: int) -> None:
+    """SIGTERM (a preemption) and submitit's SIGUSR2 requeue (sys.exit from its handler, 120 s before the time
+    limit) both save last.ckpt mid-epoch; the resumed run ends with the configured epochs and logs no step twice."""
     run_dir = tmp_path / "preempted"
     proc = run_train([*TINY, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}",
-                      "+callbacks.fault._target_=tests.reliability.faults.SigtermAtStep", "+callbacks.fault.step=2"],
+                      f"+callbacks.fault._target_=tests.reliability.faults.{fault}", "+callbacks.fault.step=2"],
                      shared_cache, REPO)
-    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+    assert proc.returncode == exit_code, (proc.returncode, proc.stderr[-2000:])
     assert "resume with: python -m hpa_lightning.resume" in proc.stdout
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert 2 <= saved["global_step"] <= 3
@@ -106,6 +110,12 @@ def test_sigterm_mid_epoch_saves_and_resumes_to_the_configured_epochs(tmp_path: 
     proc = resume(run_dir, shared_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["epochs"] == 2
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    train_steps = metrics.dropna(subset=["train/loss_step"])["step"]
+    assert train_steps.is_unique, train_steps.tolist()
+    assert metrics.dropna(subset=["val/macro_f1"])["epoch"].is_unique
+    trace = pd.read_csv(run_dir / "lr_trace.csv")
+    assert trace["step"].tolist() == list(range(len(trace)))
 
 
 def test_resume_with_nothing_to_resume_is_an_error(tmp_path: Path, shared_cache: Path) -> None:
