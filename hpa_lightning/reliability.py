@@ -3,8 +3,11 @@ and output-folder checks before hours of training."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hpa_lightning.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
+from hpa_lightning.pack import write_json_atomic
 
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
 # Stops that come from outside and deserve a last.ckpt: the interrupts, and a SystemExit raised inside fit by a signal
@@ -137,6 +141,51 @@ class InterruptCheckpoint(L.Callback):
         if trainer.is_global_zero:
             print(f"\ninterrupted at epoch {trainer.current_epoch}, step {trainer.global_step}; checkpoint saved to "
                   f"{self.ckpt_path}\nresume with: python -m hpa_lightning.resume {self.run_dir}", flush=True)
+
+
+class AttemptLog:
+    """`attempts.json` in the run folder: one entry per attempt at the run (first start, resumes, requeues), with its
+    host, SLURM ids, start, wall time, fit/evaluate times and how it ended, so that a requeued run's results.json can
+    report every attempt and their total, not only the last one. A fresh (not resumed) run starts a new list."""
+
+    FILE = "attempts.json"
+
+    def __init__(self, run_dir: Path, started: float, resumed_from: str | None, active: bool = True):
+        import socket
+
+        from hpa_lightning.rerun_failed import slurm_ids
+
+        self.path = Path(run_dir) / self.FILE
+        self.active = active
+        self.previous = self._read() if resumed_from else []
+        self.current = {"attempt": len(self.previous) + 1, "host": socket.gethostname(), **slurm_ids(),
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                        "resumed_from": resumed_from}
+        self.started = started
+        self.finished: list[dict] = []
+
+    def _read(self) -> list[dict]:
+        try:
+            attempts = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []
+        return attempts if isinstance(attempts, list) else []
+
+    @contextlib.contextmanager
+    def recording(self, timings: dict[str, float]):
+        """Write this attempt's entry when the block ends, however it ends (completed, interrupted, failed)."""
+        outcome = "completed"
+        try:
+            yield self
+        except BaseException as err:
+            outcome = f"stopped: {type(err).__name__}"
+            raise
+        finally:
+            entry = {**self.current, "outcome": outcome, "wall_s": round(time.time() - self.started, 2),
+                     **{name: round(seconds, 2) for name, seconds in timings.items()}}
+            self.finished = [*self.previous, entry]
+            if self.active:
+                write_json_atomic(self.path, self.finished)
 
 
 class RNGState(L.Callback):

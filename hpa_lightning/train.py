@@ -38,6 +38,7 @@ from hpa_lightning.model import PretrainedUnavailable
 from hpa_lightning.module import HPAModule, NonFiniteLossError
 from hpa_lightning.pack import write_json_atomic
 from hpa_lightning.reliability import (
+    AttemptLog,
     FiniteCheckpointGuard,
     InterruptCheckpoint,
     NonFiniteCheckpointError,
@@ -162,18 +163,20 @@ def train(cfg: DictConfig) -> dict:
     if trainer.world_size > 1:
         keep_ddp_children_in_this_job()
     fit_started = time.time()
-    with interrupt_exit_codes(interrupt):
+    attempts = AttemptLog(run_dir, started, resumed_from=resume_from, active=trainer.is_global_zero)
+    with attempts.recording(timings), interrupt_exit_codes(interrupt):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         checkpoint = trainer.checkpoint_callback
         best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None
         timings["fit_s"] = time.time() - fit_started
         trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
         trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+        timings["evaluate_s"] = time.time() - fit_started - timings["fit_s"]
 
     results: dict = {}
     if trainer.is_global_zero:
-        timings["evaluate_s"] = time.time() - fit_started - timings["fit_s"]
-        results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started, timings)
+        results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started, timings,
+                                    attempts.finished)
     end_ddp_job(environ_before)
     return results
 
@@ -240,7 +243,8 @@ def continue_csv_logs(loggers: list, resumed_step: int) -> None:
 
 
 def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,
-                      best: str | None, wall_time: float, timings: dict[str, float] | None = None) -> dict:
+                      best: str | None, wall_time: float, timings: dict[str, float] | None = None,
+                      attempts: list[dict] | None = None) -> dict:
     val, test = module.epoch_results["val"], module.epoch_results["test"]
     thr_cfg = cfg.thresholds
     min_positives = int(thr_cfg.get("min_positives", 1))
@@ -281,6 +285,9 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         # prepare = data generation/packing + model creation; fit = training with per-epoch validation;
         # evaluate = validation and test of the best checkpoint
         "timings_s": {name: round(seconds, 2) for name, seconds in (timings or {}).items()},
+        # every attempt of a resumed or requeued run (this one last) and their sum; timings_s is this attempt's
+        "attempts": attempts or [],
+        "total_wall_time_s": round(sum(a["wall_s"] for a in attempts), 2) if attempts else round(wall_time, 2),
         "data": {"root": str(datamodule.root), "store": str(datamodule.store.path),
                  "split": {n: len(datamodule.datasets[n]) for n in ("train", "val", "test")},
                  "mean": datamodule.stats[0], "std": datamodule.stats[1]},

@@ -109,7 +109,14 @@ def test_stop_mid_epoch_saves_and_resumes_without_duplicate_steps(tmp_path: Path
     overrides.write_text("\n".join(line for line in overrides.read_text().splitlines() if "fault" not in line))
     proc = resume(run_dir, shared_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((run_dir / "results.json").read_text())["epochs"] == 2
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["epochs"] == 2
+    # both attempts are accounted for, not only the last one
+    first, second = results["attempts"]
+    assert first["outcome"].startswith("stopped") and "fit_s" not in first and first["wall_s"] > 0
+    assert second["outcome"] == "completed" and second["resumed_from"].endswith("last.ckpt")
+    assert second["fit_s"] == results["timings_s"]["fit_s"]
+    assert results["total_wall_time_s"] == pytest.approx(first["wall_s"] + second["wall_s"], abs=0.02)
     metrics = pd.read_csv(run_dir / "metrics.csv")
     train_steps = metrics.dropna(subset=["train/loss_step"])["step"]
     assert train_steps.is_unique, train_steps.tolist()
