@@ -14,9 +14,16 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from hpa_lightning.resources import register_resolvers
+
+register_resolvers()  # before Hydra composes a config that uses them
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+# Set by `resume` and `rerun_failed` for the job they relaunch: the overrides file its configuration was read from,
+# so that the job checks every `_target_` against the allowlist (hpa_lightning.targets) before building anything.
+ENV_SAVED_OVERRIDES = "HPA_SAVED_OVERRIDES"
 
 
 class UsageError(ValueError):

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from hpa_lightning.cli import ENV_SAVED_OVERRIDES
 from hpa_lightning.files import pid_alive
 from hpa_lightning.targets import UnsafeTargetError
 
@@ -384,7 +385,8 @@ def plan_rerun(job: Job, extra: list[str]) -> Rerun:
                f"hydra.run.dir={_quote_value(str(new_dir.resolve()))}"]
     # PYTHONSAFEPATH: the saved cwd must not put a folder of its own in front of the installed package (python -m
     # would import hpa_lightning from the cwd first); Lightning's DDP children inherit it
-    env = {**os.environ, ENV_RERUN_OF: str(job.dir.resolve()), "PYTHONSAFEPATH": "1"}
+    env = {**os.environ, ENV_RERUN_OF: str(job.dir.resolve()), "PYTHONSAFEPATH": "1",
+           ENV_SAVED_OVERRIDES: str((job.dir / ".hydra" / "overrides.yaml").resolve())}
     return Rerun(job=job, new_dir=new_dir, command=command, cwd=cwd, env=env)
 
 

@@ -7,13 +7,14 @@ schedule, LR trace, metrics.csv and RNG state carry on where they stopped.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from hpa_lightning.cli import fail
+from hpa_lightning.cli import ENV_SAVED_OVERRIDES, fail
 
 REPLACED = ("hydra.run.dir=", "resume=", "ckpt_path=")
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
         fail("usage: python -m hpa_lightning.resume RUN_DIR [overrides...]")
     command = resume_command(Path(args[0]).resolve(), args[1:])
     print("resuming:", " ".join(command[2:]), flush=True)
-    child = subprocess.Popen(command)
+    overrides_file = Path(args[0]).resolve() / ".hydra" / "overrides.yaml"
+    child = subprocess.Popen(command, env={**os.environ, ENV_SAVED_OVERRIDES: str(overrides_file)})
     try:
         code = child.wait()
     except KeyboardInterrupt:  # Ctrl-C reached the child too: let it save its checkpoint and exit

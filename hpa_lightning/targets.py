@@ -30,6 +30,7 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "lightning.pytorch.loggers.CSVLogger",
     "lightning.pytorch.loggers.WandbLogger",
     "hpa_lightning.rerun_failed.ControllerHydraConfig",
+    "hpa_lightning.slurm.ReportPendingJobs",
     "sklearn.ensemble.RandomForestClassifier",
     "sklearn.linear_model.LogisticRegression",
 )

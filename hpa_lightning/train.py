@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from hpa_lightning import metrics
 from hpa_lightning.callbacks import LRTrace
 from hpa_lightning.classes import CLASS_NAMES
-from hpa_lightning.cli import EXIT_TERMINATED, hydra_task, run_hydra
+from hpa_lightning.cli import ENV_SAVED_OVERRIDES, EXIT_TERMINATED, hydra_task, run_hydra
 from hpa_lightning.datamodule import HPADataModule
 from hpa_lightning.finetune import FreezeBackbone, FrozenStageError
 from hpa_lightning.losses import positive_class_weights
@@ -129,21 +129,19 @@ def split_summary(result: dict[str, np.ndarray], thresholds: np.ndarray, ensure_
     return summary
 
 
-def check_saved_config(cfg: DictConfig, run_dir: Path) -> None:
-    """A resumed or rerun job's configuration was read back from a run folder that anyone may have written: it may
-    name only the allowlisted `_target_`s (a fresh command line is the user's own and is not restricted)."""
-    from hpa_lightning.rerun_failed import ENV_RERUN_OF
-
-    if cfg.get("resume") not in (False, None, "false", "False"):
-        check_targets(cfg, str(run_dir / ".hydra" / "overrides.yaml"))
-    elif os.environ.get(ENV_RERUN_OF):
-        check_targets(cfg, str(Path(os.environ[ENV_RERUN_OF]) / ".hydra" / "overrides.yaml"))
+def check_saved_config(cfg: DictConfig) -> None:
+    """A job relaunched by `resume` or `rerun_failed` has its configuration read back from a run folder that anyone
+    may have written: it may name only the allowlisted `_target_`s. A command line typed by the user is their own
+    and is not restricted."""
+    saved = os.environ.get(ENV_SAVED_OVERRIDES)
+    if saved:
+        check_targets(cfg, saved)
 
 
 def train(cfg: DictConfig) -> dict:
     started = time.time()
     run_dir = Path(cfg.paths.output_dir)
-    check_saved_config(cfg, run_dir)
+    check_saved_config(cfg)
     resume_from = resume_checkpoint(run_dir, cfg.get("resume", False), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
 

@@ -177,7 +177,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == str(out)
     assert len(read_csv(out)) == 3
     for argv, code in (
-        ([f"out={out}", "n=3"], 1),  # exists
+        ([f"out={out}", "n=3"], 2),  # exists: bad input like the others
         ([f"out={tmp_path / 'x'}", "colour=red"], 2),
         ([f"out={tmp_path / 'x'}", "n=three"], 2),
         ([f"out={tmp_path / 'x'}", "--n", "3"], 2),

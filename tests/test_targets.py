@@ -123,7 +123,7 @@ def conf_targets() -> set[str]:
 
 def test_allowlist_is_exactly_what_the_configs_name() -> None:
     shipped = conf_targets() | {"hpa_lightning.rerun_failed.ControllerHydraConfig", "hpa_lightning.losses.bce_loss",
-                                "torch.optim.Adam"}
+                                "torch.optim.Adam", "hpa_lightning.slurm.ReportPendingJobs"}
     assert shipped == set(ALLOWED_TARGETS)
     for name in ALLOWED_TARGETS:
         assert resolve_allowed(name, "conf") == name
