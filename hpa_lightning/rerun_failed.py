@@ -19,7 +19,10 @@ host, is gone) or unknown (a job folder without any marker). Jobs still `running
 
 A rerun is a single run (`python -m hpa_lightning.<job name> <original overrides> hydra.run.dir=<new folder>`,
 from the sweep's original working directory), so sweeper settings do not apply: a rerun Optuna trial is not told
-to the study. A job that ran under the `gpu_pool` launcher claims a GPU of the same pool size.
+to the study. A job that ran under the `gpu_pool` launcher claims a GPU of the same pool size; a job of a SLURM
+sweep (`hydra/launcher=slurm`) is resubmitted through that launcher with the sweep's launcher overrides, as a
+one-job multirun whose folder is the new one. A training job that left `checkpoints/last.ckpt` continues from it
+(`ckpt_path=`: weights, optimizer, schedule and epoch) instead of starting over.
 """
 
 from __future__ import annotations
@@ -373,16 +376,28 @@ def plan_rerun(job: Job, extra: list[str]) -> Rerun:
     cwd = Path(OmegaConf.select(hydra_cfg, "runtime.cwd") or Path.cwd())
     if not cwd.is_dir():
         cwd = Path.cwd()
-    hydra_overrides = []
     choices = OmegaConf.select(hydra_cfg, "runtime.choices") or {}
-    if choices.get("hydra/launcher") == "gpu_pool":  # the rerun claims a GPU from the same pool
-        hydra_overrides.append("hydra/launcher=gpu_pool")
-        hydra_overrides += [str(o) for o in (OmegaConf.select(hydra_cfg, "overrides.hydra") or [])
-                            if str(o).startswith("hydra.launcher.n_jobs=")]
+    launcher = choices.get("hydra/launcher")
+    launcher_overrides = [str(o) for o in (OmegaConf.select(hydra_cfg, "overrides.hydra") or [])
+                          if str(o).startswith("hydra.launcher.")]
     new_dir = next_rerun_dir(job.dir)
-    overrides = merge_overrides(job.overrides, extra)
-    command = [sys.executable, "-m", f"hpa_lightning.{job_name}", *overrides, *hydra_overrides,
-               f"hydra.run.dir={_quote_value(str(new_dir.resolve()))}"]
+    target = _quote_value(str(new_dir.resolve()))
+    if launcher == "slurm":
+        # through the sweep's own launcher, as a one-job multirun whose job folder is the new folder: it runs on the
+        # cluster with the sweep's resources, not on the machine rerun_failed is called from (a login node)
+        mode = ["-m"]
+        placement = ["hydra/launcher=slurm", *launcher_overrides, f"hydra.sweep.dir={target}", "hydra.sweep.subdir=."]
+    elif launcher == "gpu_pool":  # the rerun claims a GPU from the same pool
+        mode = []
+        pool_size = [o for o in launcher_overrides if o.startswith("hydra.launcher.n_jobs=")]
+        placement = ["hydra/launcher=gpu_pool", *pool_size, f"hydra.run.dir={target}"]
+    else:
+        mode, placement = [], [f"hydra.run.dir={target}"]
+    last = job.dir / "checkpoints" / "last.ckpt"
+    resume = ([f"ckpt_path={_quote_value(str(last.resolve()))}"]
+              if job_name == "train" and last.is_file() and not any(o.startswith("ckpt_path=") for o in extra) else [])
+    overrides = merge_overrides(job.overrides, [*extra, *resume])
+    command = [sys.executable, "-m", f"hpa_lightning.{job_name}", *mode, *overrides, *placement]
     # PYTHONSAFEPATH: the saved cwd must not put a folder of its own in front of the installed package (python -m
     # would import hpa_lightning from the cwd first); Lightning's DDP children inherit it
     env = {**os.environ, ENV_RERUN_OF: str(job.dir.resolve()), "PYTHONSAFEPATH": "1",

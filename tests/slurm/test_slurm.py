@@ -160,3 +160,22 @@ def test_a_job_that_cannot_start_is_reported(tmp_path: Path) -> None:
     text = log.read_text()
     assert f"SLURM job {job_ids[0]} is pending: PartitionDown" in text, text[-3000:]
     assert text.count("is pending: PartitionDown") == 1  # once per job and reason
+
+
+def test_rerun_of_a_failed_job_goes_through_the_launcher_and_resumes(tmp_path: Path) -> None:
+    sweep_dir, cache = tmp_path / "sweep", tmp_path / "cache"
+    proc = sweep([*TINY, "trainer.max_epochs=1", "data.synthetic.n=120", f"hydra.sweep.dir={sweep_dir}"], cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = sweep_dir / "0"
+    # as if the job had died after its first epoch: a checkpoint, no results, marked failed
+    (job / "results.json").unlink()
+    (job / "status.json").write_text(json.dumps({"status": "failed", "error": "node failure"}))
+    proc = subprocess.run([sys.executable, "-m", "hpa_lightning.rerun_failed", str(sweep_dir), "trainer.max_epochs=2"],
+                          cwd=REPO, env=env(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rerun = sweep_dir / "0_rerun1"
+    status = json.loads((rerun / "status.json").read_text())
+    assert status["slurm_job_id"] and status["rerun_of"] == str(job.resolve())  # ran as a SLURM job
+    results = json.loads((rerun / "results.json").read_text())
+    assert results["epochs"] == 2
+    assert results["attempts"][0]["resumed_from"] == str((job / "checkpoints" / "last.ckpt").resolve())
