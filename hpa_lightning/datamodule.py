@@ -195,7 +195,7 @@ class HPADataModule(L.LightningDataModule):
                  eval_batch_size: int | None = None, num_workers: int = 2, worker_type: str = "thread",
                  pin_memory: bool = True, persistent_workers: bool = True, pack_workers: int | None = None,
                  max_samples: int | None = None, oversample: bool = False, oversample_threshold: float = 0.05,
-                 on_bad_sample: str = "error", max_bad_fraction: float = 0.01):
+                 on_bad_sample: str = "error", max_bad_fraction: float = 0.01, sixteen_bit: str = "divide"):
         super().__init__()
         if root in (None, "", "???"):
             raise DataError("data.root: required (the folder holding train.csv and train/)")
@@ -219,6 +219,7 @@ class HPADataModule(L.LightningDataModule):
         self.oversample_threshold = oversample_threshold
         self.on_bad_sample = on_bad_sample
         self.max_bad_fraction = max_bad_fraction
+        self.sixteen_bit = sixteen_bit
         self.store: PackedStore | None = None
         self.split: Split | None = None
         self.datasets: dict[str, PackedDataset] = {}
@@ -233,14 +234,15 @@ class HPADataModule(L.LightningDataModule):
             except FileExistsError:
                 pass  # a concurrent job generated it first
         store = build_store(self.root, self.image_size, self.cache_dir, self.image_dir, workers=self.pack_workers,
-                            progress=True, on_bad_sample=self.on_bad_sample, max_bad_fraction=self.max_bad_fraction)
+                            progress=True, on_bad_sample=self.on_bad_sample, max_bad_fraction=self.max_bad_fraction,
+                            sixteen_bit=self.sixteen_bit)
         prepare_split(store, **self.split_cfg)
 
     def setup(self, stage: str | None = None) -> None:
         if self.store is not None:
             return
         self.store = PackedStore.open(store_path(self.root, self.image_size, self.cache_dir, self.image_dir,
-                                                 self.on_bad_sample))
+                                                 self.on_bad_sample, sixteen_bit=self.sixteen_bit))
         self.split = prepare_split(self.store, **self.split_cfg)
         for name in ("train", "val", "test"):
             indices = self.split.indices(name)

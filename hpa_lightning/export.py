@@ -69,6 +69,7 @@ def build_card(model: InferenceModel, weights_sha256: str) -> dict:
                  "x / 255, then (x - mean) / std per channel; sigmoid of the logits gives probabilities",
         "mean": mean,
         "std": std,
+        "sixteen_bit": str(model.extra.get("sixteen_bit", "divide")),  # how 16-bit channel files become 8-bit
         "thresholds": {name: float(t) for name, t in zip(model.class_names, model.thresholds, strict=True)},
         "threshold_default": float(model.extra.get("threshold_default", 0.5)),
         "ensure_one": bool(model.ensure_one),

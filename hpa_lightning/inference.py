@@ -198,6 +198,21 @@ def _find_checkpoint(run_dir: Path) -> Path:
     raise InferenceError(f"{run_dir}: no checkpoint found (expected checkpoints/best.ckpt or results.json)")
 
 
+def _run_sixteen_bit(run_dir: Path) -> str:
+    """The run's rule for 16-bit channels (data.sixteen_bit in its config.yaml); `divide` for older runs."""
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        import yaml
+
+        try:
+            rule = ((yaml.safe_load(config_path.read_text()) or {}).get("data") or {}).get("sixteen_bit")
+        except yaml.YAMLError:
+            rule = None
+        if isinstance(rule, str):
+            return rule
+    return "divide"
+
+
 def _run_image_size(run_dir: Path) -> int | None:
     results_path = run_dir / "results.json"
     if results_path.is_file():
@@ -241,7 +256,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Inf
     return InferenceModel(net=net.eval(), standardize=standardize, architecture=architecture,
                           image_size=_run_image_size(run_dir), class_names=class_names, thresholds=thresholds,
                           ensure_one=ensure_one, thresholds_source=thr_source, source=str(path),
-                          extra={"threshold_default": 0.5, "run_dir": str(run_dir)})
+                          extra={"threshold_default": 0.5, "run_dir": str(run_dir),
+                                 "sixteen_bit": _run_sixteen_bit(run_dir)})
 
 
 def sha256_file(path: Path) -> str:
@@ -291,7 +307,8 @@ def load_export(folder: Path, map_location: str | torch.device = "cpu") -> Infer
                           image_size=image_size, class_names=class_names, thresholds=thresholds,
                           ensure_one=bool(card.get("ensure_one", False)),
                           thresholds_source=f"{card_path}" if card.get("thresholds_source") else None,
-                          source=str(folder), extra={"threshold_default": default, "card": card})
+                          source=str(folder), extra={"threshold_default": default, "card": card,
+                                                     "sixteen_bit": str(card.get("sixteen_bit", "divide"))})
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> InferenceModel:

@@ -10,6 +10,7 @@ Layout of a store folder (named by source and size, so a new size or a changed t
 A store is built under a temporary name and renamed when complete: a folder with the final name is always whole.
 
 CLI: python -m hpa_lightning.pack root=DIR size=512 [cache_dir=.cache/stores] [image_dir=train] [workers=N]
+     [sixteen_bit=divide|percentile]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from hpa_lightning.classes import CHANNELS, NUM_CLASSES
 from hpa_lightning.cli import UsageError, fail, parse_key_values
 from hpa_lightning.files import remove_stale_temporaries, temporary_sibling
 from hpa_lightning.resources import available_cpus
-from hpa_lightning.sources import DataError, LabelTable, load_sample, read_label_table
+from hpa_lightning.sources import SIXTEEN_BIT_RULES, DataError, LabelTable, load_sample, read_label_table
 
 log = logging.getLogger(__name__)
 STORE_FORMAT = 1
@@ -110,11 +111,12 @@ def check_free_space(folder: Path, samples: int, size: int) -> None:
 
 
 def store_path(root: str | Path, size: int, cache_dir: str | Path, image_dir: str = "train",
-               on_bad_sample: str = "error", fingerprint: str | None = None) -> Path:
+               on_bad_sample: str = "error", fingerprint: str | None = None, sixteen_bit: str = "divide") -> Path:
     root = Path(root)
     fingerprint = fingerprint or source_fingerprint(root / "train.csv", root / image_dir)
     # a store that skipped bad samples holds fewer rows: never reuse it for a strict run, or the other way round
     policy = "-skipbad" if on_bad_sample == "skip" else ""
+    policy += "" if sixteen_bit == "divide" else f"-16bit{sixteen_bit}"  # another 8-bit mapping, other pixels
     return Path(cache_dir) / f"{root.resolve().name}-{size}px-{fingerprint[:16]}{policy}"
 
 
@@ -127,9 +129,11 @@ class _RowWriter:
     dataset; written through the file it stays at one decoded sample per worker.
     """
 
-    def __init__(self, path: Path, header_bytes: int, image_dir: Path, size: int, skip_bad: bool):
+    def __init__(self, path: Path, header_bytes: int, image_dir: Path, size: int, skip_bad: bool,
+                 sixteen_bit: str = "divide"):
         self.path, self.header_bytes, self.image_dir, self.size, self.skip_bad = (
             path, header_bytes, image_dir, size, skip_bad)
+        self.sixteen_bit = sixteen_bit
         self.row_bytes = len(CHANNELS) * size * size
         self._fd: int | None = None
 
@@ -137,7 +141,7 @@ class _RowWriter:
         """(row, Id) -> (row, None) when written, (row, reason) when skipped as unreadable."""
         row, sample_id = task
         try:
-            sample = load_sample(self.image_dir, sample_id, self.size)
+            sample = load_sample(self.image_dir, sample_id, self.size, self.sixteen_bit)
         except DataError as err:
             if not self.skip_bad:
                 raise
@@ -208,7 +212,7 @@ def _compact_rows(path: Path, header_bytes: int, row_bytes: int, kept: list[int]
 
 def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: str = "train",
                 workers: int | None = None, progress: bool = False, on_bad_sample: str = "error",
-                max_bad_fraction: float = 0.01) -> PackedStore:
+                max_bad_fraction: float = 0.01, sixteen_bit: str = "divide") -> PackedStore:
     """Pack `root` (Kaggle layout) at `size` px unless a complete store for it exists; returns the opened store.
 
     `on_bad_sample="skip"` leaves out samples whose images cannot be read, warns with every skipped file (also
@@ -219,12 +223,14 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
         raise DataError(f"data.image_size={size}: must be at least 8")
     if on_bad_sample not in ("error", "skip"):
         raise DataError(f"data.on_bad_sample={on_bad_sample!r}: expected 'error' or 'skip'")
+    if sixteen_bit not in SIXTEEN_BIT_RULES:
+        raise DataError(f"data.sixteen_bit={sixteen_bit!r}: expected one of {', '.join(SIXTEEN_BIT_RULES)}")
     table: LabelTable = read_label_table(root / "train.csv")
     images_dir = root / image_dir
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: image folder not found")
     fingerprint = source_fingerprint(root / "train.csv", images_dir)
-    target = store_path(root, size, cache_dir, image_dir, on_bad_sample, fingerprint)
+    target = store_path(root, size, cache_dir, image_dir, on_bad_sample, fingerprint, sixteen_bit)
     if (target / "meta.json").is_file():
         return PackedStore.open(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +241,8 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
     try:
         shape = (len(table), len(CHANNELS), size, size)
         header_bytes = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape).offset
-        writer = _RowWriter(tmp / "images.npy", header_bytes, images_dir, size, skip_bad=on_bad_sample == "skip")
+        writer = _RowWriter(tmp / "images.npy", header_bytes, images_dir, size, skip_bad=on_bad_sample == "skip",
+                            sixteen_bit=sixteen_bit)
         written = _write_all(writer, table.ids, workers or available_cpus())
         if progress:
             from tqdm import tqdm
@@ -254,6 +261,7 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
         np.save(tmp / "labels.npy", table.labels[kept])
         meta = {"format": STORE_FORMAT, "source": str(root.resolve()), "image_dir": image_dir, "image_size": size,
                 "num_samples": len(kept), "skipped_samples": len(skipped), "on_bad_sample": on_bad_sample,
+                "sixteen_bit": sixteen_bit,
                 "channels": list(CHANNELS), "num_classes": NUM_CLASSES,
                 "fingerprint": fingerprint}
         write_json_atomic(tmp / "meta.json", meta)
@@ -391,12 +399,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_key_values(sys.argv[1:] if argv is None else argv,
                                 {"root": None, "size": 512, "cache_dir": ".cache/stores", "image_dir": "train",
-                                 "workers": 0, "val_fraction": 0.1, "test_fraction": 0.1, "seed": 42},
+                                 "workers": 0, "val_fraction": 0.1, "test_fraction": 0.1, "seed": 42,
+                                 "sixteen_bit": "divide"},
                                 "hpa_lightning.pack")
         if not args["root"]:
             raise UsageError("hpa_lightning.pack: root=DIR is required (a folder holding train.csv and train/)")
         store = build_store(args["root"], int(args["size"]), args["cache_dir"], str(args["image_dir"]),
-                            workers=int(args["workers"]) or None, progress=True)
+                            workers=int(args["workers"]) or None, progress=True, sixteen_bit=str(args["sixteen_bit"]))
         split = prepare_split(store, float(args["val_fraction"]), float(args["test_fraction"]), int(args["seed"]))
     except (DataError, UsageError) as err:
         fail(err)

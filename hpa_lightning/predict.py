@@ -2,7 +2,7 @@
 
     python -m hpa_lightning.predict ckpt=RUN_DIR|CKPT|EXPORT_DIR input=DIR [out=submission.csv] [tta=1|2|4|8]
         [batch_size=32] [workers=-1] [image_dir=test] [device=auto|cpu|cuda] [image_size=0]
-        [channels_last=true] [progress=true]
+        [channels_last=true] [progress=true] [sixteen_bit=divide|percentile]
 
 Input is the Kaggle layout: `DIR/sample_submission.csv` (Id,Predicted) fixes the Ids and their order, images are
 `{Id}_{red,green,blue,yellow}.{png,jpg,tif}` in `DIR/test/` (or `DIR/<image_dir>/`), else in DIR itself. Without
@@ -38,6 +38,7 @@ from hpa_lightning.inference import InferenceError, InferenceModel, load_model, 
 from hpa_lightning.resources import available_cpus
 from hpa_lightning.sources import (
     IMAGE_EXTENSIONS,
+    SIXTEEN_BIT_RULES,
     DataError,
     channel_path,
     check_id,
@@ -49,7 +50,7 @@ PROG = "hpa_lightning.predict"
 SAMPLE_SUBMISSION = "sample_submission.csv"
 DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "submission.csv", "tta": 1, "batch_size": 32,
                                "workers": -1, "image_dir": "test", "device": "auto", "image_size": 0,
-                               "channels_last": True, "progress": True}
+                               "channels_last": True, "progress": True, "sixteen_bit": ""}
 _FILE_PATTERN = re.compile(rf"^(?P<id>.+)_(?P<channel>{'|'.join(CHANNELS)})"
                            rf"(?P<ext>{'|'.join(re.escape(e) for e in IMAGE_EXTENSIONS)})$")
 
@@ -137,15 +138,16 @@ class ImageFolderDataset(Dataset):
     """Decodes one sample per item at the training resolution; a decode error travels as a message, not a raise,
     so the main process can report it as one line (DataLoader re-raises worker exceptions with their traceback)."""
 
-    def __init__(self, image_dir: Path, ids: list[str], size: int):
-        self.image_dir, self.ids, self.size = image_dir, ids, size
+    def __init__(self, image_dir: Path, ids: list[str], size: int, sixteen_bit: str = "divide"):
+        self.image_dir, self.ids, self.size, self.sixteen_bit = image_dir, ids, size, sixteen_bit
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, object]:
         try:
-            image, error = torch.from_numpy(load_sample(self.image_dir, self.ids[i], self.size)), ""
+            image = torch.from_numpy(load_sample(self.image_dir, self.ids[i], self.size, self.sixteen_bit))
+            error = ""
         except DataError as err:
             image, error = torch.zeros((len(CHANNELS), self.size, self.size), dtype=torch.uint8), str(err)
         return {"image": image, "index": i, "error": error}
@@ -170,7 +172,8 @@ def default_workers() -> int:
 
 def predict_probabilities(model: InferenceModel, data: PredictInput, image_size: int, tta: int = 1,
                           batch_size: int = 32, workers: int = 0, device: torch.device | str = "cpu",
-                          progress: bool = False, channels_last: bool = True) -> np.ndarray:
+                          progress: bool = False, channels_last: bool = True, sixteen_bit: str | None = None
+                          ) -> np.ndarray:
     """(N, C) probabilities in `data.ids` order."""
     from tqdm import tqdm
 
@@ -179,7 +182,8 @@ def predict_probabilities(model: InferenceModel, data: PredictInput, image_size:
     model.to(device)
     if channels_last:  # 2-3x faster convolutions on CPU (oneDNN) and on GPU tensor cores
         model.net.to(memory_format=torch.channels_last)
-    loader = DataLoader(ImageFolderDataset(data.image_dir, data.ids, image_size), batch_size=batch_size,
+    rule = sixteen_bit or model.extra.get("sixteen_bit", "divide")  # as the training store was packed
+    loader = DataLoader(ImageFolderDataset(data.image_dir, data.ids, image_size, rule), batch_size=batch_size,
                         shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     probs = np.zeros((len(data.ids), model.num_classes), dtype=np.float32)
     with tqdm(total=len(data.ids), desc=f"predict tta={tta}", unit="img", disable=not progress,
@@ -234,6 +238,8 @@ def run(args: dict[str, object]) -> dict[str, object]:
         raise InferenceError(f"out={args['out']}: is a folder; give the submission file name (e.g. submission.csv)")
     tta, batch_size = int(args["tta"]), int(args["batch_size"])
     tta_views(tta)
+    if args["sixteen_bit"] and args["sixteen_bit"] not in SIXTEEN_BIT_RULES:
+        raise InferenceError(f"sixteen_bit={args['sixteen_bit']}: expected one of {', '.join(SIXTEEN_BIT_RULES)}")
     if batch_size < 1:
         raise InferenceError(f"batch_size={batch_size}: must be >= 1")
     device = resolve_device(str(args["device"]))
@@ -251,7 +257,7 @@ def run(args: dict[str, object]) -> dict[str, object]:
     started = time.perf_counter()
     probs = predict_probabilities(model, data, image_size, tta=tta, batch_size=batch_size, workers=workers,
                                   device=device, progress=bool(args["progress"]),
-                                  channels_last=bool(args["channels_last"]))
+                                  channels_last=bool(args["channels_last"]), sixteen_bit=str(args["sixteen_bit"]))
     elapsed = time.perf_counter() - started
     out, prob_path = write_outputs(str(args["out"]), data.ids, probs, model)
     return {"out": out, "probabilities": prob_path, "n": len(data.ids), "seconds": elapsed, "tta": tta,

@@ -73,6 +73,11 @@ def read_label_table(csv_path: str | Path) -> LabelTable:
         raise DataError(f"{csv_path}: file not found")
     frame = read_csv_strings(csv_path, "Id,Target")
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if {"ID", "Label"} <= set(frame.columns) and missing:
+        raise DataError(f"{csv_path}: an HPA 2021 single-cell competition CSV (ID,Label: '|'-separated labels over "
+                        f"its 19 classes), not the Kaggle 2018 layout this trains on (Id,Target: space-separated "
+                        f"labels over 28 classes); the class sets differ, so map the labels to the 2018 classes "
+                        f"and write Id,Target")
     if missing:
         found = ", ".join(map(str, frame.columns))
         raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)} (found {found})")
@@ -102,13 +107,66 @@ def channel_path(image_dir: Path, sample_id: str, channel: str) -> Path:
     raise DataError(f"{image_dir / (sample_id + '_' + channel)}.png: missing channel file (tried {tried})")
 
 
-def decode_channel(path: Path) -> np.ndarray:
+# How 16-bit channels (HPA 2021 competition PNGs, HPA website TIFFs) become 8-bit: `divide` maps value v to
+# round(v / 257), so a 16-bit copy of an 8-bit image (v * 257) packs to exactly the original bytes; `percentile`
+# stretches each image's [0.1, 99.9] percentile range to [0, 255], for low-range data (a real 2048 px HPA green
+# channel has mean 308 of 65535, which `divide` would turn into an almost black image).
+SIXTEEN_BIT_RULES = ("divide", "percentile")
+PERCENTILE_RANGE = (0.1, 99.9)
+# An RGB channel file (HPAv18 external data) carries its signal in its own colour plane(s); yellow is red + green.
+CHANNEL_PLANES = {"red": (0,), "green": (1,), "blue": (2,), "yellow": (0, 1)}
+# JPEG chroma noise leaves a few grey levels in the other planes; more than this is a composite image.
+OFF_PLANE_TOLERANCE = (0.25, 2.0)  # off-plane mean may be up to 25 % of the channel's plane mean + 2 grey levels
+
+
+def _sixteen_to_eight(array: np.ndarray, rule: str) -> np.ndarray:
+    values = array.astype(np.float64)
+    if rule == "percentile":
+        low, high = np.percentile(values, PERCENTILE_RANGE)
+        if high <= low:
+            return np.zeros(values.shape, dtype=np.uint8)
+        values = (values - low) * (255.0 / (high - low))
+        return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+
+
+def _channel_plane(rgb: np.ndarray, path: Path, channel: str) -> np.ndarray:
+    planes = CHANNEL_PLANES[channel]
+    own = rgb[..., list(planes)].astype(np.float64)
+    off = rgb[..., [i for i in range(3) if i not in planes]].astype(np.float64)
+    share, floor = OFF_PLANE_TOLERANCE
+    if off.mean() > share * own.mean() + floor:
+        raise DataError(f"{path}: an RGB composite, not a {channel} channel file (its other colour planes carry "
+                        f"signal: mean {off.mean():.1f} vs {own.mean():.1f}); HPA channel files hold their channel "
+                        f"in its own colour plane (yellow in red and green)")
+    return np.rint(own.mean(axis=-1)).astype(np.uint8) if len(planes) > 1 else own[..., 0].astype(np.uint8)
+
+
+def decode_channel(path: Path, channel: str | None = None, sixteen_bit: str = "divide") -> np.ndarray:
+    """One channel file as uint8 (H, W), whatever form HPA ships it in:
+
+    - 8-bit greyscale (`L`, Kaggle 2018 PNGs): as it is; greyscale with alpha (`LA`): the grey plane, alpha dropped.
+    - 16-bit greyscale (`I;16*`, `I`: HPA 2021 PNGs, website TIFFs): to 8 bits by `sixteen_bit` (SIXTEEN_BIT_RULES).
+    - RGB (`RGB`, `RGBA`, and palette `P` images, expanded): the plane of `channel` (CHANNEL_PLANES; HPAv18 JPGs);
+      a file whose other planes carry signal is refused as a composite.
+    - 1-bit (`1`) and float (`F`) images are refused: a mask or a computed map, not a microscopy channel.
+    """
     try:
         with Image.open(path) as img:
-            if img.mode != "L":
-                raise DataError(f"{path}: expected an 8-bit grayscale image, got mode {img.mode}")
             img.load()
-            return np.asarray(img, dtype=np.uint8)
+            mode = img.mode
+            if mode == "L":
+                return np.asarray(img, dtype=np.uint8)
+            if mode == "LA":
+                return np.asarray(img.getchannel("L"), dtype=np.uint8)
+            if mode.startswith("I;16") or mode == "I":
+                return _sixteen_to_eight(np.asarray(img), sixteen_bit)
+            if mode in ("RGB", "RGBA", "P", "PA"):
+                if channel is None:
+                    raise DataError(f"{path}: an RGB image, but which channel it holds is unknown")
+                return _channel_plane(np.asarray(img.convert("RGB")), path, channel)
+            kind = {"1": "a 1-bit (mask) image", "F": "a floating-point image"}.get(mode, f"mode {mode}")
+            raise DataError(f"{path}: {kind}; expected an 8- or 16-bit greyscale or an RGB channel image")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, DataError):
             raise
@@ -124,14 +182,14 @@ def resize_square(channel: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_sample(image_dir: str | Path, sample_id: str, size: int) -> np.ndarray:
+def load_sample(image_dir: str | Path, sample_id: str, size: int, sixteen_bit: str = "divide") -> np.ndarray:
     """Decode the four channels of one sample into a uint8 array (4, size, size) in R,G,B,Y order."""
     image_dir = Path(image_dir)
     channels = []
     first_shape, first_path = None, None
     for name in CHANNELS:
         path = channel_path(image_dir, sample_id, name)
-        array = decode_channel(path)
+        array = decode_channel(path, name, sixteen_bit)
         if first_shape is None:
             first_shape, first_path = array.shape, path
         elif array.shape != first_shape:
