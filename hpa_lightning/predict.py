@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ class PredictInput:
     image_dir: Path
     ids: list[str]
     source: str  # where the Ids and their order came from
+    incomplete: dict[str, list[str]] = field(default_factory=dict)  # Id -> its missing channels (no CSV given)
 
 
 def _image_folder(root: Path, image_dir: str) -> Path:
@@ -92,20 +93,26 @@ def _read_sample_submission(csv_path: Path) -> list[str]:
     return ids
 
 
-def _check_files(image_dir: Path, ids: list[str], csv_path: Path | None) -> None:
-    """Every Id has its four channel files; an Id with none at all is reported as a missing Id."""
+def _missing_channels(image_dir: Path, sample_id: str) -> list[tuple[str, DataError]]:
+    missing = []
+    for channel in CHANNELS:
+        try:
+            channel_path(image_dir, sample_id, channel)
+        except DataError as err:
+            missing.append((channel, err))
+    return missing
+
+
+def _check_files(image_dir: Path, ids: list[str], csv_path: Path) -> None:
+    """Every Id of the sample submission has its four channel files (a submission needs every Id); an Id with none
+    at all is reported as a missing Id."""
     for row, sample_id in enumerate(ids):
-        missing = []
-        for channel in CHANNELS:
-            try:
-                channel_path(image_dir, sample_id, channel)
-            except DataError as err:
-                missing.append(err)
-        if len(missing) == len(CHANNELS) and csv_path is not None:
+        missing = _missing_channels(image_dir, sample_id)
+        if len(missing) == len(CHANNELS):
             raise DataError(f"{csv_path} row {row + 2}: Id {sample_id} has no image files in {image_dir} "
                             f"(expected {sample_id}_{{{','.join(CHANNELS)}}}.png)")
         if missing:
-            raise missing[0]
+            raise missing[0][1]
 
 
 def _scan_ids(image_dir: Path) -> list[str]:
@@ -127,11 +134,18 @@ def resolve_input(root: str | Path, image_dir: str = "test") -> PredictInput:
     folder = _image_folder(root, image_dir)
     csv_path = root / SAMPLE_SUBMISSION
     if csv_path.is_file():
-        ids, source = _read_sample_submission(csv_path), str(csv_path)
-    else:
-        ids, source = _scan_ids(folder), f"files in {folder}"
-    _check_files(folder, ids, csv_path if csv_path.is_file() else None)
-    return PredictInput(image_dir=folder, ids=ids, source=source)
+        ids = _read_sample_submission(csv_path)
+        _check_files(folder, ids, csv_path)
+        return PredictInput(image_dir=folder, ids=ids, source=str(csv_path))
+    # no sample submission: every complete Id is predicted, the incomplete ones are listed
+    found = _scan_ids(folder)
+    incomplete = {i: [channel for channel, _ in missing] for i in found if (missing := _missing_channels(folder, i))}
+    complete = [i for i in found if i not in incomplete]
+    if not complete:
+        first = next(iter(incomplete))
+        raise DataError(f"{folder}: no Id has all four channel files (e.g. {first} lacks "
+                        f"{', '.join(incomplete[first])})")
+    return PredictInput(image_dir=folder, ids=complete, source=f"files in {folder}", incomplete=incomplete)
 
 
 class ImageFolderDataset(Dataset):
@@ -206,6 +220,10 @@ def probabilities_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}_probabilities.csv")
 
 
+def incomplete_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_incomplete.csv")
+
+
 def write_outputs(out: str | Path, ids: list[str], probs: np.ndarray, model: InferenceModel) -> tuple[Path, Path]:
     """The submission and the probabilities CSV, each written under a temporary name and renamed when complete."""
     out = Path(out)
@@ -260,8 +278,14 @@ def run(args: dict[str, object]) -> dict[str, object]:
                                   channels_last=bool(args["channels_last"]), sixteen_bit=str(args["sixteen_bit"]))
     elapsed = time.perf_counter() - started
     out, prob_path = write_outputs(str(args["out"]), data.ids, probs, model)
+    skipped = incomplete_path(out)
+    skipped.unlink(missing_ok=True)  # never leave an earlier run's list beside this run's outputs
+    if data.incomplete:
+        pd.DataFrame({"Id": list(data.incomplete), "missing": [" ".join(m) for m in data.incomplete.values()]}
+                     ).to_csv(skipped, index=False)
     return {"out": out, "probabilities": prob_path, "n": len(data.ids), "seconds": elapsed, "tta": tta,
-            "device": device, "image_size": image_size, "model": model, "ids_from": data.source}
+            "device": device, "image_size": image_size, "model": model, "ids_from": data.source,
+            "incomplete": skipped if data.incomplete else None, "n_incomplete": len(data.incomplete)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,7 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {model.architecture} from {model.source} at {result['image_size']}px; {thresholds}\n"
           f"predicted {result['n']} samples (Ids from {result['ids_from']}) in {result['seconds']:.1f} s "
           f"({rate:.1f} samples/s, tta={result['tta']}, device={result['device']})\n"
-          f"wrote {result['out']} and {result['probabilities']}")
+          f"wrote {result['out']} and {result['probabilities']}"
+          + (f"\nskipped {result['n_incomplete']} incomplete Ids (not all four channel files), listed in "
+             f"{result['incomplete']}" if result["n_incomplete"] else ""))
 
 
 if __name__ == "__main__":

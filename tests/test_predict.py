@@ -191,6 +191,28 @@ def test_ids_without_sample_submission_are_sorted_from_the_files(held_out: Path,
     assert data.image_dir == flat and len(data.ids) == 3 and data.ids == sorted(data.ids)
 
 
+def test_a_folder_without_sample_submission_predicts_the_complete_ids_and_lists_the_others(
+        held_out: Path, fake_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    files = sorted((held_out / "test").iterdir())
+    for path in files[:16]:  # four complete Ids
+        shutil.copy(path, flat / path.name)
+    partial = files[16].name.rsplit("_", 1)[0]
+    for path in files[16:19]:  # the fifth Id without its last channel file
+        shutil.copy(path, flat / path.name)
+    missing_channel = files[19].stem.rsplit("_", 1)[1]
+    out = tmp_path / "sub.csv"
+    code, stdout, stderr = predict(capsys, f"ckpt={fake_export}", f"input={flat}", f"out={out}")
+    assert code == 0, stderr
+    submission, _ = read_outputs(out)
+    assert len(submission) == 4 and partial not in set(submission["Id"])
+    listing = tmp_path / "sub_incomplete.csv"
+    assert f"skipped 1 incomplete Ids (not all four channel files), listed in {listing}" in stdout
+    listed = pd.read_csv(tmp_path / "sub_incomplete.csv")
+    assert listed.to_dict("records") == [{"Id": partial, "missing": missing_channel}]
+
+
 # ---------------------------------------------------------------------------------------------- safety
 
 class CodeOnLoad:
@@ -248,7 +270,7 @@ def _copy_input(held_out: Path, root: Path, n: int = 4) -> list[str]:
     return ids
 
 
-@pytest.mark.parametrize("fault", ["missing_channel", "corrupt_png", "id_missing", "partial_id_without_csv"])
+@pytest.mark.parametrize("fault", ["missing_channel", "corrupt_png", "id_missing", "no_complete_id_without_csv"])
 def test_bad_input_is_one_line_exit_2_and_no_outputs(fault: str, held_out: Path, fake_export: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
     root = tmp_path / "input"
@@ -263,10 +285,11 @@ def test_bad_input_is_one_line_exit_2_and_no_outputs(fault: str, held_out: Path,
     elif fault == "id_missing":
         write_sample_submission(root, [*ids[:2], "ghost-id", *ids[2:]])
         expected = ["sample_submission.csv row 4", "Id ghost-id"]
-    else:
+    else:  # without a sample submission incomplete Ids are listed, not fatal; with none complete there is no work
         (root / "sample_submission.csv").unlink()
-        victim.unlink()
-        expected = [str(victim), "missing channel file"]
+        for sample_id in ids:
+            (root / "test" / f"{sample_id}_green.png").unlink()
+        expected = [str(root / "test"), "no Id has all four channel files", "lacks green"]
     out_dir = tmp_path / "out"
     code, out, err = predict(capsys, f"ckpt={fake_export}", f"input={root}", f"out={out_dir / 'sub.csv'}",
                              "workers=1", "batch_size=2")
