@@ -303,17 +303,24 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
     return buffer.getvalue()
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+                     knob_prefix: str = "data.split.") -> np.ndarray:
     """Multilabel-stratified train/val/test assignment (array of split names, store order).
 
-    Sizes are round(N * fraction) for val and test (3107/3107/24858 on the 31072 Kaggle samples).
+    Sizes are round(N * fraction) for val and test (3107/3107/24858 on the 31072 Kaggle samples). An empty split is
+    refused with the command's own knobs (`knob_prefix`: `data.split.` for train, empty for the pack CLI's
+    `val_fraction=`) and the smallest values that work.
     """
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
     n = len(labels)
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
     if min(n_val, n_test) < 1 or n - n_val - n_test < 1:
-        raise DataError(f"data.split: fractions val={val_fraction} test={test_fraction} leave an empty split of {n}")
+        val_knob, test_knob = f"{knob_prefix}val_fraction", f"{knob_prefix}test_fraction"
+        fix = (f"with {n} samples use {val_knob}>={1 / n:.3g} and {test_knob}>={1 / n:.3g}, summing to at most "
+               f"{(n - 1) / n:.3g}" if n >= 3 else "add samples: a split needs at least 3")
+        raise DataError(f"{val_knob}={val_fraction} and {test_knob}={test_fraction} give {n_val} val, {n_test} test "
+                        f"and {n - n_val - n_test} train samples of {n}; every split needs one: {fix}")
     rng = np.random.default_rng(seed)
     assignment = np.full(n, "train", dtype=object)
     outer = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n_val + n_test, random_state=seed)
@@ -363,12 +370,13 @@ class Split:
         return np.flatnonzero(self.assignment == name)
 
 
-def prepare_split(store: PackedStore, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 42) -> Split:
+def prepare_split(store: PackedStore, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 42,
+                  knob_prefix: str = "data.split.") -> Split:
     """Create (once) the split and the train statistics for `store`; both live in the store, keyed by the split."""
     key = f"seed{seed}-val{val_fraction:g}-test{test_fraction:g}"
     folder = store.path / "splits" / key
     if not (folder / "stats.json").is_file():
-        assignment = stratified_split(store.labels, val_fraction, test_fraction, seed)
+        assignment = stratified_split(store.labels, val_fraction, test_fraction, seed, knob_prefix)
         mean, std = channel_stats(store.images(), np.flatnonzero(assignment == "train"))
         folder.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)
@@ -406,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UsageError("hpa_lightning.pack: root=DIR is required (a folder holding train.csv and train/)")
         store = build_store(args["root"], int(args["size"]), args["cache_dir"], str(args["image_dir"]),
                             workers=int(args["workers"]) or None, progress=True, sixteen_bit=str(args["sixteen_bit"]))
-        split = prepare_split(store, float(args["val_fraction"]), float(args["test_fraction"]), int(args["seed"]))
+        split = prepare_split(store, float(args["val_fraction"]), float(args["test_fraction"]), int(args["seed"]),
+                              knob_prefix="")
     except (DataError, UsageError) as err:
         fail(err)
     counts = {name: len(split.indices(name)) for name in SPLIT_NAMES}

@@ -199,3 +199,23 @@ def test_available_cpus_follow_the_affinity_mask_and_the_slurm_allocation(monkey
     assert available_cpus() == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
     assert available_cpus() == 1
+
+
+def test_an_empty_split_names_the_commands_own_knobs_and_the_smallest_values(kaggle_folder: Path, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    from hpa_lightning.pack import main
+
+    store = build_store(kaggle_folder, 8, tmp_path / "c", workers=1)
+    with pytest.raises(DataError) as raised:
+        prepare_split(store, val_fraction=0.01)
+    assert str(raised.value) == ("data.split.val_fraction=0.01 and data.split.test_fraction=0.1 give 0 val, 4 test "
+                                 "and 36 train samples of 40; every split needs one: with 40 samples use "
+                                 "data.split.val_fraction>=0.025 and data.split.test_fraction>=0.025, summing to at "
+                                 "most 0.975")
+    split = prepare_split(store, val_fraction=0.025, test_fraction=0.025)  # the smallest values named do work
+    assert [len(split.indices(name)) for name in ("train", "val", "test")] == [38, 1, 1]
+    with pytest.raises(SystemExit) as exited:
+        main([f"root={kaggle_folder}", "size=8", f"cache_dir={tmp_path / 'c'}", "test_fraction=0.99"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: val_fraction=0.1 and test_fraction=0.99 give") and "data.split" not in err
