@@ -409,6 +409,8 @@ def project_recipe(model_name: str) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from hpa_lightning.finetune import resolve_recipe
+
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["+experiment=focal_g02", "+preset=demo"])
 
@@ -417,7 +419,7 @@ def project_recipe(model_name: str) -> dict:
 
     return {"model": {**plain(cfg.model), "name": model_name, "pretrained": False, "compile": False},
             "loss": plain(cfg.loss), "optimizer": plain(cfg.optimizer), "augment": plain(cfg.augment),
-            "lr_ratios": list(cfg.finetune.lr_ratios)}
+            "lr_ratios": resolve_recipe(cfg.finetune.frozen_epochs, cfg.finetune.lr_ratios, pretrained=False)[1]}
 
 
 def build_module(recipe: dict, mean: list[float], std: list[float], seed: int, **model_overrides):

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from hpa_lightning.cli import hydra_task, run_hydra
 from hpa_lightning.pack import write_json_atomic
-from hpa_lightning.train import USER_ERRORS, build_module, prepare_datamodule
+from hpa_lightning.train import USER_ERRORS, build_module, prepare_datamodule, resolve_finetune
 
 
 def plot_lr_curve(frame: pd.DataFrame, suggestion: float | None, path: Path, title: str) -> None:
@@ -49,6 +49,7 @@ def lr_find(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
+    resolve_finetune(cfg)  # the LR groups of the run this range test is for
     datamodule = prepare_datamodule(cfg)
     module = build_module(cfg, datamodule)
     # The sweep lasts num_training steps, however many epochs of a small dataset that takes.

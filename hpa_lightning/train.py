@@ -32,7 +32,7 @@ from hpa_lightning.callbacks import LRTrace
 from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES, EXIT_TERMINATED, hydra_task, run_hydra
 from hpa_lightning.datamodule import HPADataModule
-from hpa_lightning.finetune import FreezeBackbone, FrozenStageError
+from hpa_lightning.finetune import FreezeBackbone, FrozenStageError, resolve_recipe
 from hpa_lightning.losses import positive_class_weights
 from hpa_lightning.model import PretrainedUnavailable
 from hpa_lightning.module import HPAModule, NonFiniteLossError
@@ -138,10 +138,24 @@ def check_saved_config(cfg: DictConfig) -> None:
         check_targets(cfg, saved)
 
 
+def resolve_finetune(cfg: DictConfig) -> list[str]:
+    """Replace `auto` in cfg.finetune (see hpa_lightning.finetune.resolve_recipe) before anything reads it; returns
+    the keys that were auto, for results.json."""
+    pretrained = cfg.model.get("pretrained") not in (False, None, "", "false", "False")
+    frozen, ratios, auto = resolve_recipe(cfg.finetune.frozen_epochs, cfg.finetune.lr_ratios, pretrained)
+    with open_dict(cfg):
+        cfg.finetune.frozen_epochs, cfg.finetune.lr_ratios = frozen, ratios
+    if auto:
+        source = "pretrained weights" if pretrained else "no pretrained weights"
+        log.info("finetune (auto, %s): frozen_epochs=%d, lr_ratios=%s", source, frozen, [round(r, 4) for r in ratios])
+    return auto
+
+
 def train(cfg: DictConfig) -> dict:
     started = time.time()
     run_dir = Path(cfg.paths.output_dir)
     check_saved_config(cfg)
+    finetune_auto = resolve_finetune(cfg)
     resume_from = resume_checkpoint(run_dir, cfg.get("resume", False), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
 
@@ -174,7 +188,7 @@ def train(cfg: DictConfig) -> dict:
     results: dict = {}
     if trainer.is_global_zero:
         results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started, timings,
-                                    attempts.finished)
+                                    attempts.finished, finetune_auto)
     end_ddp_job(environ_before)
     return results
 
@@ -242,7 +256,7 @@ def continue_csv_logs(loggers: list, resumed_step: int) -> None:
 
 def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,
                       best: str | None, wall_time: float, timings: dict[str, float] | None = None,
-                      attempts: list[dict] | None = None) -> dict:
+                      attempts: list[dict] | None = None, finetune_auto: list[str] | None = None) -> dict:
     val, test = module.epoch_results["val"], module.epoch_results["test"]
     thr_cfg = cfg.thresholds
     min_positives = int(thr_cfg.get("min_positives", 1))
@@ -269,6 +283,7 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         "base_lr": float(cfg.optimizer.lr),
         "lr_ratios": list(cfg.finetune.lr_ratios),
         "frozen_epochs": int(cfg.finetune.frozen_epochs),
+        "finetune_auto": list(finetune_auto or []),  # which of the two were chosen by `auto`
         "image_size": datamodule.image_size,
         "imbalance": {"pos_weight": module.hparams.loss.get("pos_weight"), "oversample": datamodule.oversample,
                       "oversample_threshold": datamodule.oversample_threshold if datamodule.oversample else None,

@@ -41,8 +41,7 @@ def test_experiment_composes(experiment: str) -> None:
 def test_defaults_are_the_poster_recipe_on_synthetic_data() -> None:
     cfg = compose_train([])
     assert cfg.data.synthetic is not None
-    assert cfg.finetune.frozen_epochs == 1
-    assert list(cfg.finetune.lr_ratios) == pytest.approx([1 / 9, 1 / 3, 1.0], rel=1e-5)
+    assert cfg.finetune.frozen_epochs == "auto" and cfg.finetune.lr_ratios == "auto"  # the poster's, pretrained
     assert cfg.trainer.accelerator == "auto"
     assert "experiment" not in cfg  # only through +experiment=
 
@@ -103,3 +102,18 @@ def test_bad_data_root_is_one_clear_line(tmp_path: Path, shared_cache: Path) -> 
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nothing' / 'train.csv'}: file not found"
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize(("pretrained", "frozen", "ratios"),
+                         [(True, 1, [1 / 9, 1 / 3, 1.0]), (False, 0, [1.0, 1.0, 1.0])])
+def test_auto_recipe_follows_the_pretrained_weights(pretrained: bool, frozen: int, ratios: list[float]) -> None:
+    from hpa_lightning.train import resolve_finetune
+
+    cfg = compose_train(["+experiment=focal_g02", f"model.pretrained={str(pretrained).lower()}"])
+    assert resolve_finetune(cfg) == ["frozen_epochs", "lr_ratios"]
+    assert cfg.finetune.frozen_epochs == frozen and list(cfg.finetune.lr_ratios) == pytest.approx(ratios)
+    explicit = compose_train(["+experiment=focal_g02", "model.pretrained=false", "finetune.frozen_epochs=2",
+                              "finetune.lr_ratios=[0.5,1,1]"])
+    assert resolve_finetune(explicit) == [] and explicit.finetune.frozen_epochs == 2  # explicit values win
+    assert list(explicit.finetune.lr_ratios) == [0.5, 1, 1]
+
