@@ -55,12 +55,15 @@ _task_started = False
 
 def hydra_task(function: Callable) -> Callable:
     """Mark the start of a `@hydra.main` task (put it under the decorator), so that `run_hydra` can tell Hydra's own
-    failures (a bad override or config, reported before the task starts) from the task's."""
+    failures (a bad override or config, reported before the task starts) from the task's; and set up the run log."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         global _task_started
         _task_started = True
+        from hpa_lightning.logs import setup_run_logging
+
+        setup_run_logging()
         return function(*args, **kwargs)
 
     return wrapper

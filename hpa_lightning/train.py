@@ -33,6 +33,7 @@ from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES, EXIT_TERMINATED, hydra_task, run_hydra
 from hpa_lightning.datamodule import HPADataModule
 from hpa_lightning.finetune import FreezeBackbone, FrozenStageError, resolve_recipe
+from hpa_lightning.logs import summary
 from hpa_lightning.losses import positive_class_weights
 from hpa_lightning.model import PretrainedUnavailable
 from hpa_lightning.module import HPAModule, NonFiniteLossError
@@ -312,7 +313,7 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
     write_json_atomic(run_dir / "results.json", results)  # written last: its presence marks a finished run
     test_summary = results["test"]
     common_f1 = test_summary[f"macro_f1_classes_ge{min_pos}"]
-    print(f"\nrun folder: {run_dir}\n"
+    summary(f"\nrun folder: {run_dir}\n"
           f"test macro F1 @0.5: {test_summary['macro_f1']:.4f}   tuned thresholds: {test_summary['macro_f1_tuned']:.4f}"
           f"   macro ROC AUC: {metrics.format_score(test_summary['roc_auc'])}   "
           f"macro F1 over classes with >= {min_pos} test positives: {metrics.format_score(common_f1)}"

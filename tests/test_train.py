@@ -61,10 +61,25 @@ def run_train(args: list[str], cache: Path, cwd: Path, timeout: int = 600,
 @pytest.fixture(scope="module")
 def tiny_run(shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "focal_g02"
-    proc = run_train(["+experiment=focal_g02", "+preset=tiny", f"hydra.run.dir={run_dir}"], shared_cache, REPO)
+    proc = run_train(["+experiment=focal_g02", "+preset=tiny", f"hydra.run.dir={run_dir}",
+                      "+callbacks.warn._target_=tests.reliability.faults.RealWarning"], shared_cache, REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"run folder: {run_dir}" in proc.stdout
+    (run_dir.parent / "console.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
+
+
+@pytest.mark.slow
+def test_a_quiet_honest_console_and_a_full_run_log(tiny_run: Path) -> None:
+    from hpa_lightning.logs import BENIGN_LOG_MESSAGES, BENIGN_WARNINGS
+
+    console = (tiny_run.parent / "console.txt").read_text()
+    log = (tiny_run / "train.log").read_text()
+    for text in ("srun", "Experiment logs directory", "LeafSpec", "litlogger", *BENIGN_LOG_MESSAGES):
+        assert text not in console and text not in log, text
+    assert len(BENIGN_WARNINGS) == 4
+    for text in ("an unexpected condition worth a look", "`Trainer.fit` stopped", f"run folder: {tiny_run}"):
+        assert text in console and text in log, text  # real warnings stay visible, and the run log is whole
 
 
 @pytest.mark.slow

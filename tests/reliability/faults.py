@@ -53,3 +53,12 @@ class SubmititTimeoutAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGUSR2)
+
+
+class RealWarning(L.Callback):
+    """A warning nobody has silenced, as a library would raise it: it must stay visible and reach the run log."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import warnings
+
+        warnings.warn("an unexpected condition worth a look", UserWarning, stacklevel=1)
