@@ -29,6 +29,8 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "lightning.pytorch.callbacks.ModelCheckpoint",
     "lightning.pytorch.loggers.CSVLogger",
     "lightning.pytorch.loggers.WandbLogger",
+    "lightning.pytorch.loggers.TensorBoardLogger",
+    "lightning.pytorch.loggers.MLFlowLogger",
     "hpa_lightning.rerun_failed.ControllerHydraConfig",
     "hpa_lightning.slurm.ReportPendingJobs",
     "sklearn.ensemble.RandomForestClassifier",
