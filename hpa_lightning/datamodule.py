@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from hpa_lightning.pack import PackedStore, Split, build_store, prepare_split, store_path
-from hpa_lightning.sources import DataError
+from hpa_lightning.sources import DataError, parse_sources
 
 log = logging.getLogger(__name__)
 
@@ -190,16 +191,21 @@ class HPADataModule(L.LightningDataModule):
             so an epoch holds about sum(r_i) samples and rare classes are seen r_c times as often.
     """
 
-    def __init__(self, root: str, image_size: int = 512, cache_dir: str = ".cache/stores", image_dir: str = "train",
+    def __init__(self, root: object, image_size: int = 512, cache_dir: str = ".cache/stores", image_dir: str = "train",
                  synthetic: dict | None = None, split: dict | None = None, batch_size: int = 32,
                  eval_batch_size: int | None = None, num_workers: int = 2, worker_type: str = "thread",
                  pin_memory: bool = True, persistent_workers: bool = True, pack_workers: int | None = None,
                  max_samples: int | None = None, oversample: bool = False, oversample_threshold: float = 0.05,
-                 on_bad_sample: str = "error", max_bad_fraction: float = 0.01, sixteen_bit: str = "divide"):
+                 on_bad_sample: str = "error", max_bad_fraction: float = 0.01, sixteen_bit: str = "divide",
+                 duplicates: str = "drop", duplicate_distance: int = 3):
         super().__init__()
-        if root in (None, "", "???"):
-            raise DataError("data.root: required (the folder holding train.csv and train/)")
-        self.root = Path(root)
+        if not isinstance(root, (str, Path)):  # several sources (a Hydra ListConfig): plain containers
+            from omegaconf import OmegaConf
+
+            root = OmegaConf.to_container(root) if OmegaConf.is_config(root) else list(root)
+        self.sources = parse_sources(root, image_dir)
+        self.root_spec = root
+        self.root = self.sources[0].root  # the synthetic data's folder, and the first source
         self.image_size = int(image_size)
         self.cache_dir = Path(cache_dir)
         self.image_dir = image_dir
@@ -220,6 +226,7 @@ class HPADataModule(L.LightningDataModule):
         self.on_bad_sample = on_bad_sample
         self.max_bad_fraction = max_bad_fraction
         self.sixteen_bit = sixteen_bit
+        self.duplicates, self.duplicate_distance = duplicates, duplicate_distance
         self.store: PackedStore | None = None
         self.split: Split | None = None
         self.datasets: dict[str, PackedDataset] = {}
@@ -233,16 +240,18 @@ class HPADataModule(L.LightningDataModule):
                 generate(self.root, **self.synthetic)
             except FileExistsError:
                 pass  # a concurrent job generated it first
-        store = build_store(self.root, self.image_size, self.cache_dir, self.image_dir, workers=self.pack_workers,
-                            progress=True, on_bad_sample=self.on_bad_sample, max_bad_fraction=self.max_bad_fraction,
-                            sixteen_bit=self.sixteen_bit)
+        store = build_store(self.root_spec, self.image_size, self.cache_dir, self.image_dir,
+                            workers=self.pack_workers, progress=True, on_bad_sample=self.on_bad_sample,
+                            max_bad_fraction=self.max_bad_fraction, sixteen_bit=self.sixteen_bit,
+                            duplicates=self.duplicates, duplicate_distance=self.duplicate_distance)
         prepare_split(store, **self.split_cfg)
 
     def setup(self, stage: str | None = None) -> None:
         if self.store is not None:
             return
-        self.store = PackedStore.open(store_path(self.root, self.image_size, self.cache_dir, self.image_dir,
-                                                 self.on_bad_sample, sixteen_bit=self.sixteen_bit))
+        self.store = PackedStore.open(store_path(self.root_spec, self.image_size, self.cache_dir, self.image_dir,
+                                                 self.on_bad_sample, sixteen_bit=self.sixteen_bit,
+                                                 duplicates=self.duplicates))
         self.split = prepare_split(self.store, **self.split_cfg)
         for name in ("train", "val", "test"):
             indices = self.split.indices(name)
@@ -250,6 +259,15 @@ class HPADataModule(L.LightningDataModule):
                 indices = indices[: max(1, int(self.max_samples * len(indices) / len(self.store)))]
             self.datasets[name] = PackedDataset(self.store, indices,
                                                 pin_memory=self.pin_memory and self.worker_type == "thread")
+
+    def sources_summary(self) -> dict:
+        """The store's sources (folders, samples read, samples kept) and its duplicates, for results.json."""
+        assert self.store is not None, "setup() first"
+        meta = json.loads((self.store.path / "meta.json").read_text())
+        return {"sources": meta.get("sources", [{"root": str(self.root), "samples": len(self.store),
+                                                 "kept": len(self.store)}]),
+                "duplicates": {key: meta.get("duplicates", {}).get(key, 0 if key == "pairs" else self.duplicates)
+                               for key in ("policy", "pairs")}}
 
     @property
     def stats(self) -> tuple[list[float], list[float]]:

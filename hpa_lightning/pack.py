@@ -9,8 +9,8 @@ Layout of a store folder (named by source and size, so a new size or a changed t
 
 A store is built under a temporary name and renamed when complete: a folder with the final name is always whole.
 
-CLI: python -m hpa_lightning.pack root=DIR size=512 [cache_dir=.cache/stores] [image_dir=train] [workers=N]
-     [sixteen_bit=divide|percentile]
+CLI: python -m hpa_lightning.pack root=DIR[,DIR2,...] size=512 [cache_dir=.cache/stores] [image_dir=train]
+     [workers=N] [sixteen_bit=divide|percentile] [duplicates=drop|keep|error]
 """
 
 from __future__ import annotations
@@ -33,9 +33,17 @@ from numpy.lib.format import open_memmap
 
 from hpa_lightning.classes import CHANNELS, NUM_CLASSES
 from hpa_lightning.cli import UsageError, fail, parse_key_values
+from hpa_lightning.duplicates import DUPLICATE_POLICIES, find_duplicates, green_hash
 from hpa_lightning.files import remove_stale_temporaries, temporary_sibling
 from hpa_lightning.resources import available_cpus
-from hpa_lightning.sources import SIXTEEN_BIT_RULES, DataError, LabelTable, load_sample, read_label_table
+from hpa_lightning.sources import (
+    SIXTEEN_BIT_RULES,
+    DataError,
+    DataSource,
+    load_sample,
+    parse_sources,
+    read_sources,
+)
 
 log = logging.getLogger(__name__)
 STORE_FORMAT = 1
@@ -48,6 +56,8 @@ class PackedStore:
     ids: list[str]
     labels: np.ndarray
     image_size: int
+    # the Id of the earlier copy of the same image (kept duplicates, data.duplicates=keep), "" for the others
+    duplicate_of: list[str] | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> PackedStore:
@@ -60,7 +70,17 @@ class PackedStore:
             raise DataError(f"{meta_path}: store format {meta.get('format')} != {STORE_FORMAT}, delete it to re-pack")
         index = pd.read_csv(path / "index.csv", dtype=str, keep_default_na=False)
         return cls(path=path, ids=index["Id"].tolist(), labels=np.load(path / "labels.npy"),
-                   image_size=int(meta["image_size"]))
+                   image_size=int(meta["image_size"]),
+                   duplicate_of=index["duplicate_of"].tolist() if "duplicate_of" in index else None)
+
+    def groups(self) -> np.ndarray:
+        """A group number per row: copies of one image share theirs, so a split keeps them together."""
+        row = {sample_id: i for i, sample_id in enumerate(self.ids)}
+        groups = np.arange(len(self.ids))
+        for i, original in enumerate(self.duplicate_of or []):
+            if original:
+                groups[i] = groups[row[original]]
+        return groups
 
     def images(self) -> np.ndarray:
         return np.load(self.path / "images.npy", mmap_mode="r")
@@ -110,14 +130,28 @@ def check_free_space(folder: Path, samples: int, size: int) -> None:
                         f"{free / 2**30:.2f} GiB free there; free space or set data.cache_dir (pack: cache_dir=)")
 
 
-def store_path(root: str | Path, size: int, cache_dir: str | Path, image_dir: str = "train",
-               on_bad_sample: str = "error", fingerprint: str | None = None, sixteen_bit: str = "divide") -> Path:
-    root = Path(root)
-    fingerprint = fingerprint or source_fingerprint(root / "train.csv", root / image_dir)
+def sources_fingerprint(sources: list[DataSource]) -> str:
+    if len(sources) == 1:  # as before several sources existed, so existing stores stay valid
+        return source_fingerprint(sources[0].csv, sources[0].image_dir)
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source_fingerprint(source.csv, source.image_dir).encode())
+    return digest.hexdigest()
+
+
+def store_path(root: object, size: int, cache_dir: str | Path, image_dir: str = "train",
+               on_bad_sample: str = "error", fingerprint: str | None = None, sixteen_bit: str = "divide",
+               duplicates: str = "drop") -> Path:
+    sources = parse_sources(root, image_dir)
+    fingerprint = fingerprint or sources_fingerprint(sources)
     # a store that skipped bad samples holds fewer rows: never reuse it for a strict run, or the other way round
     policy = "-skipbad" if on_bad_sample == "skip" else ""
     policy += "" if sixteen_bit == "divide" else f"-16bit{sixteen_bit}"  # another 8-bit mapping, other pixels
-    return Path(cache_dir) / f"{root.resolve().name}-{size}px-{fingerprint[:16]}{policy}"
+    name = sources[0].name
+    if len(sources) > 1:
+        name += f"+{len(sources) - 1}"
+        policy += "" if duplicates == "drop" else f"-dup{duplicates}"  # other rows
+    return Path(cache_dir) / f"{name}-{size}px-{fingerprint[:16]}{policy}"
 
 
 class _RowWriter:
@@ -129,23 +163,23 @@ class _RowWriter:
     dataset; written through the file it stays at one decoded sample per worker.
     """
 
-    def __init__(self, path: Path, header_bytes: int, image_dir: Path, size: int, skip_bad: bool,
-                 sixteen_bit: str = "divide"):
-        self.path, self.header_bytes, self.image_dir, self.size, self.skip_bad = (
-            path, header_bytes, image_dir, size, skip_bad)
-        self.sixteen_bit = sixteen_bit
+    def __init__(self, path: Path, header_bytes: int, size: int, skip_bad: bool, sixteen_bit: str = "divide",
+                 hash_green: bool = False):
+        self.path, self.header_bytes, self.size, self.skip_bad = path, header_bytes, size, skip_bad
+        self.sixteen_bit, self.hash_green = sixteen_bit, hash_green
         self.row_bytes = len(CHANNELS) * size * size
         self._fd: int | None = None
 
-    def __call__(self, task: tuple[int, str]) -> tuple[int, str | None]:
-        """(row, Id) -> (row, None) when written, (row, reason) when skipped as unreadable."""
-        row, sample_id = task
+    def __call__(self, task: tuple[int, str, str]) -> tuple[int, str | None, int | None]:
+        """(row, image folder, Id) -> (row, None, green hash or None) when written, (row, reason, None) when skipped
+        as unreadable."""
+        row, image_dir, sample_id = task
         try:
-            sample = load_sample(self.image_dir, sample_id, self.size, self.sixteen_bit)
+            sample = load_sample(image_dir, sample_id, self.size, self.sixteen_bit)
         except DataError as err:
             if not self.skip_bad:
                 raise
-            return row, str(err)
+            return row, str(err), None
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY)
         data = np.ascontiguousarray(sample, dtype=np.uint8).data
@@ -153,7 +187,7 @@ class _RowWriter:
         written = 0
         while written < len(data):
             written += os.pwrite(self._fd, data[written:], offset + written)
-        return row, None
+        return row, None, green_hash(sample) if self.hash_green else None
 
     def close(self) -> None:
         if self._fd is not None:
@@ -173,13 +207,13 @@ def _init_worker(writer: _RowWriter) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops the pool
 
 
-def _write_in_worker(task: tuple[int, str]) -> tuple[int, str | None]:
+def _write_in_worker(task: tuple[int, str, str]) -> tuple[int, str | None, int | None]:
     assert _worker_writer is not None
     return _worker_writer(task)
 
 
-def _write_all(writer: _RowWriter, ids: list[str], workers: int) -> Iterator[tuple[int, str | None]]:
-    tasks = list(enumerate(ids))
+def _write_all(writer: _RowWriter, tasks: list[tuple[int, str, str]],
+               workers: int) -> Iterator[tuple[int, str | None, int | None]]:
     if workers <= 1:
         try:
             yield from map(writer, tasks)
@@ -210,27 +244,35 @@ def _compact_rows(path: Path, header_bytes: int, row_bytes: int, kept: list[int]
                 handle.write(data)
 
 
-def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: str = "train",
+def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str = "train",
                 workers: int | None = None, progress: bool = False, on_bad_sample: str = "error",
-                max_bad_fraction: float = 0.01, sixteen_bit: str = "divide") -> PackedStore:
-    """Pack `root` (Kaggle layout) at `size` px unless a complete store for it exists; returns the opened store.
+                max_bad_fraction: float = 0.01, sixteen_bit: str = "divide", duplicates: str = "drop",
+                duplicate_distance: int = 3) -> PackedStore:
+    """Pack `root` at `size` px unless a complete store for it exists; returns the opened store.
 
-    `on_bad_sample="skip"` leaves out samples whose images cannot be read, warns with every skipped file (also
-    written to the store's skipped.csv), and still fails when more than `max_bad_fraction` of them are bad.
+    `root` is a Kaggle-layout folder or several (`sources.parse_sources`: e.g. Kaggle train + HPAv18), packed into
+    one store in that order; Ids must be unique across them. Between sources, copies of one image (perceptual hash
+    of the green channel within `duplicate_distance` bits, `hpa_lightning.duplicates`) are handled by `duplicates`:
+    `drop` keeps the earlier source's sample, `keep` keeps both (the split then keeps them together), `error`
+    stops; the store's duplicates.csv lists them. `on_bad_sample="skip"` leaves out samples whose images cannot be
+    read, warns with every skipped file (also written to the store's skipped.csv), and still fails when more than
+    `max_bad_fraction` of them are bad.
     """
-    root = Path(root)
     if size < 8:
         raise DataError(f"data.image_size={size}: must be at least 8")
     if on_bad_sample not in ("error", "skip"):
         raise DataError(f"data.on_bad_sample={on_bad_sample!r}: expected 'error' or 'skip'")
     if sixteen_bit not in SIXTEEN_BIT_RULES:
         raise DataError(f"data.sixteen_bit={sixteen_bit!r}: expected one of {', '.join(SIXTEEN_BIT_RULES)}")
-    table: LabelTable = read_label_table(root / "train.csv")
-    images_dir = root / image_dir
-    if not images_dir.is_dir():
-        raise DataError(f"{images_dir}: image folder not found")
-    fingerprint = source_fingerprint(root / "train.csv", images_dir)
-    target = store_path(root, size, cache_dir, image_dir, on_bad_sample, fingerprint, sixteen_bit)
+    if duplicates not in DUPLICATE_POLICIES:
+        raise DataError(f"data.duplicates={duplicates!r}: expected one of {', '.join(DUPLICATE_POLICIES)}")
+    sources = parse_sources(root, image_dir)
+    table, source_of = read_sources(sources)
+    for source in sources:
+        if not source.image_dir.is_dir():
+            raise DataError(f"{source.image_dir}: image folder not found")
+    fingerprint = sources_fingerprint(sources)
+    target = store_path(root, size, cache_dir, image_dir, on_bad_sample, fingerprint, sixteen_bit, duplicates)
     if (target / "meta.json").is_file():
         return PackedStore.open(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -241,29 +283,59 @@ def build_store(root: str | Path, size: int, cache_dir: str | Path, image_dir: s
     try:
         shape = (len(table), len(CHANNELS), size, size)
         header_bytes = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape).offset
-        writer = _RowWriter(tmp / "images.npy", header_bytes, images_dir, size, skip_bad=on_bad_sample == "skip",
-                            sixteen_bit=sixteen_bit)
-        written = _write_all(writer, table.ids, workers or available_cpus())
+        writer = _RowWriter(tmp / "images.npy", header_bytes, size, skip_bad=on_bad_sample == "skip",
+                            sixteen_bit=sixteen_bit, hash_green=len(sources) > 1)
+        tasks = [(row, str(sources[source_of[row]].image_dir), sample_id) for row, sample_id in enumerate(table.ids)]
+        written = _write_all(writer, tasks, workers or available_cpus())
         if progress:
             from tqdm import tqdm
 
-            written = tqdm(written, total=len(table), desc=f"packing {root.name} at {size}px", unit="sample")
-        failures = {row: reason for row, reason in written if reason is not None}
+            written = tqdm(written, total=len(table), desc=f"packing {target.name.split('-')[0]} at {size}px",
+                           unit="sample")
+        failures: dict[int, str] = {}
+        hashes: list[int | None] = [None] * len(table)
+        for row, reason, digest in written:
+            if reason is not None:
+                failures[row] = reason
+            hashes[row] = digest
         skipped = [(table.ids[row], failures[row]) for row in sorted(failures)]
-        kept = [row for row in range(len(table)) if row not in failures]
         if skipped:
             _check_skipped(skipped, len(table), max_bad_fraction)
+        pairs = find_duplicates(hashes, source_of, duplicate_distance) if len(sources) > 1 else []
+        if pairs and duplicates == "error":
+            pair = pairs[0]
+            raise DataError(f"{sources[source_of[pair.second]].csv}: Id {table.ids[pair.second]} is the same image as "
+                            f"Id {table.ids[pair.first]} of {sources[source_of[pair.first]].csv} (green-channel hashes "
+                            f"{pair.distance} bits apart; {len(pairs)} such pairs); set data.duplicates=drop or keep")
+        dropped = {pair.second for pair in pairs} if duplicates == "drop" else set()
+        kept = [row for row in range(len(table)) if row not in failures and row not in dropped]
+        if len(kept) < len(table):
             _compact_rows(tmp / "images.npy", header_bytes, writer.row_bytes, kept)
             _truncate_rows(tmp / "images.npy", len(kept))
+        if skipped:
             pd.DataFrame(skipped, columns=["Id", "error"]).to_csv(tmp / "skipped.csv", index=False)
-        pd.DataFrame({"Id": [table.ids[i] for i in kept],
-                      "Target": [table.targets[i] for i in kept]}).to_csv(tmp / "index.csv", index=False)
+        if pairs:
+            pd.DataFrame([{"Id": table.ids[p.second], "source": sources[source_of[p.second]].name,
+                           "duplicate_of": table.ids[p.first], "duplicate_source": sources[source_of[p.first]].name,
+                           "hash_distance": p.distance, "action": "dropped" if duplicates == "drop" else "kept"}
+                          for p in pairs]).to_csv(tmp / "duplicates.csv", index=False)
+        index = {"Id": [table.ids[i] for i in kept], "Target": [table.targets[i] for i in kept]}
+        if len(sources) > 1:
+            index["source"] = [sources[source_of[i]].name for i in kept]
+        if duplicates == "keep" and pairs:
+            original = {p.second: table.ids[p.first] for p in pairs}
+            index["duplicate_of"] = [original.get(i, "") for i in kept]
+        pd.DataFrame(index).to_csv(tmp / "index.csv", index=False)
         np.save(tmp / "labels.npy", table.labels[kept])
-        meta = {"format": STORE_FORMAT, "source": str(root.resolve()), "image_dir": image_dir, "image_size": size,
-                "num_samples": len(kept), "skipped_samples": len(skipped), "on_bad_sample": on_bad_sample,
-                "sixteen_bit": sixteen_bit,
-                "channels": list(CHANNELS), "num_classes": NUM_CLASSES,
-                "fingerprint": fingerprint}
+        kept_per_source = np.bincount(source_of[kept], minlength=len(sources))
+        meta = {"format": STORE_FORMAT, "source": str(sources[0].root.resolve()), "image_dir": image_dir,
+                "image_size": size, "num_samples": len(kept), "skipped_samples": len(skipped),
+                "on_bad_sample": on_bad_sample, "sixteen_bit": sixteen_bit,
+                "sources": [{"root": str(s.root.resolve()), "csv": str(s.csv.resolve()),
+                             "image_dir": str(s.image_dir.resolve()), "samples": int((source_of == i).sum()),
+                             "kept": int(kept_per_source[i])} for i, s in enumerate(sources)],
+                "duplicates": {"policy": duplicates, "pairs": len(pairs), "max_hash_distance": duplicate_distance},
+                "channels": list(CHANNELS), "num_classes": NUM_CLASSES, "fingerprint": fingerprint}
         write_json_atomic(tmp / "meta.json", meta)
         publish_folder(tmp, target, "meta.json")
     finally:
@@ -304,7 +376,7 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
-                     knob_prefix: str = "data.split.") -> np.ndarray:
+                     knob_prefix: str = "data.split.", groups: np.ndarray | None = None) -> np.ndarray:
     """Multilabel-stratified train/val/test assignment (array of split names, store order).
 
     Sizes are round(N * fraction) for val and test (3107/3107/24858 on the 31072 Kaggle samples). An empty split is
@@ -313,6 +385,12 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     """
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
+    if groups is not None and len(np.unique(groups)) < len(labels):
+        # copies of one image (kept duplicates) go to one split: stratify over groups, labelled by their union
+        _, inverse = np.unique(groups, return_inverse=True)
+        group_labels = np.zeros((inverse.max() + 1, labels.shape[1]), dtype=labels.dtype)
+        np.maximum.at(group_labels, inverse, labels)
+        return stratified_split(group_labels, val_fraction, test_fraction, seed, knob_prefix)[inverse]
     n = len(labels)
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
     if min(n_val, n_test) < 1 or n - n_val - n_test < 1:
@@ -376,7 +454,8 @@ def prepare_split(store: PackedStore, val_fraction: float = 0.1, test_fraction: 
     key = f"seed{seed}-val{val_fraction:g}-test{test_fraction:g}"
     folder = store.path / "splits" / key
     if not (folder / "stats.json").is_file():
-        assignment = stratified_split(store.labels, val_fraction, test_fraction, seed, knob_prefix)
+        assignment = stratified_split(store.labels, val_fraction, test_fraction, seed, knob_prefix,
+                                      groups=store.groups() if store.duplicate_of else None)
         mean, std = channel_stats(store.images(), np.flatnonzero(assignment == "train"))
         folder.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)
@@ -408,12 +487,14 @@ def main(argv: list[str] | None = None) -> None:
         args = parse_key_values(sys.argv[1:] if argv is None else argv,
                                 {"root": None, "size": 512, "cache_dir": ".cache/stores", "image_dir": "train",
                                  "workers": 0, "val_fraction": 0.1, "test_fraction": 0.1, "seed": 42,
-                                 "sixteen_bit": "divide"},
+                                 "sixteen_bit": "divide", "duplicates": "drop"},
                                 "hpa_lightning.pack")
         if not args["root"]:
             raise UsageError("hpa_lightning.pack: root=DIR is required (a folder holding train.csv and train/)")
-        store = build_store(args["root"], int(args["size"]), args["cache_dir"], str(args["image_dir"]),
-                            workers=int(args["workers"]) or None, progress=True, sixteen_bit=str(args["sixteen_bit"]))
+        roots = str(args["root"]).split(",")
+        store = build_store(roots if len(roots) > 1 else roots[0], int(args["size"]), args["cache_dir"],
+                            str(args["image_dir"]), workers=int(args["workers"]) or None, progress=True,
+                            sixteen_bit=str(args["sixteen_bit"]), duplicates=str(args["duplicates"]))
         split = prepare_split(store, float(args["val_fraction"]), float(args["test_fraction"]), int(args["seed"]),
                               knob_prefix="")
     except (DataError, UsageError) as err:

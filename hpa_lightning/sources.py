@@ -197,3 +197,58 @@ def load_sample(image_dir: str | Path, sample_id: str, size: int, sixteen_bit: s
                             f"{first_path.name} ({first_shape[1]}x{first_shape[0]})")
         channels.append(resize_square(array, size))
     return np.stack(channels)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One Kaggle-layout folder: its label CSV and its image folder (channel files of any supported extension)."""
+
+    root: Path
+    csv: Path
+    image_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+
+def parse_sources(root: object, image_dir: str = "train") -> list[DataSource]:
+    """`data.root` as sources: a folder, or a list of folders and/or {root, csv, image_dir} mappings (e.g. Kaggle train
+    plus HPAv18), in priority order (a duplicate is kept from the earliest source)."""
+    entries = list(root) if isinstance(root, (list, tuple)) or type(root).__name__ == "ListConfig" else [root]
+    sources = []
+    for position, entry in enumerate(entries):
+        if hasattr(entry, "get") and not isinstance(entry, (str, Path)):
+            folder = entry.get("root")
+            if not folder:
+                raise DataError(f"data.root[{position}]: a source mapping needs root (and may give csv, image_dir)")
+            folder = Path(str(folder))
+            csv = Path(str(entry.get("csv") or folder / "train.csv"))
+            images = folder / str(entry.get("image_dir") or image_dir)
+        else:
+            if entry in (None, "", "???"):
+                raise DataError("data.root: required (the folder holding train.csv and train/)")
+            folder = Path(str(entry))
+            csv, images = folder / "train.csv", folder / image_dir
+        sources.append(DataSource(root=folder, csv=csv, image_dir=images))
+    if not sources:
+        raise DataError("data.root: required (the folder holding train.csv and train/)")
+    return sources
+
+
+def read_sources(sources: list[DataSource]) -> tuple[LabelTable, np.ndarray]:
+    """The label tables of all sources, concatenated, and each row's source index; an Id in two sources is refused
+    with one line naming both places."""
+    tables = [read_label_table(source.csv) for source in sources]
+    first_seen: dict[str, tuple[int, int]] = {}
+    for index, table in enumerate(tables):
+        for row, sample_id in enumerate(table.ids):
+            if sample_id in first_seen:
+                other, other_row = first_seen[sample_id]
+                raise DataError(f"{sources[index].csv} row {row + 2}: Id {sample_id} is also {sources[other].csv} "
+                                f"row {other_row + 2}; Ids must be unique across the sources of data.root")
+            first_seen[sample_id] = (index, row)
+    merged = LabelTable(ids=[i for t in tables for i in t.ids], targets=[g for t in tables for g in t.targets],
+                        labels=np.concatenate([t.labels for t in tables]))
+    return merged, np.concatenate([np.full(len(t), index) for index, t in enumerate(tables)])
+

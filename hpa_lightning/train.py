@@ -302,7 +302,7 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         # every attempt of a resumed or requeued run (this one last) and their sum; timings_s is this attempt's
         "attempts": attempts or [],
         "total_wall_time_s": round(sum(a["wall_s"] for a in attempts), 2) if attempts else round(wall_time, 2),
-        "data": {"root": str(datamodule.root), "store": str(datamodule.store.path),
+        "data": {"root": str(datamodule.root), "store": str(datamodule.store.path), **datamodule.sources_summary(),
                  "split": {n: len(datamodule.datasets[n]) for n in ("train", "val", "test")},
                  "mean": datamodule.stats[0], "std": datamodule.stats[1]},
         "class_names": list(CLASS_NAMES),
