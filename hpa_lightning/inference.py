@@ -198,19 +198,23 @@ def _find_checkpoint(run_dir: Path) -> Path:
     raise InferenceError(f"{run_dir}: no checkpoint found (expected checkpoints/best.ckpt or results.json)")
 
 
-def _run_sixteen_bit(run_dir: Path) -> str:
-    """The run's rule for 16-bit channels (data.sixteen_bit in its config.yaml); `divide` for older runs."""
+def _run_data_setting(run_dir: Path, key: str) -> object:
+    """`data.<key>` from the run's config.yaml; None when there is none or it cannot be read."""
     config_path = run_dir / "config.yaml"
-    if config_path.is_file():
-        import yaml
+    if not config_path.is_file():
+        return None
+    import yaml
 
-        try:
-            rule = ((yaml.safe_load(config_path.read_text()) or {}).get("data") or {}).get("sixteen_bit")
-        except yaml.YAMLError:
-            rule = None
-        if isinstance(rule, str):
-            return rule
-    return "divide"
+    try:
+        return ((yaml.safe_load(config_path.read_text()) or {}).get("data") or {}).get(key)
+    except yaml.YAMLError:
+        return None
+
+
+def _run_sixteen_bit(run_dir: Path) -> str:
+    """The run's rule for 16-bit channels (data.sixteen_bit); `divide` for runs from before the option."""
+    rule = _run_data_setting(run_dir, "sixteen_bit")
+    return rule if isinstance(rule, str) else "divide"
 
 
 def _run_image_size(run_dir: Path) -> int | None:
@@ -219,17 +223,8 @@ def _run_image_size(run_dir: Path) -> int | None:
         size = _read_json(results_path).get("image_size")
         if size:
             return int(size)
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
-        import yaml
-
-        try:
-            size = ((yaml.safe_load(config_path.read_text()) or {}).get("data") or {}).get("image_size")
-        except yaml.YAMLError:
-            size = None
-        if isinstance(size, int):
-            return size
-    return None
+    size = _run_data_setting(run_dir, "image_size")
+    return size if isinstance(size, int) else None
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> InferenceModel:

@@ -61,3 +61,15 @@ def assert_metrics_equal_sklearn(run_dir: Path, results: dict,
     tuned = f1_score(truth, decided, average="macro", zero_division=0)
     assert results["test"]["macro_f1_tuned"] == pytest.approx(tuned, abs=1e-3)
     return thresholds, decided
+
+
+def assert_no_duplicate_steps(run_dir: Path) -> None:
+    """After any resume: every training step once in metrics.csv, every validation epoch once, lr_trace.csv
+    consecutive."""
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    steps = metrics.dropna(subset=["train/loss_step"])["step"]
+    assert steps.is_unique, steps.tolist()
+    assert metrics.dropna(subset=["val/macro_f1"])["epoch"].is_unique
+    trace = pd.read_csv(run_dir / "lr_trace.csv")
+    assert trace["step"].tolist() == list(range(len(trace)))
+

@@ -16,27 +16,15 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from hpa_lightning.finetune import FreezeBackbone
 from hpa_lightning.module import HPAModule
+from tests.test_recipe import RandomRGBY
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
 SAMPLES = 64
-
-
-class FixedRGBY(Dataset):
-    def __init__(self, n: int = SAMPLES, size: int = 32):
-        generator = torch.Generator().manual_seed(0)
-        self.images = torch.randint(0, 256, (n, 4, size, size), dtype=torch.uint8, generator=generator)
-        self.targets = (torch.rand(n, 28, generator=generator) < 0.2).float()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "target": self.targets[i], "index": torch.tensor(i)}
 
 
 class FixedOrder(L.LightningDataModule):
@@ -44,7 +32,7 @@ class FixedOrder(L.LightningDataModule):
     single process (Lightning's own distributed sampler would shuffle)."""
 
     def train_dataloader(self) -> DataLoader:
-        dataset, world = FixedRGBY(), self.trainer.world_size
+        dataset, world = RandomRGBY(n=SAMPLES), self.trainer.world_size
         sampler = DistributedSampler(dataset, world, self.trainer.global_rank, shuffle=False) if world > 1 else None
         return DataLoader(dataset, batch_size=16 // world, sampler=sampler, shuffle=False)
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_no_duplicate_steps
 from tests.test_train import run_train
 
 pytestmark = pytest.mark.slow
@@ -117,12 +117,7 @@ def test_stop_mid_epoch_saves_and_resumes_without_duplicate_steps(tmp_path: Path
     assert second["outcome"] == "completed" and second["resumed_from"].endswith("last.ckpt")
     assert second["fit_s"] == results["timings_s"]["fit_s"]
     assert results["total_wall_time_s"] == pytest.approx(first["wall_s"] + second["wall_s"], abs=0.02)
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    train_steps = metrics.dropna(subset=["train/loss_step"])["step"]
-    assert train_steps.is_unique, train_steps.tolist()
-    assert metrics.dropna(subset=["val/macro_f1"])["epoch"].is_unique
-    trace = pd.read_csv(run_dir / "lr_trace.csv")
-    assert trace["step"].tolist() == list(range(len(trace)))
+    assert_no_duplicate_steps(run_dir)
 
 
 def test_resume_with_nothing_to_resume_is_an_error(tmp_path: Path, shared_cache: Path) -> None:

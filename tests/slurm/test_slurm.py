@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_no_duplicate_steps
 
 pytestmark = pytest.mark.slurm
 TINY = ["+experiment=focal_g02", "+preset=tiny", "data.image_size=24", "hydra/launcher=slurm"]
@@ -47,15 +47,6 @@ def env(cache: Path, **extra: str) -> dict[str, str]:
 def sweep(args: list[str], cache: Path, timeout: int = 600, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hpa_lightning.train", "-m", *args], cwd=REPO, env=env(cache, **extra),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def assert_no_duplicate_steps(run_dir: Path) -> None:
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    steps = metrics.dropna(subset=["train/loss_step"])["step"]
-    assert steps.is_unique, steps.tolist()
-    assert metrics.dropna(subset=["val/macro_f1"])["epoch"].is_unique
-    trace = pd.read_csv(run_dir / "lr_trace.csv")
-    assert trace["step"].tolist() == list(range(len(trace)))
 
 
 def test_sweep_packs_inside_its_jobs_and_reports(tmp_path: Path) -> None:
