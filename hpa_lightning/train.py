@@ -28,11 +28,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hpa_lightning import metrics
-from hpa_lightning.callbacks import LRTrace
 from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES, EXIT_TERMINATED, hydra_task, run_hydra
 from hpa_lightning.datamodule import HPADataModule
-from hpa_lightning.finetune import FreezeBackbone, FrozenStageError, resolve_recipe
+from hpa_lightning.finetune import FrozenStageError, resolve_recipe
 from hpa_lightning.logs import summary
 from hpa_lightning.losses import positive_class_weights
 from hpa_lightning.model import PretrainedUnavailable
@@ -40,10 +39,8 @@ from hpa_lightning.module import HPAModule, NonFiniteLossError
 from hpa_lightning.pack import write_json_atomic
 from hpa_lightning.reliability import (
     AttemptLog,
-    FiniteCheckpointGuard,
     InterruptCheckpoint,
     NonFiniteCheckpointError,
-    RNGState,
     RunComplete,
     RunSetupError,
     check_output_dir,
@@ -86,11 +83,9 @@ def build_module(cfg: DictConfig, datamodule: HPADataModule) -> HPAModule:
                      augment=plain(cfg.augment), mean=mean, std=std, class_names=list(CLASS_NAMES))
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
-    callbacks.append(FreezeBackbone(frozen_epochs=int(cfg.finetune.frozen_epochs)))
-    callbacks.append(LRTrace(str(run_dir)))
-    return callbacks
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The `callbacks` config group, every one of them (conf/callbacks/default.yaml): nothing is added in code."""
+    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -164,9 +159,8 @@ def train(cfg: DictConfig) -> dict:
     module = build_module(cfg, datamodule)
     timings = {"prepare_s": time.time() - started}
     check_output_dir(run_dir, need_bytes=2 * checkpoint_bytes(module) + 50 * 2**20)
-    callbacks = build_callbacks(cfg, run_dir)
-    interrupt = InterruptCheckpoint(run_dir / "checkpoints", run_dir)
-    callbacks += [RNGState(), FiniteCheckpointGuard(), interrupt]
+    callbacks = build_callbacks(cfg)
+    interrupt = next((c for c in callbacks if isinstance(c, InterruptCheckpoint)), None)
     loggers = build_loggers(cfg)
     if resume_from:
         continue_csv_logs(loggers, int(torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"]))
@@ -195,14 +189,14 @@ def train(cfg: DictConfig) -> dict:
 
 
 @contextlib.contextmanager
-def interrupt_exit_codes(interrupt: InterruptCheckpoint):
+def interrupt_exit_codes(interrupt: InterruptCheckpoint | None):
     """Exit 130 on Ctrl-C and 143 on SIGTERM (Lightning exits 1 on Ctrl-C, and its SIGTERM exception would exit 0)."""
     try:
         yield
     except SIGTERMException:
         raise SystemExit(EXIT_TERMINATED) from None
     except SystemExit:
-        if interrupt.interrupt_exit_code is not None:
+        if interrupt is not None and interrupt.interrupt_exit_code is not None:
             raise SystemExit(interrupt.interrupt_exit_code) from None
         raise
 

@@ -132,3 +132,23 @@ def test_auto_recipe_follows_the_pretrained_weights(pretrained: bool, frozen: in
     assert resolve_finetune(explicit) == [] and explicit.finetune.frozen_epochs == 2  # explicit values win
     assert list(explicit.finetune.lr_ratios) == [0.5, 1, 1]
 
+
+
+def test_every_callback_comes_from_the_config_group_and_can_be_removed(tmp_path: Path) -> None:
+    from hpa_lightning.finetune import FreezeBackbone
+    from hpa_lightning.reliability import InterruptCheckpoint
+    from hpa_lightning.train import build_callbacks, resolve_finetune
+
+    cfg = compose_train(["+experiment=focal_g02", "model.pretrained=true", f"paths.output_dir={tmp_path}"])
+    resolve_finetune(cfg)
+    callbacks = build_callbacks(cfg)
+    names = [type(c).__name__ for c in callbacks]
+    assert names == ["FreezeBackbone", "LRTrace", "RNGState", "FiniteCheckpointGuard", "InterruptCheckpoint",
+                     "ModelCheckpoint", "ModelCheckpoint"]
+    assert next(c for c in callbacks if isinstance(c, FreezeBackbone)).frozen_epochs == 1  # `auto`, resolved
+    fewer = compose_train(["+experiment=focal_g02", "~callbacks.lr_trace", "~callbacks.interrupt_checkpoint",
+                           f"paths.output_dir={tmp_path}"])
+    resolve_finetune(fewer)
+    left = build_callbacks(fewer)
+    assert "LRTrace" not in [type(c).__name__ for c in left]
+    assert not any(isinstance(c, InterruptCheckpoint) for c in left)
