@@ -42,7 +42,7 @@ from sklearn.exceptions import ConvergenceWarning
 from hpa_lightning import metrics
 from hpa_lightning.classes import CHANNELS, CLASS_NAMES
 from hpa_lightning.cli import hydra_task, run_hydra
-from hpa_lightning.pack import write_json_atomic
+from hpa_lightning.files import write_json_atomic
 from hpa_lightning.sources import DataError
 from hpa_lightning.train import plain, split_summary, write_predictions
 

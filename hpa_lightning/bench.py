@@ -39,7 +39,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -51,7 +50,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.cli import UsageError, fail, parse_key_values
-from hpa_lightning.pack import publish_folder, store_path, write_json_atomic
+from hpa_lightning.files import publish_folder, temporary_sibling, write_json_atomic, write_text_atomic
+from hpa_lightning.pack import store_path
 from hpa_lightning.resources import available_cpus
 from hpa_lightning.sources import load_sample, read_label_table
 
@@ -134,7 +134,7 @@ def tiled_dataset(cache: Path, n: int, unique: int, size: int, texture_noise: fl
     target = cache / f"tiled-n{n}-{rendered.name}"
     if (target / "train.csv").is_file():
         return target
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    tmp = temporary_sibling(target)
     (tmp / "train").mkdir(parents=True)
     try:
         table = read_label_table(rendered / "train.csv")
@@ -183,12 +183,6 @@ def subset_dataset(root: Path, n: int, parent: Path) -> Path:
         link.symlink_to((root / "train").resolve(), target_is_directory=True)
     write_text_atomic(target / "train.csv", "".join(lines[: n + 1]))
     return target
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------------------- 1: loading

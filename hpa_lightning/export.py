@@ -20,12 +20,12 @@ import os
 import platform
 import shutil
 import sys
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.cli import UsageError, fail, parse_key_values
+from hpa_lightning.files import temporary_sibling, write_json_atomic
 from hpa_lightning.inference import (
     CARD_NAME,
     EXPORT_FORMAT,
@@ -36,7 +36,6 @@ from hpa_lightning.inference import (
     load_model,
     sha256_file,
 )
-from hpa_lightning.pack import write_json_atomic
 
 PROG = "hpa_lightning.export"
 
@@ -97,7 +96,7 @@ def export_model(source: str | Path, out: str | Path) -> Path:
         raise InferenceError(f"{model.source}: training image size unknown (no results.json or config.yaml in its "
                              f"run folder)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temporary_sibling(out)
     tmp.mkdir()
     try:
         # Plain contiguous copies: safetensors refuses shared or strided storage.

@@ -1,15 +1,19 @@
-"""Files written whole or not at all: temporaries named by host and process, and their clean-up.
+"""Files written whole or not at all (write to a temporary sibling, rename when complete), temporaries named by host
+and process, and their clean-up: the one home of this pattern.
 
 Kept free of heavy imports: the synthetic generator's fresh worker interpreters import it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import json
 import os
 import shutil
 import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -45,3 +49,37 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A hidden temporary sibling to write `path` through: renamed onto `path` when the block ends normally, removed
+    when it raises, so a reader never sees half a file and a crash never leaves one behind under the real name."""
+    path = Path(path)
+    tmp = path.with_name(f".{temporary_sibling(path).name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def publish_folder(tmp: Path, target: Path, marker: str) -> None:
+    """Rename a complete temporary folder to its final name. When a concurrent builder got there first (the target
+    holds its `marker` file, written last), theirs is equally valid and kept; the caller removes `tmp`."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / marker).is_file():
+            raise
+

@@ -20,7 +20,7 @@ from lightning.pytorch.tuner import Tuner
 from omegaconf import DictConfig
 
 from hpa_lightning.cli import hydra_task, run_hydra
-from hpa_lightning.pack import write_json_atomic
+from hpa_lightning.files import write_json_atomic
 from hpa_lightning.train import USER_ERRORS, build_module, prepare_datamodule, resolve_finetune
 
 

@@ -34,7 +34,7 @@ from numpy.lib.format import open_memmap
 from hpa_lightning.classes import CHANNELS, NUM_CLASSES
 from hpa_lightning.cli import UsageError, fail, parse_key_values
 from hpa_lightning.duplicates import DUPLICATE_POLICIES, find_duplicates, green_hash
-from hpa_lightning.files import remove_stale_temporaries, temporary_sibling
+from hpa_lightning.files import publish_folder, remove_stale_temporaries, temporary_sibling, write_json_atomic
 from hpa_lightning.resources import available_cpus
 from hpa_lightning.sources import (
     SIXTEEN_BIT_RULES,
@@ -87,22 +87,6 @@ class PackedStore:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def write_json_atomic(path: Path, payload: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def publish_folder(tmp: Path, target: Path, marker: str) -> None:
-    """Rename a complete temporary folder to its final name. When a concurrent builder got there first (the target
-    holds its `marker` file, written last), theirs is equally valid and kept; the caller removes `tmp`."""
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / marker).is_file():
-            raise
 
 
 def source_fingerprint(csv_path: Path, image_dir: Path) -> str:
@@ -290,8 +274,8 @@ def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str =
         if progress:
             from tqdm import tqdm
 
-            written = tqdm(written, total=len(table), desc=f"packing {target.name.split('-')[0]} at {size}px",
-                           unit="sample")
+            names = "+".join(source.name for source in sources)
+            written = tqdm(written, total=len(table), desc=f"packing {names} at {size}px", unit="sample")
         failures: dict[int, str] = {}
         hashes: list[int | None] = [None] * len(table)
         for row, reason, digest in written:

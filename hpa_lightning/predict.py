@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from hpa_lightning import metrics
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.cli import UsageError, fail, parse_key_values
+from hpa_lightning.files import atomic_path
 from hpa_lightning.inference import InferenceError, InferenceModel, load_model, tta_probabilities, tta_views
 from hpa_lightning.resources import available_cpus
 from hpa_lightning.sources import (
@@ -232,18 +233,14 @@ def write_outputs(out: str | Path, ids: list[str], probs: np.ndarray, model: Inf
     submission = pd.DataFrame({"Id": ids, "Predicted": [" ".join(map(str, np.flatnonzero(row)))
                                                         for row in decisions]})
     table = pd.concat([pd.DataFrame({"Id": ids}), pd.DataFrame(probs, columns=model.class_names)], axis=1)
-    temporaries = {path: path.with_name(f".{path.name}.tmp-{os.getpid()}") for path in (prob_path, out)}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(temporaries[prob_path], index=False, float_format="%.6f")
-        submission.to_csv(temporaries[out], index=False)
-        for path, tmp in temporaries.items():
-            os.replace(tmp, path)
+        # both written before either is renamed: a failure leaves neither
+        with atomic_path(prob_path) as prob_tmp, atomic_path(out) as out_tmp:
+            table.to_csv(prob_tmp, index=False, float_format="%.6f")
+            submission.to_csv(out_tmp, index=False)
     except OSError as err:
         raise InferenceError(f"out={out}: cannot write ({err.strerror or type(err).__name__})") from None
-    finally:
-        for tmp in temporaries.values():
-            tmp.unlink(missing_ok=True)
     return out, prob_path
 
 

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from hpa_lightning.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
-from hpa_lightning.pack import write_json_atomic
+from hpa_lightning.files import write_json_atomic
 
 INTERRUPTS = (KeyboardInterrupt, SIGTERMException)
 # Stops that come from outside and deserve a last.ckpt: the interrupts, and a SystemExit raised inside fit by a signal

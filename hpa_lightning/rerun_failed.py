@@ -77,7 +77,7 @@ def read_status(job_dir: Path) -> dict:
 
 def write_status(job_dir: Path, status: str, fresh: bool = False, **fields) -> dict:
     """Update status.json (a `fresh` one starts empty: a new attempt in this folder) and the FAILED marker."""
-    from hpa_lightning.pack import write_json_atomic
+    from hpa_lightning.files import write_json_atomic
 
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,7 @@ class JobGuard:
         if not self.active:
             return results
         if results and self.claim is not None and (self.run_dir / RESULTS_FILE).is_file():
-            from hpa_lightning.pack import write_json_atomic
+            from hpa_lightning.files import write_json_atomic
 
             results = {**results, "gpu": self.claim.as_dict()}
             write_json_atomic(self.run_dir / RESULTS_FILE, results)

@@ -31,12 +31,12 @@ from hpa_lightning import metrics
 from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES, EXIT_TERMINATED, hydra_task, run_hydra
 from hpa_lightning.datamodule import HPADataModule
+from hpa_lightning.files import atomic_path, write_json_atomic
 from hpa_lightning.finetune import FrozenStageError, resolve_recipe
 from hpa_lightning.logs import summary
 from hpa_lightning.losses import positive_class_weights
 from hpa_lightning.model import PretrainedUnavailable
 from hpa_lightning.module import HPAModule, NonFiniteLossError
-from hpa_lightning.pack import write_json_atomic
 from hpa_lightning.reliability import (
     AttemptLog,
     InterruptCheckpoint,
@@ -109,9 +109,8 @@ def write_predictions(path: Path, ids: list[str], probs: np.ndarray, targets: np
                        pd.DataFrame(targets.astype(np.uint8), columns=[f"true_{c}" for c in range(probs.shape[1])])],
                       axis=1)
     frame["Predicted"] = [" ".join(str(c) for c in np.flatnonzero(row)) for row in decisions]
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False, float_format="%.6f")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6f")
 
 
 def split_summary(result: dict[str, np.ndarray], thresholds: np.ndarray, ensure_one: bool,
