@@ -39,7 +39,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sklearn.base import clone, is_classifier
 from sklearn.exceptions import ConvergenceWarning
 
-from hpa_lightning import metrics
+from hpa_lightning import layout, metrics
 from hpa_lightning.classes import CHANNELS, CLASS_NAMES
 from hpa_lightning.cli import hydra_task, run_hydra
 from hpa_lightning.files import write_json_atomic
@@ -332,13 +332,13 @@ def run_baseline(cfg: DictConfig) -> dict:
     min_positives = int((cfg.get("thresholds") or {}).get("min_positives", 1))
     thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=default_threshold,
                                          min_positives=min_positives)
-    write_json_atomic(run_dir / "thresholds.json", metrics.threshold_record(
+    write_json_atomic(run_dir / layout.THRESHOLDS, metrics.threshold_record(
         thresholds, val["targets"], list(CLASS_NAMES), default_threshold, min_positives, ensure_one))
     decisions = metrics.decide(test["probs"], thresholds, ensure_one=ensure_one)
-    write_predictions(run_dir / "test_predictions.csv", datamodule.ids(rows["test"]), test["probs"], test["targets"],
+    write_predictions(run_dir / layout.TEST_PREDICTIONS, datamodule.ids(rows["test"]), test["probs"], test["targets"],
                       decisions)
-    shutil.copyfile(split.path / "split.csv", run_dir / "split.csv")
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    shutil.copyfile(split.path / layout.SPLIT, run_dir / layout.SPLIT)
+    (run_dir / layout.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     val_summary = split_summary(val, thresholds, ensure_one, min_pos)
     test_summary = split_summary(test, thresholds, ensure_one, min_pos)
     timings["evaluate_s"] = time.perf_counter() - tick
@@ -378,7 +378,7 @@ def run_baseline(cfg: DictConfig) -> dict:
         "val": val_summary,
         "test": test_summary,
     }
-    write_json_atomic(run_dir / "results.json", results)  # written last: its presence marks a finished run
+    write_json_atomic(run_dir / layout.RESULTS, results)  # written last: its presence marks a finished run
     common_f1 = test_summary[f"macro_f1_classes_ge{min_pos}"]
     print(f"\nrun folder: {run_dir}\n"
           f"test macro F1 @0.5: {test_summary['macro_f1']:.4f}   tuned thresholds: {test_summary['macro_f1_tuned']:.4f}"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import lightning as L
 
+from hpa_lightning import layout
+
 
 def group_lrs(optimizer) -> dict[str, float]:
     """LR per named group; the `_no_decay` twin of a group always shares its LR, so it is left out."""
@@ -46,7 +48,7 @@ class LRTrace(L.Callback):
 
 def write_lr_trace(rows: list[dict[str, float]], output_dir: Path, plot: bool = True) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "lr_trace.csv"
+    path = output_dir / layout.LR_TRACE
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

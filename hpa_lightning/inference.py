@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hpa_lightning import layout
 from hpa_lightning.augment import Standardize
 from hpa_lightning.classes import CHANNELS
 
@@ -183,18 +184,18 @@ def thresholds_from_file(path: Path | None, class_names: list[str]) -> tuple[np.
 
 
 def _find_checkpoint(run_dir: Path) -> Path:
-    results_path = run_dir / "results.json"
+    results_path = run_dir / layout.RESULTS
     if results_path.is_file():
         best = _read_json(results_path).get("best_checkpoint")
         if best:
-            local = run_dir / "checkpoints" / Path(best).name  # a copied/moved run folder: its own copy wins
+            local = layout.checkpoint(run_dir, Path(best).name)  # a copied/moved run folder: its own copy wins
             if local.is_file():
                 return local
             if Path(best).is_file():
                 return Path(best)
-    for name in ("best.ckpt", "last.ckpt"):
-        if (run_dir / "checkpoints" / name).is_file():
-            return run_dir / "checkpoints" / name
+    for name in (layout.BEST_CHECKPOINT, layout.LAST_CHECKPOINT):
+        if layout.checkpoint(run_dir, name).is_file():
+            return layout.checkpoint(run_dir, name)
     raise InferenceError(f"{run_dir}: no checkpoint found (expected checkpoints/best.ckpt or results.json)")
 
 
@@ -218,7 +219,7 @@ def _run_sixteen_bit(run_dir: Path) -> str:
 
 
 def _run_image_size(run_dir: Path) -> int | None:
-    results_path = run_dir / "results.json"
+    results_path = run_dir / layout.RESULTS
     if results_path.is_file():
         size = _read_json(results_path).get("image_size")
         if size:
@@ -246,8 +247,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Inf
     mean = state.get("transform.standardize.mean", torch.tensor(hparams.get("mean") or [0.0] * len(CHANNELS)))
     std = state.get("transform.standardize.std", torch.tensor(hparams.get("std") or [1.0] * len(CHANNELS)))
     standardize = Standardize(mean.flatten().tolist(), std.flatten().tolist())
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    thresholds, ensure_one, thr_source = thresholds_from_file(run_dir / "thresholds.json", class_names)
+    run_dir = path.parent.parent if path.parent.name == layout.CHECKPOINTS else path.parent
+    thresholds, ensure_one, thr_source = thresholds_from_file(run_dir / layout.THRESHOLDS, class_names)
     return InferenceModel(net=net.eval(), standardize=standardize, architecture=architecture,
                           image_size=_run_image_size(run_dir), class_names=class_names, thresholds=thresholds,
                           ensure_one=ensure_one, thresholds_source=thr_source, source=str(path),

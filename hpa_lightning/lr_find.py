@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.tuner import Tuner
 from omegaconf import DictConfig
 
+from hpa_lightning import layout
 from hpa_lightning.cli import hydra_task, run_hydra
 from hpa_lightning.files import write_json_atomic
 from hpa_lightning.train import USER_ERRORS, build_module, prepare_datamodule, resolve_finetune
@@ -67,7 +68,7 @@ def lr_find(cfg: DictConfig) -> dict:
     plot_lr_curve(frame, suggestion, run_dir / "lr_find.png", f"LR range test: {cfg.experiment_name}")
     summary = {"experiment": cfg.experiment_name, "model": cfg.model.name, "suggested_lr": suggestion,
                "min_lr": settings.min_lr, "max_lr": settings.max_lr, "num_points": len(frame)}
-    write_json_atomic(run_dir / "lr_find.json", summary)
+    write_json_atomic(run_dir / layout.LR_FIND, summary)
     shown = f"{suggestion:.3g}" if suggestion is not None else "none (too few points; raise lr_find.num_training)"
     print(f"\nsuggested learning rate: {shown}\nrun folder: {run_dir}  (lr_find.png, lr_find.csv)\n"
           f"use it with: optimizer.lr={suggestion:.3g}" if suggestion else f"\nsuggested learning rate: {shown}")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from hpa_lightning import layout
 from hpa_lightning.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 from hpa_lightning.files import write_json_atomic
 
@@ -52,8 +53,8 @@ def resume_checkpoint(run_dir: Path, resume: bool | str, ckpt_path: str | None) 
             return ckpt_path
     if resume in (False, None, "false", "False"):
         return None
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if (run_dir / "results.json").is_file():
+    last = layout.checkpoint(run_dir)
+    if (run_dir / layout.RESULTS).is_file():
         if resume == "auto":
             raise RunComplete(f"{run_dir}: already complete (results.json exists); nothing to resume")
         raise RunSetupError(f"resume: {run_dir} already finished (results.json exists); start a new run instead")
@@ -109,7 +110,7 @@ class InterruptCheckpoint(L.Callback):
     """
 
     def __init__(self, dirpath: str | Path, run_dir: str | Path):
-        self.ckpt_path = str(Path(dirpath) / "last.ckpt")
+        self.ckpt_path = str(Path(dirpath) / layout.LAST_CHECKPOINT)
         self.run_dir = Path(run_dir)
         self.saved: str | None = None
         self.interrupt_exit_code: int | None = None
@@ -148,7 +149,7 @@ class AttemptLog:
     host, SLURM ids, start, wall time, fit/evaluate times and how it ended, so that a requeued run's results.json can
     report every attempt and their total, not only the last one. A fresh (not resumed) run starts a new list."""
 
-    FILE = "attempts.json"
+    FILE = layout.ATTEMPTS
 
     def __init__(self, run_dir: Path, started: float, resumed_from: str | None, active: bool = True):
         import socket

@@ -29,6 +29,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from hpa_lightning import layout
 from hpa_lightning.cli import fail
 from hpa_lightning.metrics import format_score
 from hpa_lightning.rerun_failed import Job, find_jobs, natural_key
@@ -60,7 +61,7 @@ def _relative(path: Path, roots: list[Path]) -> str:
 
 
 def completed_row(job: Job, roots: list[Path]) -> dict:
-    results = json.loads((job.dir / "results.json").read_text())
+    results = json.loads((job.dir / layout.RESULTS).read_text())
     gpu = results.get("gpu") or {}
     return {
         "status": "completed", "experiment": results.get("experiment") or job.dir.name,

@@ -44,13 +44,12 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from hpa_lightning import layout
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES
 from hpa_lightning.files import pid_alive
 from hpa_lightning.targets import UnsafeTargetError
 
-STATUS_FILE = "status.json"
-FAILED_FILE = "FAILED"
-RESULTS_FILE = "results.json"
+STATUS_FILE, FAILED_FILE, RESULTS_FILE = layout.STATUS, layout.FAILED, layout.RESULTS
 ENV_RERUN_OF = "HPA_RERUN_OF"
 RERUN_SUFFIX = re.compile(r"^(?P<base>.+)_rerun(?P<k>\d+)$")
 SKIP_DIRS = {"wandb", "checkpoints", ".hydra", ".submitit", "lightning_logs"}
@@ -245,7 +244,7 @@ def job_status(job_dir: Path) -> tuple[str, dict]:
     marker = read_status(job_dir)
     if (job_dir / RESULTS_FILE).is_file():
         return "completed", marker
-    if (job_dir / "lr_find.json").is_file():
+    if (job_dir / layout.LR_FIND).is_file():
         return "lr_find", marker
     status = marker.get("status")
     if status == "failed" or (job_dir / FAILED_FILE).is_file():
@@ -393,7 +392,7 @@ def plan_rerun(job: Job, extra: list[str]) -> Rerun:
         placement = ["hydra/launcher=gpu_pool", *pool_size, f"hydra.run.dir={target}"]
     else:
         mode, placement = [], [f"hydra.run.dir={target}"]
-    last = job.dir / "checkpoints" / "last.ckpt"
+    last = layout.checkpoint(job.dir)
     resume = ([f"ckpt_path={_quote_value(str(last.resolve()))}"]
               if job_name == "train" and last.is_file() and not any(o.startswith("ckpt_path=") for o in extra) else [])
     overrides = merge_overrides(job.overrides, [*extra, *resume])

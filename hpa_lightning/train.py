@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from hpa_lightning import metrics
+from hpa_lightning import layout, metrics
 from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES, EXIT_TERMINATED, hydra_task, run_hydra
 from hpa_lightning.datamodule import HPADataModule
@@ -235,7 +235,7 @@ def continue_csv_logs(loggers: list, resumed_step: int) -> None:
     """
     for logger in loggers:
         if isinstance(logger, CSVLogger):
-            existing = Path(logger.log_dir) / "metrics.csv"
+            existing = Path(logger.log_dir) / layout.METRICS
             if existing.is_file():
                 saved = existing.read_text()
                 rows = list(csv.reader(saved.splitlines()))
@@ -257,13 +257,13 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
     thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=float(thr_cfg.default),
                                          min_positives=min_positives)
     ensure_one = bool(thr_cfg.ensure_one)
-    write_json_atomic(run_dir / "thresholds.json", metrics.threshold_record(
+    write_json_atomic(run_dir / layout.THRESHOLDS, metrics.threshold_record(
         thresholds, val["targets"], list(CLASS_NAMES), float(thr_cfg.default), min_positives, ensure_one))
     decisions = metrics.decide(test["probs"], thresholds, ensure_one=ensure_one)
-    write_predictions(run_dir / "test_predictions.csv", datamodule.ids(test["rows"]), test["probs"], test["targets"],
+    write_predictions(run_dir / layout.TEST_PREDICTIONS, datamodule.ids(test["rows"]), test["probs"], test["targets"],
                       decisions)
-    shutil.copyfile(datamodule.split.path / "split.csv", run_dir / "split.csv")
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    shutil.copyfile(datamodule.split.path / layout.SPLIT, run_dir / layout.SPLIT)
+    (run_dir / layout.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     min_pos = int(cfg.get("report_min_positives", 20))
     epochs_done = trainer.current_epoch
@@ -303,7 +303,7 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         "val": split_summary(val, thresholds, ensure_one, min_pos),
         "test": split_summary(test, thresholds, ensure_one, min_pos),
     }
-    write_json_atomic(run_dir / "results.json", results)  # written last: its presence marks a finished run
+    write_json_atomic(run_dir / layout.RESULTS, results)  # written last: its presence marks a finished run
     test_summary = results["test"]
     common_f1 = test_summary[f"macro_f1_classes_ge{min_pos}"]
     summary(f"\nrun folder: {run_dir}\n"
@@ -326,7 +326,7 @@ def main(cfg: DictConfig) -> float | None:
         resume_checkpoint(Path(cfg.paths.output_dir), cfg.get("resume", False), cfg.get("ckpt_path"))
     except RunComplete as done:
         print(done)
-        results = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
+        results = json.loads((Path(cfg.paths.output_dir) / layout.RESULTS).read_text())
         return results.get("val", {}).get("macro_f1")
     except RunSetupError:
         pass  # reported inside the job as usual

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from hpa_lightning import layout
+
 log = logging.getLogger(__name__)
 
 PANEL_DEFAULTS = {"samples": 8, "curves": True, "per_class": True, "curve_points": 41}
@@ -168,7 +170,7 @@ def sample_images(results: dict, run_dir: Path, count: int) -> list[tuple[np.nda
         return []
     store = Path(results["data"]["store"])
     names = list(results["class_names"])
-    predictions = pd.read_csv(run_dir / "test_predictions.csv", nrows=count, keep_default_na=False)
+    predictions = pd.read_csv(run_dir / layout.TEST_PREDICTIONS, nrows=count, keep_default_na=False)
     index = pd.read_csv(store / "index.csv", dtype=str, keep_default_na=False)
     row_of = {sample_id: row for row, sample_id in enumerate(index["Id"])}
     images = np.load(store / "images.npy", mmap_mode="r")
@@ -255,7 +257,7 @@ def log_result_panels(run, results: dict, run_dir: Path, panels: dict | None = N
     names = list(results["class_names"])
     if panels["per_class"]:
         payload["results/per_class"] = wandb.Table(columns=PER_CLASS_COLUMNS, data=per_class_rows(results))
-    predictions_path = run_dir / "test_predictions.csv"
+    predictions_path = run_dir / layout.TEST_PREDICTIONS
     if panels["curves"] and predictions_path.is_file():
         frame = pd.read_csv(predictions_path, keep_default_na=False)
         truth = frame[[f"true_{c}" for c in range(len(names))]].to_numpy().astype(int)
