@@ -14,7 +14,7 @@ from torch import Tensor
 from hpa_lightning import metrics
 from hpa_lightning.augment import DeviceTransform
 from hpa_lightning.classes import CLASS_NAMES, NUM_CLASSES
-from hpa_lightning.model import create_model, parameter_groups
+from hpa_lightning.model import parameter_groups
 from hpa_lightning.targets import check_targets
 
 
@@ -31,7 +31,9 @@ class HPAModule(L.LightningModule):
     """All constructor arguments are plain containers (saved as hyperparameters; safe for `weights_only` loading).
 
     Args:
-        model: kwargs of `hpa_lightning.model.create_model` (name, pretrained, drop_rate) plus `channels_last`.
+        model: Hydra node of the network (`_target_: hpa_lightning.model.create_model`, name, pretrained, drop_rate;
+            checkpoints from before the node had a `_target_` mean that same factory) plus `channels_last`,
+            `compile` and `sync_batchnorm`, which are the module's and the trainer's.
         loss: Hydra node of the loss (`_target_` ...).
         optimizer: Hydra node of the optimizer, `_partial_`; its `lr` is the head's LR, `weight_decay` its decay.
         scheduler: Hydra node of a `hpa_lightning.schedulers` factory, `_partial_`, or None.
@@ -46,10 +48,12 @@ class HPAModule(L.LightningModule):
                  class_names: Sequence[str] = CLASS_NAMES):
         super().__init__()
         # the nodes below are instantiated; from a checkpoint they are data written by someone else
-        check_targets({"loss": loss, "optimizer": optimizer, "scheduler": scheduler}, "hyperparameters")
+        check_targets({"model": model, "loss": loss, "optimizer": optimizer, "scheduler": scheduler},
+                      "hyperparameters")
         self.save_hyperparameters()
-        net_kwargs = {k: v for k, v in model.items() if k not in ("channels_last", "compile", "sync_batchnorm")}
-        self.net, self.pretrained_loaded = create_model(num_classes=len(class_names), **net_kwargs)
+        net_node = {"_target_": "hpa_lightning.model.create_model",
+                    **{k: v for k, v in model.items() if k not in ("channels_last", "compile", "sync_batchnorm")}}
+        self.net, self.pretrained_loaded = instantiate(net_node, num_classes=len(class_names))
         self.channels_last = bool(model.get("channels_last", False))
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)

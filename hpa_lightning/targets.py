@@ -23,6 +23,7 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "hpa_lightning.schedulers.sgdr",
     "hpa_lightning.schedulers.cosine",
     "hpa_lightning.schedulers.constant",
+    "hpa_lightning.model.create_model",
     # the rest of a run's configuration: data, trainer, callbacks, loggers, Hydra callbacks, baseline estimators
     "hpa_lightning.datamodule.HPADataModule",
     "lightning.pytorch.Trainer",

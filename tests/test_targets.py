@@ -75,7 +75,7 @@ def test_good_checkpoint_loads_both_ways(good_checkpoint: tuple[Path, dict]) -> 
 
 
 @pytest.mark.parametrize("loader", ["from_checkpoint", "load_from_checkpoint"])
-@pytest.mark.parametrize("node", ["loss", "optimizer", "scheduler"])
+@pytest.mark.parametrize("node", ["model", "loss", "optimizer", "scheduler"])
 @pytest.mark.parametrize("attack", ["torch.load", "Path.write_text", "os.system", "subprocess"])
 def test_crafted_checkpoint_is_refused_and_runs_nothing(good_checkpoint: tuple[Path, dict], tmp_path: Path,
                                                         loader: str, node: str, attack: str) -> None:
