@@ -20,7 +20,6 @@ point's config (conf/model/ holds the deep models of `hpa_lightning.train`). Any
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 import time
 import warnings
@@ -39,12 +38,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sklearn.base import clone, is_classifier
 from sklearn.exceptions import ConvergenceWarning
 
-from hpa_lightning import layout, metrics
-from hpa_lightning.classes import CHANNELS, CLASS_NAMES
+from hpa_lightning.classes import CHANNELS
 from hpa_lightning.cli import hydra_task, run_hydra
-from hpa_lightning.files import write_json_atomic
+from hpa_lightning.run_outputs import plain, write_evaluation, write_results
 from hpa_lightning.sources import DataError
-from hpa_lightning.train import plain, split_summary, write_predictions
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +269,7 @@ def build_estimator(cfg: DictConfig) -> Any:
 
 
 def check_thresholds(cfg: DictConfig) -> tuple[float, bool]:
+    """thresholds.default and thresholds.ensure_one, checked."""
     node = cfg.get("thresholds") or {}
     default, ensure_one = node.get("default", 0.5), node.get("ensure_one", True)
     if isinstance(default, bool) or not isinstance(default, int | float) or not 0 <= default <= 1:
@@ -288,7 +286,7 @@ def run_baseline(cfg: DictConfig) -> dict:
     started = time.time()
     spec = feature_spec(cfg)
     estimator = build_estimator(cfg)
-    default_threshold, ensure_one = check_thresholds(cfg)
+    check_thresholds(cfg)  # one line now rather than after the features and the fits
     min_pos = cfg.get("report_min_positives", 20)
     if isinstance(min_pos, bool) or not isinstance(min_pos, int) or min_pos < 1:
         raise ConfigError(f"report_min_positives={min_pos!r}: expected an integer >= 1")
@@ -329,18 +327,7 @@ def run_baseline(cfg: DictConfig) -> dict:
     test = {"targets": targets["test"], "probs": fitted.probs[1]}
 
     tick = time.perf_counter()
-    min_positives = int((cfg.get("thresholds") or {}).get("min_positives", 1))
-    thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=default_threshold,
-                                         min_positives=min_positives)
-    write_json_atomic(run_dir / layout.THRESHOLDS, metrics.threshold_record(
-        thresholds, val["targets"], list(CLASS_NAMES), default_threshold, min_positives, ensure_one))
-    decisions = metrics.decide(test["probs"], thresholds, ensure_one=ensure_one)
-    write_predictions(run_dir / layout.TEST_PREDICTIONS, datamodule.ids(rows["test"]), test["probs"], test["targets"],
-                      decisions)
-    shutil.copyfile(split.path / layout.SPLIT, run_dir / layout.SPLIT)
-    (run_dir / layout.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    val_summary = split_summary(val, thresholds, ensure_one, min_pos)
-    test_summary = split_summary(test, thresholds, ensure_one, min_pos)
+    evaluation = write_evaluation(cfg, run_dir, val, test, datamodule.ids(rows["test"]), split.path)
     timings["evaluate_s"] = time.perf_counter() - tick
 
     estimator_cfg = dict(plain(cfg.model.estimator))
@@ -373,20 +360,11 @@ def run_baseline(cfg: DictConfig) -> dict:
         "classes_not_converged": fitted.not_converged,
         "data": {"root": str(datamodule.root), "store": str(store.path),
                  "split": {n: len(rows[n]) for n in SPLITS}, "mean": list(split.mean), "std": list(split.std)},
-        "class_names": list(CLASS_NAMES),
-        "thresholds": thresholds.tolist(),
-        "val": val_summary,
-        "test": test_summary,
+        **evaluation,
     }
-    write_json_atomic(run_dir / layout.RESULTS, results)  # written last: its presence marks a finished run
-    common_f1 = test_summary[f"macro_f1_classes_ge{min_pos}"]
-    print(f"\nrun folder: {run_dir}\n"
-          f"test macro F1 @0.5: {test_summary['macro_f1']:.4f}   tuned thresholds: {test_summary['macro_f1_tuned']:.4f}"
-          f"   macro ROC AUC: {metrics.format_score(test_summary['roc_auc'])}   "
-          f"macro F1 over classes with >= {min_pos} test positives: {metrics.format_score(common_f1)}\n"
-          f"time: features {timings['features_s']:.1f}s  fit {timings['fit_s']:.1f}s  "
-          f"predict {timings['predict_s']:.1f}s  total {results['wall_time_s']:.1f}s")
-    return results
+    return write_results(run_dir, results, min_pos, f"features {timings['features_s']:.1f}s  fit "
+                         f"{timings['fit_s']:.1f}s  predict {timings['predict_s']:.1f}s  total "
+                         f"{results['wall_time_s']:.1f}s")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="baseline")

@@ -10,30 +10,25 @@ import csv
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
-import numpy as np
-import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, open_dict, read_write
 
-from hpa_lightning import layout, metrics
+from hpa_lightning import layout
 from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES, EXIT_TERMINATED, hydra_task, run_hydra
 from hpa_lightning.datamodule import HPADataModule
-from hpa_lightning.files import atomic_path, write_json_atomic
 from hpa_lightning.finetune import FrozenStageError, resolve_recipe
-from hpa_lightning.logs import summary
 from hpa_lightning.losses import positive_class_weights
 from hpa_lightning.model import PretrainedUnavailable
 from hpa_lightning.module import HPAModule, NonFiniteLossError
@@ -47,6 +42,7 @@ from hpa_lightning.reliability import (
     checkpoint_bytes,
     resume_checkpoint,
 )
+from hpa_lightning.run_outputs import plain, write_evaluation, write_results
 from hpa_lightning.sources import DataError
 from hpa_lightning.targets import UnsafeTargetError, check_targets
 
@@ -54,10 +50,6 @@ log = logging.getLogger(__name__)
 # Errors a user fixes by changing data, config or LR: reported as one line (in multirun the job is marked failed).
 USER_ERRORS = (DataError, PretrainedUnavailable, RunSetupError, NonFiniteLossError, NonFiniteCheckpointError,
                UnsafeTargetError, FrozenStageError)
-
-
-def plain(node) -> object:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def prepare_datamodule(cfg: DictConfig) -> HPADataModule:
@@ -99,29 +91,6 @@ def device_description(trainer: L.Trainer) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
-
-
-def write_predictions(path: Path, ids: list[str], probs: np.ndarray, targets: np.ndarray,
-                      decisions: np.ndarray) -> None:
-    frame = pd.DataFrame({"Id": ids})
-    frame = pd.concat([frame,
-                       pd.DataFrame(probs, columns=[f"prob_{c}" for c in range(probs.shape[1])]),
-                       pd.DataFrame(targets.astype(np.uint8), columns=[f"true_{c}" for c in range(probs.shape[1])])],
-                      axis=1)
-    frame["Predicted"] = [" ".join(str(c) for c in np.flatnonzero(row)) for row in decisions]
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6f")
-
-
-def split_summary(result: dict[str, np.ndarray], thresholds: np.ndarray, ensure_one: bool,
-                  min_positives: int) -> dict:
-    summary = metrics.summarize(result["targets"], result["probs"], thresholds=thresholds, ensure_one=ensure_one)
-    positives = result["targets"].sum(axis=0)
-    common = positives >= min_positives
-    per_class = np.asarray(summary["per_class_f1"])
-    summary["positives_per_class"] = positives.astype(int).tolist()
-    summary[f"macro_f1_classes_ge{min_positives}"] = float(per_class[common].mean()) if common.any() else None
-    return summary
 
 
 def check_saved_config(cfg: DictConfig) -> None:
@@ -252,19 +221,7 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
                       best: str | None, wall_time: float, timings: dict[str, float] | None = None,
                       attempts: list[dict] | None = None, finetune_auto: list[str] | None = None) -> dict:
     val, test = module.epoch_results["val"], module.epoch_results["test"]
-    thr_cfg = cfg.thresholds
-    min_positives = int(thr_cfg.get("min_positives", 1))
-    thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=float(thr_cfg.default),
-                                         min_positives=min_positives)
-    ensure_one = bool(thr_cfg.ensure_one)
-    write_json_atomic(run_dir / layout.THRESHOLDS, metrics.threshold_record(
-        thresholds, val["targets"], list(CLASS_NAMES), float(thr_cfg.default), min_positives, ensure_one))
-    decisions = metrics.decide(test["probs"], thresholds, ensure_one=ensure_one)
-    write_predictions(run_dir / layout.TEST_PREDICTIONS, datamodule.ids(test["rows"]), test["probs"], test["targets"],
-                      decisions)
-    shutil.copyfile(datamodule.split.path / layout.SPLIT, run_dir / layout.SPLIT)
-    (run_dir / layout.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
+    evaluation = write_evaluation(cfg, run_dir, val, test, datamodule.ids(test["rows"]), datamodule.split.path)
     min_pos = int(cfg.get("report_min_positives", 20))
     epochs_done = trainer.current_epoch
     results = {
@@ -298,21 +255,11 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         "data": {"root": str(datamodule.root), "store": str(datamodule.store.path), **datamodule.sources_summary(),
                  "split": {n: len(datamodule.datasets[n]) for n in ("train", "val", "test")},
                  "mean": datamodule.stats[0], "std": datamodule.stats[1]},
-        "class_names": list(CLASS_NAMES),
-        "thresholds": thresholds.tolist(),
-        "val": split_summary(val, thresholds, ensure_one, min_pos),
-        "test": split_summary(test, thresholds, ensure_one, min_pos),
+        **evaluation,
     }
-    write_json_atomic(run_dir / layout.RESULTS, results)  # written last: its presence marks a finished run
-    test_summary = results["test"]
-    common_f1 = test_summary[f"macro_f1_classes_ge{min_pos}"]
-    summary(f"\nrun folder: {run_dir}\n"
-          f"test macro F1 @0.5: {test_summary['macro_f1']:.4f}   tuned thresholds: {test_summary['macro_f1_tuned']:.4f}"
-          f"   macro ROC AUC: {metrics.format_score(test_summary['roc_auc'])}   "
-          f"macro F1 over classes with >= {min_pos} test positives: {metrics.format_score(common_f1)}"
-          + (f"\ntime: prepare {timings['prepare_s']:.0f}s  fit {timings['fit_s']:.0f}s  "
-             f"evaluate {timings['evaluate_s']:.0f}s  total {wall_time:.0f}s" if timings else ""))
-    return results
+    time_line = (f"prepare {timings['prepare_s']:.0f}s  fit {timings['fit_s']:.0f}s  evaluate "
+                 f"{timings['evaluate_s']:.0f}s  total {wall_time:.0f}s" if timings else "")
+    return write_results(run_dir, results, min_pos, time_line)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
