@@ -14,6 +14,7 @@ from torch import Tensor
 from hpa_lightning import metrics
 from hpa_lightning.augment import DeviceTransform
 from hpa_lightning.classes import CLASS_NAMES, NUM_CLASSES
+from hpa_lightning.inference import safe_torch_load  # the one reader of checkpoint files
 from hpa_lightning.model import parameter_groups
 from hpa_lightning.targets import check_targets
 
@@ -169,7 +170,7 @@ class HPAModule(L.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> HPAModule:
         """Load for inference: weights only (no pickled code), only allowlisted `_target_`s, and never re-fetch
         pretrained weights."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = safe_torch_load(Path(path), map_location)
         hparams = dict(checkpoint["hyper_parameters"])
         check_targets(hparams, str(path), "hyper_parameters")
         hparams["model"] = {**hparams["model"], "pretrained": False}
@@ -183,7 +184,7 @@ class HPAModule(L.LightningModule):
         `weights_only=True` and name only allowlisted `_target_`s (Lightning itself instantiates whatever it holds)."""
         if hparams_file is not None:
             raise ValueError(f"{hparams_file}: hparams_file is not supported; checkpoints carry their hyperparameters")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        checkpoint = safe_torch_load(Path(checkpoint_path))
         check_targets(checkpoint.get("hyper_parameters", {}), str(checkpoint_path), "hyper_parameters")
         check_targets(kwargs, "load_from_checkpoint arguments")
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
