@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from hpa_lightning.pack import PackedStore, Split, build_store, prepare_split, store_path
+from hpa_lightning.pack import PackedStore, build_store, store_path
 from hpa_lightning.sources import DataError, parse_sources
+from hpa_lightning.split import Split, prepare_split
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from hpa_lightning.baseline import (
 )
 from hpa_lightning.baseline import run_baseline as run_baseline_in_process
 from hpa_lightning.classes import CLASS_NAMES
-from hpa_lightning.pack import channel_stats
+from hpa_lightning.split import channel_stats
 from tests.conftest import REPO, assert_metrics_equal_sklearn
 
 TINY_DATA = ["data.synthetic.n=240", "data.synthetic.size=48", "data.image_size=32", "data.num_workers=0"]

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from hpa_lightning.pack import build_store, prepare_split
+from hpa_lightning.pack import build_store
 from hpa_lightning.sources import DataError
+from hpa_lightning.split import prepare_split
 from hpa_lightning.synth import generate
 from tests.test_formats import rgb_plane_jpg
 

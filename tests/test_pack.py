@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from hpa_lightning.classes import KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES
-from hpa_lightning.pack import PackedStore, build_store, channel_stats, prepare_split, stratified_split
+from hpa_lightning.pack import PackedStore, build_store
 from hpa_lightning.sources import DataError, load_sample
+from hpa_lightning.split import channel_stats, prepare_split, stratified_split
 from tests.conftest import REPO
 
 
