@@ -29,6 +29,7 @@ from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES, EXIT_TERMINATED, hydra_task, run_hydra
 from hpa_lightning.datamodule import HPADataModule
 from hpa_lightning.finetune import FrozenStageError, resolve_recipe
+from hpa_lightning.inference import safe_torch_load
 from hpa_lightning.losses import positive_class_weights
 from hpa_lightning.model import PretrainedUnavailable
 from hpa_lightning.module import HPAModule, NonFiniteLossError
@@ -131,7 +132,7 @@ def train(cfg: DictConfig) -> dict:
     interrupt = next((c for c in callbacks if isinstance(c, InterruptCheckpoint)), None)
     loggers = build_loggers(cfg)
     if resume_from:
-        continue_csv_logs(loggers, int(torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"]))
+        continue_csv_logs(loggers, int(safe_torch_load(Path(resume_from))["global_step"]))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     environ_before = dict(os.environ)
