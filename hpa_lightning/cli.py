@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from hpa_lightning.errors import UsageError
 from hpa_lightning.resources import register_resolvers
 
 register_resolvers()  # before Hydra composes a config that uses them
@@ -26,8 +27,6 @@ EXIT_TERMINATED = 143
 ENV_SAVED_OVERRIDES = "HPA_SAVED_OVERRIDES"
 
 
-class UsageError(ValueError):
-    """A bad command line; the message is one line naming the argument."""
 
 
 def fail(message: object) -> NoReturn:

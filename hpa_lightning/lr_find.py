@@ -8,71 +8,14 @@ Writes lr_find.csv (lr, loss), lr_find.png (log x axis, suggestion marked) and l
 
 from __future__ import annotations
 
-import math
 import sys
-from pathlib import Path
 
 import hydra
-import lightning as L
-import pandas as pd
-from hydra.utils import instantiate
-from lightning.pytorch.tuner import Tuner
 from omegaconf import DictConfig
 
-from hpa_lightning import layout
 from hpa_lightning.cli import hydra_task, run_hydra
-from hpa_lightning.files import write_json_atomic
-from hpa_lightning.train import USER_ERRORS, build_module, prepare_datamodule, resolve_finetune
-
-
-def plot_lr_curve(frame: pd.DataFrame, suggestion: float | None, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(frame["lr"], frame["loss"])
-    if suggestion is not None:
-        at = frame.iloc[(frame["lr"] - suggestion).abs().argmin()]
-        ax.plot([suggestion], [at["loss"]], "o", color="red", label=f"suggested lr = {suggestion:.2e}")
-        ax.legend()
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("training loss (smoothed)")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def lr_find(cfg: DictConfig) -> dict:
-    run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
-    resolve_finetune(cfg)  # the LR groups of the run this range test is for
-    datamodule = prepare_datamodule(cfg)
-    module = build_module(cfg, datamodule)
-    # The sweep lasts num_training steps, however many epochs of a small dataset that takes.
-    steps_per_epoch = max(1, len(datamodule.train_dataloader()))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
-                                     default_root_dir=str(run_dir),
-                                     max_epochs=math.ceil(cfg.lr_find.num_training / steps_per_epoch) + 1)
-    settings = cfg.lr_find
-    finder = Tuner(trainer).lr_find(module, datamodule=datamodule, min_lr=settings.min_lr, max_lr=settings.max_lr,
-                                    num_training=settings.num_training, mode="exponential",
-                                    early_stop_threshold=settings.early_stop_threshold, update_attr=False)
-    frame = pd.DataFrame(finder.results)[["lr", "loss"]]
-    suggestion = finder.suggestion(skip_begin=settings.skip_begin, skip_end=settings.skip_end)
-    frame.to_csv(run_dir / "lr_find.csv", index=False)
-    plot_lr_curve(frame, suggestion, run_dir / "lr_find.png", f"LR range test: {cfg.experiment_name}")
-    summary = {"experiment": cfg.experiment_name, "model": cfg.model.name, "suggested_lr": suggestion,
-               "min_lr": settings.min_lr, "max_lr": settings.max_lr, "num_points": len(frame)}
-    write_json_atomic(run_dir / layout.LR_FIND, summary)
-    shown = f"{suggestion:.3g}" if suggestion is not None else "none (too few points; raise lr_find.num_training)"
-    print(f"\nsuggested learning rate: {shown}\nrun folder: {run_dir}  (lr_find.png, lr_find.csv)\n"
-          f"use it with: optimizer.lr={suggestion:.3g}" if suggestion else f"\nsuggested learning rate: {shown}")
-    return summary
+from hpa_lightning.errors import UserError
+from hpa_lightning.training.lr_find import lr_find
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lr_find")
@@ -80,7 +23,7 @@ def lr_find(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     try:
         return lr_find(cfg)["suggested_lr"]
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -2,8 +2,8 @@
 
 Hydra builds objects from `_target_` strings by importing modules and then walking attributes, so a name that merely
 starts with a trusted prefix proves nothing: `torch.nn.functional.torch.load` is `torch.load`, and
-`hpa_lightning.pack.Path.write_text` is `pathlib.Path.write_text`. A `_target_` from a file is therefore resolved and
-the resolved object compared, by identity, with this explicit list of what the project's configs name.
+`hpa_lightning.data.store.Path.write_text` is `pathlib.Path.write_text`. A `_target_` from a file is therefore
+resolved and the resolved object compared, by identity, with this explicit list of what the project's configs name.
 """
 
 from __future__ import annotations
@@ -11,43 +11,53 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 
+from hpa_lightning.errors import UnsafeTargetError
+
 # Exactly what conf/ names (tests/test_targets.py keeps the two in step). To make a new loss, optimizer or schedule
 # loadable from checkpoints, add its dotted name here.
 ALLOWED_TARGETS: tuple[str, ...] = (
     # losses, optimizers and schedules: stored in every checkpoint's hyperparameters
-    "hpa_lightning.losses.FocalLoss",
-    "hpa_lightning.losses.bce_loss",
+    "hpa_lightning.models.losses.FocalLoss",
+    "hpa_lightning.models.losses.bce_loss",
     "torch.optim.SGD",
     "torch.optim.AdamW",
     "torch.optim.Adam",
-    "hpa_lightning.schedulers.sgdr",
-    "hpa_lightning.schedulers.cosine",
-    "hpa_lightning.schedulers.constant",
-    "hpa_lightning.model.create_model",
+    "hpa_lightning.models.schedulers.sgdr",
+    "hpa_lightning.models.schedulers.cosine",
+    "hpa_lightning.models.schedulers.constant",
+    "hpa_lightning.models.net.create_model",
     # the rest of a run's configuration: data, trainer, callbacks, loggers, Hydra callbacks, baseline estimators
-    "hpa_lightning.datamodule.HPADataModule",
+    "hpa_lightning.data.datamodule.HPADataModule",
     "lightning.pytorch.Trainer",
     "lightning.pytorch.callbacks.ModelCheckpoint",
-    "hpa_lightning.finetune.FreezeBackbone",
-    "hpa_lightning.callbacks.LRTrace",
-    "hpa_lightning.reliability.RNGState",
-    "hpa_lightning.reliability.FiniteCheckpointGuard",
-    "hpa_lightning.reliability.InterruptCheckpoint",
+    "hpa_lightning.training.callbacks.FreezeBackbone",
+    "hpa_lightning.training.callbacks.LRTrace",
+    "hpa_lightning.training.callbacks.RNGState",
+    "hpa_lightning.training.callbacks.FiniteCheckpointGuard",
+    "hpa_lightning.training.callbacks.InterruptCheckpoint",
     "lightning.pytorch.loggers.CSVLogger",
     "lightning.pytorch.loggers.WandbLogger",
     "lightning.pytorch.loggers.TensorBoardLogger",
     "lightning.pytorch.loggers.MLFlowLogger",
-    "hpa_lightning.rerun_failed.ControllerHydraConfig",
-    "hpa_lightning.slurm.ReportPendingJobs",
+    "hpa_lightning.runs.hydra_callbacks.ControllerHydraConfig",
+    "hpa_lightning.runs.hydra_callbacks.ReportPendingJobs",
     "sklearn.ensemble.RandomForestClassifier",
     "sklearn.linear_model.LogisticRegression",
 )
+# The names under which checkpoints written before the package was laid out in subpackages store their model, loss
+# and schedule: read as the names they became, so those checkpoints keep loading (and are saved again under the new).
+RENAMED_TARGETS: dict[str, str] = {
+    "hpa_lightning.losses.FocalLoss": "hpa_lightning.models.losses.FocalLoss",
+    "hpa_lightning.losses.bce_loss": "hpa_lightning.models.losses.bce_loss",
+    "hpa_lightning.schedulers.sgdr": "hpa_lightning.models.schedulers.sgdr",
+    "hpa_lightning.schedulers.cosine": "hpa_lightning.models.schedulers.cosine",
+    "hpa_lightning.schedulers.constant": "hpa_lightning.models.schedulers.constant",
+    "hpa_lightning.model.create_model": "hpa_lightning.models.net.create_model",
+}
 # Packages whose import has no side effects worth fearing: only names under them are resolved at all.
 _IMPORTABLE_ROOTS = ("hpa_lightning", "torch", "lightning", "sklearn")
 
 
-class UnsafeTargetError(ValueError):
-    """A `_target_` outside the allowlist; the message is one line naming the file and the key."""
 
 
 @functools.cache
@@ -61,6 +71,7 @@ def resolve_allowed(target: object, where: str) -> str:
     """The allowlisted name `target` stands for; `UnsafeTargetError` naming `where` for anything else."""
     if not isinstance(target, str):
         raise UnsafeTargetError(f"{where}: _target_ must be a dotted name, got {type(target).__name__}")
+    target = RENAMED_TARGETS.get(target, target)
     if target in ALLOWED_TARGETS:
         return target
     if target.split(".", 1)[0] in _IMPORTABLE_ROOTS:
@@ -94,6 +105,16 @@ def iter_targets(node: object, key: str = "") -> Iterator[tuple[str, object]]:
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
             yield from iter_targets(value, f"{key}[{i}]")
+
+
+def canonical_targets(node: object) -> object:
+    """A copy of a tree of dicts and lists with every renamed `_target_` (RENAMED_TARGETS) under its current name."""
+    if isinstance(node, dict):
+        return {key: (RENAMED_TARGETS.get(value, value) if key == "_target_" and isinstance(value, str)
+                      else canonical_targets(value)) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return type(node)(canonical_targets(value) for value in node)
+    return node
 
 
 def check_targets(node: object, source: str, key: str = "") -> None:

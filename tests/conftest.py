@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
 from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
@@ -29,6 +32,26 @@ def write_kaggle_folder(root: Path, targets: dict[str, str], size: int = 16, see
             pixels = rng.integers(0, 256, (size, size), dtype=np.uint8)
             Image.fromarray(pixels, mode="L").save(root / "train" / f"{sample_id}_{channel}.png")
     return root
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train"):
+    """The real conf/ composed as the entry point `config_name` composes it (Hydra's node included)."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.fixture(scope="session")
+def train_config():
+    """The training entry point's default configuration, composed once per session (read it, don't change it)."""
+    return compose_config()
+
+
+def run_train(args: list[str], cache: Path, cwd: Path, timeout: int = 600,
+              module: str = "hpa_lightning.train") -> subprocess.CompletedProcess:
+    """An entry point (`python -m module args`) in a subprocess, offline, with the session's data cache."""
+    env = {**os.environ, "HPA_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

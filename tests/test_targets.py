@@ -17,13 +17,14 @@ import pytest
 import torch
 import yaml
 
-from hpa_lightning.inference import load_model
-from hpa_lightning.module import HPAModule
-from hpa_lightning.targets import ALLOWED_TARGETS, UnsafeTargetError, check_targets, iter_targets, resolve_allowed
+from hpa_lightning.errors import UnsafeTargetError
+from hpa_lightning.inference.load import load_model
+from hpa_lightning.models.module import HPAModule
+from hpa_lightning.targets import ALLOWED_TARGETS, check_targets, iter_targets, resolve_allowed
 from tests.conftest import REPO
 
 MODEL = {"name": "resnet18", "pretrained": False}
-LOSS = {"_target_": "hpa_lightning.losses.FocalLoss", "name": "focal", "gamma": 0.2}
+LOSS = {"_target_": "hpa_lightning.models.losses.FocalLoss", "name": "focal", "gamma": 0.2}
 OPTIMIZER = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
 
 
@@ -43,10 +44,11 @@ def payloads(marker: Path) -> dict[str, dict]:
     return {
         "torch.load": {"_target_": "torch.nn.functional.torch.load", "weights_only": False,
                        "f": {"_target_": "torch.nn.functional.torch.serialization.io.BytesIO", "_args_": [pickled]}},
-        "Path.write_text": {"_target_": "hpa_lightning.pack.Path.write_text",
-                            "_args_": [{"_target_": "hpa_lightning.pack.Path", "_args_": [str(marker)]}, "pwned"]},
-        "os.system": {"_target_": "hpa_lightning.pack.os.system", "_args_": [f"touch {marker}"]},
-        "subprocess": {"_target_": "hpa_lightning.rerun_failed.subprocess.call", "_args_": [["touch", str(marker)]]},
+        "Path.write_text": {"_target_": "hpa_lightning.data.store.Path.write_text",
+                            "_args_": [{"_target_": "hpa_lightning.data.store.Path", "_args_": [str(marker)]},
+                                       "pwned"]},
+        "os.system": {"_target_": "hpa_lightning.data.store.os.system", "_args_": [f"touch {marker}"]},
+        "subprocess": {"_target_": "hpa_lightning.runs.rerun.subprocess.call", "_args_": [["touch", str(marker)]]},
     }
 
 
@@ -74,6 +76,32 @@ def test_good_checkpoint_loads_both_ways(good_checkpoint: tuple[Path, dict]) -> 
     assert HPAModule.load_from_checkpoint(path, map_location="cpu").hparams.loss["gamma"] == 0.2
 
 
+def test_checkpoints_of_the_flat_layout_still_load(good_checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    """Checkpoints written before the package had subpackages name `hpa_lightning.losses.FocalLoss`,
+    `hpa_lightning.schedulers.*` and `hpa_lightning.model.create_model`: they load, and are saved again under the
+    current names; a path through an old name to anything else stays refused."""
+    _, checkpoint = good_checkpoint
+    old = {**checkpoint["hyper_parameters"],
+           "model": {"_target_": "hpa_lightning.model.create_model", **MODEL},
+           "loss": {**LOSS, "_target_": "hpa_lightning.losses.FocalLoss"},
+           "scheduler": {"_target_": "hpa_lightning.schedulers.sgdr", "_partial_": True, "name": "sgdr",
+                         "cycle": 1.0, "cycle_mult": 2.0}}
+    path = tmp_path / "flat-layout.ckpt"
+    torch.save({**checkpoint, "hyper_parameters": old}, path)
+    for module in (HPAModule.from_checkpoint(path), HPAModule.load_from_checkpoint(path, map_location="cpu")):
+        assert module.hparams.loss["_target_"] == "hpa_lightning.models.losses.FocalLoss"
+        assert module.hparams.scheduler["_target_"] == "hpa_lightning.models.schedulers.sgdr"
+        assert module.hparams.model["_target_"] == "hpa_lightning.models.net.create_model"
+        assert type(module.criterion).__name__ == "FocalLoss" and module.criterion.gamma == pytest.approx(0.2)
+        assert torch.equal(module.state_dict()["net.fc.weight"], checkpoint["state_dict"]["net.fc.weight"])
+    (tmp_path / "results.json").write_text('{"image_size": 32}')
+    assert load_model(path).architecture == "resnet18"
+    for name in ("hpa_lightning.losses.torch.load", "hpa_lightning.losses.FocalLoss.__init__.__globals__",
+                 "hpa_lightning.model.os.system"):
+        with pytest.raises(UnsafeTargetError):
+            resolve_allowed(name, "old")
+
+
 @pytest.mark.parametrize("loader", ["from_checkpoint", "load_from_checkpoint"])
 @pytest.mark.parametrize("node", ["model", "loss", "optimizer", "scheduler"])
 @pytest.mark.parametrize("attack", ["torch.load", "Path.write_text", "os.system", "subprocess"])
@@ -91,7 +119,7 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(good_checkpoint: tuple[P
 @pytest.mark.parametrize("attack", ["torch.load", "os.system"])
 def test_inference_and_export_never_instantiate_checkpoint_nodes(good_checkpoint: tuple[Path, dict],
                                                                  tmp_path: Path, attack: str) -> None:
-    from hpa_lightning.export import export_model
+    from hpa_lightning.inference.export import export_model
 
     marker = tmp_path / "pwned"
     path = crafted(tmp_path, good_checkpoint[1], "loss", payloads(marker)[attack])
@@ -104,8 +132,9 @@ def test_inference_and_export_never_instantiate_checkpoint_nodes(good_checkpoint
 
 def test_aliases_of_allowed_callables_resolve_and_lookalikes_do_not() -> None:
     assert resolve_allowed("torch.optim.sgd.SGD", "x") == "torch.optim.SGD"  # the same class by another path
-    for name in ("torch.nn.functional.torch.load", "hpa_lightning.losses.torch.load", "os.system",
-                 "builtins.eval", "torch.optim.SGD.__init__", "hpa_lightning.losses.FocalLoss.__init__.__globals__"):
+    for name in ("torch.nn.functional.torch.load", "hpa_lightning.models.losses.torch.load", "os.system",
+                 "builtins.eval", "torch.optim.SGD.__init__",
+                 "hpa_lightning.models.losses.FocalLoss.__init__.__globals__"):
         with pytest.raises(UnsafeTargetError):
             resolve_allowed(name, "x")
     with pytest.raises(UnsafeTargetError, match="interp"):
@@ -122,8 +151,9 @@ def conf_targets() -> set[str]:
 
 
 def test_allowlist_is_exactly_what_the_configs_name() -> None:
-    shipped = conf_targets() | {"hpa_lightning.rerun_failed.ControllerHydraConfig", "hpa_lightning.losses.bce_loss",
-                                "torch.optim.Adam", "hpa_lightning.slurm.ReportPendingJobs"}
+    shipped = conf_targets() | {"hpa_lightning.runs.hydra_callbacks.ControllerHydraConfig",
+                                "hpa_lightning.models.losses.bce_loss",
+                                "torch.optim.Adam", "hpa_lightning.runs.hydra_callbacks.ReportPendingJobs"}
     assert shipped == set(ALLOWED_TARGETS)
     for name in ALLOWED_TARGETS:
         assert resolve_allowed(name, "conf") == name
@@ -160,7 +190,7 @@ def test_rerun_of_a_crafted_job_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     job = tmp_path / "sweep" / "0"
     write_failed_run(job, ["+experiment=focal_g02", "+preset=tiny",
-                           "+callbacks.evil._target_=hpa_lightning.pack.os.system",
+                           "+callbacks.evil._target_=hpa_lightning.data.store.os.system",
                            f"+callbacks.evil._args_=['touch {marker}']"])
     (job / "status.json").write_text('{"status": "failed", "error": "x"}')
     proc = run_module("hpa_lightning.rerun_failed", [str(tmp_path / "sweep")], tmp_path / "cache")

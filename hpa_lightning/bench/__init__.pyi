@@ -1,0 +1,26 @@
+from .augment import bench_augment
+from .common import PROFILES, SECTIONS, TARGETS, Profile
+from .datasets import tiled_dataset
+from .gpu import bench_gpu
+from .loading import bench_loading
+from .overhead import bench_overhead, project_recipe
+from .packing import bench_packing
+from .report import render_report
+from .run import main, quiet_libraries
+
+__all__ = [
+    "PROFILES",
+    "Profile",
+    "SECTIONS",
+    "TARGETS",
+    "bench_augment",
+    "bench_gpu",
+    "bench_loading",
+    "bench_overhead",
+    "bench_packing",
+    "main",
+    "project_recipe",
+    "quiet_libraries",
+    "render_report",
+    "tiled_dataset",
+]

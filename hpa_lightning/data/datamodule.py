@@ -1,0 +1,168 @@
+"""LightningDataModule over the packed store: yields uint8 RGBY tensors, float multi-hot targets and row indices."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from hpa_lightning.data.loader import PackedDataset, ThreadedDataLoader, collate_batch
+from hpa_lightning.data.sources import parse_sources
+from hpa_lightning.data.split import Split, prepare_split
+from hpa_lightning.data.store import PackedStore, build_store, store_path
+from hpa_lightning.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def repeat_factors(labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Per-sample repeat factors for rare-class oversampling (repeat factor sampling, Gupta et al., LVIS 2019).
+
+    A class seen in a fraction f of training samples gets r_c = max(1, sqrt(threshold / f)); a sample is repeated as
+    often as its rarest class asks, r_i = max over its classes of r_c.
+    """
+    frequency = labels.mean(axis=0)
+    with np.errstate(divide="ignore"):
+        class_factor = np.where(frequency > 0, np.sqrt(threshold / np.maximum(frequency, 1e-12)), 1.0)
+    class_factor = np.maximum(1.0, class_factor)
+    return np.max(np.where(labels > 0, class_factor[None, :], 1.0), axis=1)
+
+
+class HPADataModule(L.LightningDataModule):
+    """Kaggle-layout folder (or the built-in synthetic generator) -> packed store + stratified split -> loaders.
+
+    Args:
+        root: folder with `train.csv` and the image folder. With `synthetic` set, the generator fills it once.
+        synthetic: generator settings `{n, seed, size}`, or None for real data.
+        image_size: side of the packed square images (the training resolution).
+        cache_dir: where packed stores live.
+        split: `{seed, val_fraction, test_fraction}` of the multilabel-stratified split.
+        num_workers: threads (worker_type=thread, the default: batches read into recycled or pinned buffers by
+            threads of this process) or DataLoader worker processes (worker_type=process) that read batches.
+        oversample: draw training samples with replacement in proportion to `repeat_factors(oversample_threshold)`,
+            so an epoch holds about sum(r_i) samples and rare classes are seen r_c times as often.
+    """
+
+    def __init__(self, root: object, image_size: int = 512, cache_dir: str = ".cache/stores", image_dir: str = "train",
+                 synthetic: dict | None = None, split: dict | None = None, batch_size: int = 32,
+                 eval_batch_size: int | None = None, num_workers: int = 2, worker_type: str = "thread",
+                 pin_memory: bool = True, persistent_workers: bool = True, pack_workers: int | None = None,
+                 max_samples: int | None = None, oversample: bool = False, oversample_threshold: float = 0.05,
+                 on_bad_sample: str = "error", max_bad_fraction: float = 0.01, sixteen_bit: str = "divide",
+                 duplicates: str = "drop", duplicate_distance: int = 3):
+        super().__init__()
+        if not isinstance(root, (str, Path)):  # several sources (a Hydra ListConfig): plain containers
+            from omegaconf import OmegaConf
+
+            root = OmegaConf.to_container(root) if OmegaConf.is_config(root) else list(root)
+        self.sources = parse_sources(root, image_dir)
+        self.root_spec = root
+        self.root = self.sources[0].root  # the synthetic data's folder, and the first source
+        self.image_size = int(image_size)
+        self.cache_dir = Path(cache_dir)
+        self.image_dir = image_dir
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.split_cfg = {"seed": 42, "val_fraction": 0.1, "test_fraction": 0.1, **(split or {})}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        if worker_type not in ("thread", "process"):
+            raise DataError(f"data.worker_type: {worker_type!r} is not one of thread, process")
+        self.num_workers = num_workers
+        self.worker_type = worker_type
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.pack_workers = pack_workers
+        self.max_samples = max_samples
+        self.oversample = oversample
+        self.oversample_threshold = oversample_threshold
+        self.on_bad_sample = on_bad_sample
+        self.max_bad_fraction = max_bad_fraction
+        self.sixteen_bit = sixteen_bit
+        self.duplicates, self.duplicate_distance = duplicates, duplicate_distance
+        self.store: PackedStore | None = None
+        self.split: Split | None = None
+        self.datasets: dict[str, PackedDataset] = {}
+
+    def prepare_data(self) -> None:
+        if self.synthetic and not (self.root / "train.csv").is_file():
+            from hpa_lightning.data.synth.dataset import generate
+
+            log.info("generating synthetic HPA data (%s) into %s", self.synthetic, self.root)
+            try:
+                generate(self.root, **self.synthetic)
+            except FileExistsError:
+                pass  # a concurrent job generated it first
+        store = build_store(self.root_spec, self.image_size, self.cache_dir, self.image_dir,
+                            workers=self.pack_workers, progress=True, on_bad_sample=self.on_bad_sample,
+                            max_bad_fraction=self.max_bad_fraction, sixteen_bit=self.sixteen_bit,
+                            duplicates=self.duplicates, duplicate_distance=self.duplicate_distance)
+        prepare_split(store, **self.split_cfg)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.store is not None:
+            return
+        self.store = PackedStore.open(store_path(self.root_spec, self.image_size, self.cache_dir, self.image_dir,
+                                                 self.on_bad_sample, sixteen_bit=self.sixteen_bit,
+                                                 duplicates=self.duplicates))
+        self.split = prepare_split(self.store, **self.split_cfg)
+        for name in ("train", "val", "test"):
+            indices = self.split.indices(name)
+            if self.max_samples:  # quick experiments: a deterministic subset of each split
+                indices = indices[: max(1, int(self.max_samples * len(indices) / len(self.store)))]
+            self.datasets[name] = PackedDataset(self.store, indices,
+                                                pin_memory=self.pin_memory and self.worker_type == "thread")
+
+    def sources_summary(self) -> dict:
+        """The store's sources (folders, samples read, samples kept) and its duplicates, for results.json."""
+        assert self.store is not None, "setup() first"
+        meta = json.loads((self.store.path / "meta.json").read_text())
+        return {"sources": meta.get("sources", [{"root": str(self.root), "samples": len(self.store),
+                                                 "kept": len(self.store)}]),
+                "duplicates": {key: meta.get("duplicates", {}).get(key, 0 if key == "pairs" else self.duplicates)
+                               for key in ("policy", "pairs")}}
+
+    @property
+    def stats(self) -> tuple[list[float], list[float]]:
+        assert self.split is not None, "setup() first"
+        return self.split.mean, self.split.std
+
+    def ids(self, rows: np.ndarray) -> list[str]:
+        assert self.store is not None, "setup() first"
+        return [self.store.ids[r] for r in rows]
+
+    def train_labels(self) -> np.ndarray:
+        assert self.store is not None, "setup() first"
+        return self.store.labels[self.datasets["train"].indices]
+
+    def train_sampler(self) -> WeightedRandomSampler | None:
+        if not self.oversample:
+            return None
+        factors = repeat_factors(self.train_labels(), self.oversample_threshold)
+        # Lightning wraps this in a DistributedSamplerWrapper under DDP; the global seed makes the draws repeatable.
+        return WeightedRandomSampler(torch.from_numpy(factors), num_samples=int(round(factors.sum())),
+                                     replacement=True)
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        sampler = self.train_sampler() if train else None
+        threads = self.worker_type == "thread"
+        return ThreadedDataLoader(
+            self.datasets[name], batch_size=self.batch_size if train else self.eval_batch_size,
+            collate_fn=collate_batch, shuffle=train and sampler is None, sampler=sampler,
+            drop_last=train and len(self.datasets[name]) > self.batch_size,
+            read_threads=self.num_workers if threads else 0, num_workers=0 if threads else self.num_workers,
+            pin_memory=self.pin_memory and not threads,  # threads read into pinned memory directly
+            persistent_workers=self.persistent_workers and not threads)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

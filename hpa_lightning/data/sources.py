@@ -1,0 +1,253 @@
+"""Reading a dataset in the Kaggle HPA 2018 layout: `train.csv` (Id,Target) plus `{Id}_{red,green,blue,yellow}.*`.
+
+Every problem is reported as a `DataError` whose message is one line naming the file, row or key at fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from hpa_lightning.classes import CHANNELS, NUM_CLASSES
+from hpa_lightning.errors import DataError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+REQUIRED_COLUMNS = ("Id", "Target")
+
+
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    ids: list[str]
+    targets: list[str]  # the original Target strings, kept for round-tripping
+    labels: np.ndarray  # (N, NUM_CLASSES) uint8 multi-hot
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def parse_target(target: object, where: str) -> list[int]:
+    if not isinstance(target, str) or not target.strip():
+        raise DataError(f"{where}: empty Target")
+    classes = []
+    for token in target.split():
+        try:
+            value = int(token)
+        except ValueError:
+            raise DataError(f"{where}: label {token!r} is not an integer in 0..{NUM_CLASSES - 1}") from None
+        if not 0 <= value < NUM_CLASSES:
+            raise DataError(f"{where}: label {value} out of range 0..{NUM_CLASSES - 1}")
+        classes.append(value)
+    return classes
+
+
+def check_id(sample_id: object, where: str) -> str:
+    # Ids become file names: anything that could leave the image folder is refused.
+    if not isinstance(sample_id, str) or not sample_id.strip():
+        raise DataError(f"{where}: empty Id")
+    if "/" in sample_id or "\\" in sample_id or ".." in sample_id or sample_id != sample_id.strip():
+        raise DataError(f"{where}: Id {sample_id!r} contains a path separator, '..' or surrounding spaces")
+    return sample_id
+
+
+def read_csv_strings(csv_path: Path, expected_columns: str) -> pd.DataFrame:
+    """A CSV as strings (empty cells stay ""); unreadable or empty files become one-line DataErrors."""
+    try:
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{csv_path}: empty CSV, expected columns {expected_columns}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"{csv_path}: not a readable CSV ({str(err).splitlines()[0]})") from None
+
+
+def read_label_table(csv_path: str | Path) -> LabelTable:
+    """Read and validate `train.csv`; row numbers in messages are file line numbers (header = line 1)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: file not found")
+    frame = read_csv_strings(csv_path, "Id,Target")
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if {"ID", "Label"} <= set(frame.columns) and missing:
+        raise DataError(f"{csv_path}: an HPA 2021 single-cell competition CSV (ID,Label: '|'-separated labels over "
+                        f"its 19 classes), not the Kaggle 2018 layout this trains on (Id,Target: space-separated "
+                        f"labels over 28 classes); the class sets differ, so map the labels to the 2018 classes "
+                        f"and write Id,Target")
+    if missing:
+        found = ", ".join(map(str, frame.columns))
+        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)} (found {found})")
+    if frame.empty:
+        raise DataError(f"{csv_path}: no samples (header only)")
+    labels = np.zeros((len(frame), NUM_CLASSES), dtype=np.uint8)
+    first_line: dict[str, int] = {}
+    ids = frame["Id"].tolist()
+    targets = frame["Target"].tolist()
+    for row, (sample_id, target) in enumerate(zip(ids, targets, strict=True)):
+        line = row + 2
+        where = f"{csv_path} row {line}"
+        check_id(sample_id, where)
+        if sample_id in first_line:
+            raise DataError(f"{where}: duplicate Id {sample_id} (first at row {first_line[sample_id]})")
+        first_line[sample_id] = line
+        labels[row, parse_target(target, f"{where} (Id {sample_id})")] = 1
+    return LabelTable(ids=ids, targets=targets, labels=labels)
+
+
+def channel_path(image_dir: Path, sample_id: str, channel: str) -> Path:
+    for ext in IMAGE_EXTENSIONS:
+        candidate = image_dir / f"{sample_id}_{channel}{ext}"
+        if candidate.is_file():
+            return candidate
+    tried = "/".join(IMAGE_EXTENSIONS)
+    raise DataError(f"{image_dir / (sample_id + '_' + channel)}.png: missing channel file (tried {tried})")
+
+
+# How 16-bit channels (HPA 2021 competition PNGs, HPA website TIFFs) become 8-bit: `divide` maps value v to
+# round(v / 257), so a 16-bit copy of an 8-bit image (v * 257) packs to exactly the original bytes; `percentile`
+# stretches each image's [0.1, 99.9] percentile range to [0, 255], for low-range data (a real 2048 px HPA green
+# channel has mean 308 of 65535, which `divide` would turn into an almost black image).
+SIXTEEN_BIT_RULES = ("divide", "percentile")
+PERCENTILE_RANGE = (0.1, 99.9)
+# An RGB channel file (HPAv18 external data) carries its signal in its own colour plane(s); yellow is red + green.
+CHANNEL_PLANES = {"red": (0,), "green": (1,), "blue": (2,), "yellow": (0, 1)}
+# JPEG chroma noise leaves a few grey levels in the other planes; more than this is a composite image.
+OFF_PLANE_TOLERANCE = (0.25, 2.0)  # off-plane mean may be up to 25 % of the channel's plane mean + 2 grey levels
+
+
+def _sixteen_to_eight(array: np.ndarray, rule: str) -> np.ndarray:
+    values = array.astype(np.float64)
+    if rule == "percentile":
+        low, high = np.percentile(values, PERCENTILE_RANGE)
+        if high <= low:
+            return np.zeros(values.shape, dtype=np.uint8)
+        values = (values - low) * (255.0 / (high - low))
+        return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+
+
+def _channel_plane(rgb: np.ndarray, path: Path, channel: str) -> np.ndarray:
+    planes = CHANNEL_PLANES[channel]
+    own = rgb[..., list(planes)].astype(np.float64)
+    off = rgb[..., [i for i in range(3) if i not in planes]].astype(np.float64)
+    share, floor = OFF_PLANE_TOLERANCE
+    if off.mean() > share * own.mean() + floor:
+        raise DataError(f"{path}: an RGB composite, not a {channel} channel file (its other colour planes carry "
+                        f"signal: mean {off.mean():.1f} vs {own.mean():.1f}); HPA channel files hold their channel "
+                        f"in its own colour plane (yellow in red and green)")
+    return np.rint(own.mean(axis=-1)).astype(np.uint8) if len(planes) > 1 else own[..., 0].astype(np.uint8)
+
+
+def decode_channel(path: Path, channel: str | None = None, sixteen_bit: str = "divide") -> np.ndarray:
+    """One channel file as uint8 (H, W), whatever form HPA ships it in:
+
+    - 8-bit greyscale (`L`, Kaggle 2018 PNGs): as it is; greyscale with alpha (`LA`): the grey plane, alpha dropped.
+    - 16-bit greyscale (`I;16*`, `I`: HPA 2021 PNGs, website TIFFs): to 8 bits by `sixteen_bit` (SIXTEEN_BIT_RULES).
+    - RGB (`RGB`, `RGBA`, and palette `P` images, expanded): the plane of `channel` (CHANNEL_PLANES; HPAv18 JPGs);
+      a file whose other planes carry signal is refused as a composite.
+    - 1-bit (`1`) and float (`F`) images are refused: a mask or a computed map, not a microscopy channel.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode == "L":
+                return np.asarray(img, dtype=np.uint8)
+            if mode == "LA":
+                return np.asarray(img.getchannel("L"), dtype=np.uint8)
+            if mode.startswith("I;16") or mode == "I":
+                return _sixteen_to_eight(np.asarray(img), sixteen_bit)
+            if mode in ("RGB", "RGBA", "P", "PA"):
+                if channel is None:
+                    raise DataError(f"{path}: an RGB image, but which channel it holds is unknown")
+                return _channel_plane(np.asarray(img.convert("RGB")), path, channel)
+            kind = {"1": "a 1-bit (mask) image", "F": "a floating-point image"}.get(mode, f"mode {mode}")
+            raise DataError(f"{path}: {kind}; expected an 8- or 16-bit greyscale or an RGB channel image")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: cannot decode image ({reason})") from None
+
+
+def resize_square(channel: np.ndarray, size: int) -> np.ndarray:
+    if channel.shape == (size, size):
+        return channel
+    # reducing_gap makes large downscales (2048 px external data -> 512) average like an area filter, at bilinear cost.
+    img = Image.fromarray(channel).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_sample(image_dir: str | Path, sample_id: str, size: int, sixteen_bit: str = "divide") -> np.ndarray:
+    """Decode the four channels of one sample into a uint8 array (4, size, size) in R,G,B,Y order."""
+    image_dir = Path(image_dir)
+    channels = []
+    first_shape, first_path = None, None
+    for name in CHANNELS:
+        path = channel_path(image_dir, sample_id, name)
+        array = decode_channel(path, name, sixteen_bit)
+        if first_shape is None:
+            first_shape, first_path = array.shape, path
+        elif array.shape != first_shape:
+            raise DataError(f"{path}: size {array.shape[1]}x{array.shape[0]} differs from "
+                            f"{first_path.name} ({first_shape[1]}x{first_shape[0]})")
+        channels.append(resize_square(array, size))
+    return np.stack(channels)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One Kaggle-layout folder: its label CSV and its image folder (channel files of any supported extension)."""
+
+    root: Path
+    csv: Path
+    image_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+
+def parse_sources(root: object, image_dir: str = "train") -> list[DataSource]:
+    """`data.root` as sources: a folder, or a list of folders and/or {root, csv, image_dir} mappings (e.g. Kaggle train
+    plus HPAv18), in priority order (a duplicate is kept from the earliest source)."""
+    entries = list(root) if isinstance(root, (list, tuple)) or type(root).__name__ == "ListConfig" else [root]
+    sources = []
+    for position, entry in enumerate(entries):
+        if hasattr(entry, "get") and not isinstance(entry, (str, Path)):
+            folder = entry.get("root")
+            if not folder:
+                raise DataError(f"data.root[{position}]: a source mapping needs root (and may give csv, image_dir)")
+            folder = Path(str(folder))
+            csv = Path(str(entry.get("csv") or folder / "train.csv"))
+            images = folder / str(entry.get("image_dir") or image_dir)
+        else:
+            if entry in (None, "", "???"):
+                raise DataError("data.root: required (the folder holding train.csv and train/)")
+            folder = Path(str(entry))
+            csv, images = folder / "train.csv", folder / image_dir
+        sources.append(DataSource(root=folder, csv=csv, image_dir=images))
+    if not sources:
+        raise DataError("data.root: required (the folder holding train.csv and train/)")
+    return sources
+
+
+def read_sources(sources: list[DataSource]) -> tuple[LabelTable, np.ndarray]:
+    """The label tables of all sources, concatenated, and each row's source index; an Id in two sources is refused
+    with one line naming both places."""
+    tables = [read_label_table(source.csv) for source in sources]
+    first_seen: dict[str, tuple[int, int]] = {}
+    for index, table in enumerate(tables):
+        for row, sample_id in enumerate(table.ids):
+            if sample_id in first_seen:
+                other, other_row = first_seen[sample_id]
+                raise DataError(f"{sources[index].csv} row {row + 2}: Id {sample_id} is also {sources[other].csv} "
+                                f"row {other_row + 2}; Ids must be unique across the sources of data.root")
+            first_seen[sample_id] = (index, row)
+    merged = LabelTable(ids=[i for t in tables for i in t.ids], targets=[g for t in tables for g in t.targets],
+                        labels=np.concatenate([t.labels for t in tables]))
+    return merged, np.concatenate([np.full(len(t), index) for index, t in enumerate(tables)])
+

@@ -1,0 +1,7 @@
+"""Synthetic HPA 2018 data in the Kaggle layout; `generate` is the way in."""
+
+import lazy_loader
+
+# The public names, imported on first use (listed in __init__.pyi): `python -m hpa_lightning.pack` should not pay
+# for Lightning because this package also holds modules that need it.
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

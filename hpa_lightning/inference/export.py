@@ -1,0 +1,93 @@
+"""Writing the export folder (format and usage: hpa_lightning/export.py): safetensors weights and card.json, under a
+temporary name renamed when complete."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hpa_lightning.classes import CHANNELS
+from hpa_lightning.errors import InferenceError
+from hpa_lightning.files import temporary_sibling, write_json_atomic
+from hpa_lightning.inference.load import CARD_NAME, EXPORT_FORMAT, WEIGHTS_NAME, InferenceModel, load_model, sha256_file
+from hpa_lightning.inference.tta import TTA_VIEWS
+
+PROG = "hpa_lightning.export"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("torch", "timm", "safetensors", "lightning", "hpa_lightning"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def build_card(model: InferenceModel, weights_sha256: str) -> dict:
+    mean = model.standardize.mean.flatten().tolist()
+    std = model.standardize.std.flatten().tolist()
+    return {
+        "format": EXPORT_FORMAT,
+        "architecture": model.architecture,
+        "library": "timm",
+        "in_chans": len(CHANNELS),
+        "num_classes": model.num_classes,
+        "class_names": list(model.class_names),
+        "channels": list(CHANNELS),
+        "image_size": int(model.image_size),
+        "input": "uint8 (4, S, S) R,G,B,Y, each channel resized to S x S (PIL bilinear, reducing_gap=3); "
+                 "x / 255, then (x - mean) / std per channel; sigmoid of the logits gives probabilities",
+        "mean": mean,
+        "std": std,
+        "sixteen_bit": str(model.extra.get("sixteen_bit", "divide")),  # how 16-bit channel files become 8-bit
+        "thresholds": {name: float(t) for name, t in zip(model.class_names, model.thresholds, strict=True)},
+        "threshold_default": float(model.extra.get("threshold_default", 0.5)),
+        "ensure_one": bool(model.ensure_one),
+        "thresholds_source": model.thresholds_source,
+        "tta_views": [name for name, _ in TTA_VIEWS],
+        "source_checkpoint": str(Path(model.source).resolve()),
+        "weights_file": WEIGHTS_NAME,
+        "weights_sha256": weights_sha256,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+
+
+def export_model(source: str | Path, out: str | Path) -> Path:
+    """Write the export folder `out` from a run folder or checkpoint; returns `out`."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InferenceError(f"{out}: already exists; export never overwrites, remove it or pick another out=")
+    model = load_model(source)
+    if model.extra.get("card") is not None:
+        raise InferenceError(f"{source}: already an exported model folder")
+    if not model.image_size:
+        raise InferenceError(f"{model.source}: training image size unknown (no results.json or config.yaml in its "
+                             f"run folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(out)
+    tmp.mkdir()
+    try:
+        # Plain contiguous copies: safetensors refuses shared or strided storage.
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.net.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "architecture": model.architecture})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~umask)  # safetensors creates it owner-only
+        write_json_atomic(tmp / CARD_NAME, build_card(model, sha256_file(tmp / WEIGHTS_NAME)))
+        if out.is_dir():
+            out.rmdir()  # empty (checked above); rename cannot replace a non-empty folder anyway
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,77 @@
+"""What every finished run writes, deep model or baseline alike: thresholds tuned on val, test predictions, the split
+and config it used, val/test summaries, results.json (last: its presence marks a finished run) and a summary line."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from hpa_lightning import metrics
+from hpa_lightning.classes import CLASS_NAMES
+from hpa_lightning.files import atomic_path, write_json_atomic
+from hpa_lightning.logs import summary
+from hpa_lightning.runs import layout
+
+
+def plain(node) -> object:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def write_predictions(path: Path, ids: list[str], probs: np.ndarray, targets: np.ndarray,
+                      decisions: np.ndarray) -> None:
+    frame = pd.DataFrame({"Id": ids})
+    frame = pd.concat([frame,
+                       pd.DataFrame(probs, columns=[f"prob_{c}" for c in range(probs.shape[1])]),
+                       pd.DataFrame(targets.astype(np.uint8), columns=[f"true_{c}" for c in range(probs.shape[1])])],
+                      axis=1)
+    frame["Predicted"] = [" ".join(str(c) for c in np.flatnonzero(row)) for row in decisions]
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6f")
+
+
+def split_summary(result: dict[str, np.ndarray], thresholds: np.ndarray, ensure_one: bool,
+                  min_positives: int) -> dict:
+    summary_ = metrics.summarize(result["targets"], result["probs"], thresholds=thresholds, ensure_one=ensure_one)
+    positives = result["targets"].sum(axis=0)
+    common = positives >= min_positives
+    per_class = np.asarray(summary_["per_class_f1"])
+    summary_["positives_per_class"] = positives.astype(int).tolist()
+    summary_[f"macro_f1_classes_ge{min_positives}"] = float(per_class[common].mean()) if common.any() else None
+    return summary_
+
+
+def write_evaluation(cfg: DictConfig, run_dir: Path, val: dict[str, np.ndarray], test: dict[str, np.ndarray],
+                     test_ids: list[str], split_dir: Path) -> dict:
+    """thresholds.json (tuned on `val` as cfg.thresholds says), test_predictions.csv, split.csv and config.yaml;
+    returns the results.json entries they give: thresholds, val and test summaries."""
+    thr_cfg = cfg.get("thresholds") or {}
+    default, ensure_one = float(thr_cfg.get("default", 0.5)), bool(thr_cfg.get("ensure_one", True))
+    min_positives = int(thr_cfg.get("min_positives", 1))
+    thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=default, min_positives=min_positives)
+    write_json_atomic(run_dir / layout.THRESHOLDS, metrics.threshold_record(
+        thresholds, val["targets"], list(CLASS_NAMES), default, min_positives, ensure_one))
+    write_predictions(run_dir / layout.TEST_PREDICTIONS, test_ids, test["probs"], test["targets"],
+                      metrics.decide(test["probs"], thresholds, ensure_one=ensure_one))
+    shutil.copyfile(split_dir / layout.SPLIT, run_dir / layout.SPLIT)
+    (run_dir / layout.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    min_pos = int(cfg.get("report_min_positives", 20))
+    return {"class_names": list(CLASS_NAMES), "thresholds": thresholds.tolist(),
+            "val": split_summary(val, thresholds, ensure_one, min_pos),
+            "test": split_summary(test, thresholds, ensure_one, min_pos)}
+
+
+def write_results(run_dir: Path, results: dict, min_positives: int, time_line: str) -> dict:
+    """results.json, written last, and the closing summary (screen and run log)."""
+    write_json_atomic(run_dir / layout.RESULTS, results)
+    test = results["test"]
+    common_f1 = test[f"macro_f1_classes_ge{min_positives}"]
+    summary(f"\nrun folder: {run_dir}\n"
+            f"test macro F1 @0.5: {test['macro_f1']:.4f}   tuned thresholds: {test['macro_f1_tuned']:.4f}"
+            f"   macro ROC AUC: {metrics.format_score(test['roc_auc'])}   "
+            f"macro F1 over classes with >= {min_positives} test positives: {metrics.format_score(common_f1)}"
+            + (f"\ntime: {time_line}" if time_line else ""))
+    return results

@@ -1,0 +1,15 @@
+from .callbacks import FiniteCheckpointGuard, FreezeBackbone, InterruptCheckpoint, LRTrace, RNGState
+from .finetune import resolve_recipe
+from .run import build_module, prepare_datamodule, train
+
+__all__ = [
+    "FiniteCheckpointGuard",
+    "FreezeBackbone",
+    "InterruptCheckpoint",
+    "LRTrace",
+    "RNGState",
+    "build_module",
+    "prepare_datamodule",
+    "resolve_recipe",
+    "train",
+]

@@ -1,0 +1,180 @@
+"""One training job: data, module, callbacks, loggers, Trainer; fit, validate and test the best checkpoint;
+write the run folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from hpa_lightning.checkpoints import safe_torch_load
+from hpa_lightning.classes import CLASS_NAMES
+from hpa_lightning.cli import ENV_SAVED_OVERRIDES
+from hpa_lightning.data.datamodule import HPADataModule
+from hpa_lightning.models.losses import positive_class_weights
+from hpa_lightning.models.module import HPAModule
+from hpa_lightning.runs.attempts import AttemptLog
+from hpa_lightning.runs.outputs import plain, write_evaluation, write_results
+from hpa_lightning.runs.status import JobHooks
+from hpa_lightning.targets import check_targets
+from hpa_lightning.training.callbacks import InterruptCheckpoint
+from hpa_lightning.training.checks import check_output_dir, checkpoint_bytes, resume_checkpoint
+from hpa_lightning.training.ddp import end_ddp_job, keep_ddp_children_in_this_job
+from hpa_lightning.training.finetune import resolve_recipe
+from hpa_lightning.training.resume import continue_csv_logs, interrupt_exit_codes
+
+log = logging.getLogger(__name__)
+
+
+def prepare_datamodule(cfg: DictConfig) -> HPADataModule:
+    """Generate/pack/split up front, so bad data fails in seconds with one line, before any model is built."""
+    datamodule: HPADataModule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def loss_config(cfg: DictConfig, datamodule: HPADataModule) -> dict:
+    """The loss node with `pos_weight: auto` replaced by numbers from the train split (saved with the checkpoint)."""
+    loss = plain(cfg.loss)
+    if loss.get("pos_weight") == "auto":
+        loss["pos_weight"] = positive_class_weights(datamodule.train_labels()).round(4).tolist()
+    return loss
+
+
+def build_module(cfg: DictConfig, datamodule: HPADataModule) -> HPAModule:
+    mean, std = datamodule.stats
+    return HPAModule(model=plain(cfg.model), loss=loss_config(cfg, datamodule), optimizer=plain(cfg.optimizer),
+                     scheduler=plain(cfg.scheduler), lr_ratios=list(cfg.finetune.lr_ratios),
+                     augment=plain(cfg.augment), mean=mean, std=std, class_names=list(CLASS_NAMES))
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The `callbacks` config group, every one of them (conf/callbacks/default.yaml): nothing is added in code."""
+    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+
+
+def build_loggers(cfg: DictConfig, hooks: JobHooks) -> list:
+    """The `logger` config group, each built by the hooks (W&B: one run per job, named/grouped/configured per job)."""
+    return [hooks.build_logger(node, cfg) for node in (cfg.get("logger") or {}).values() if node is not None]
+
+
+def device_description(trainer: L.Trainer) -> str:
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def check_saved_config(cfg: DictConfig) -> None:
+    """A job relaunched by `resume` or `rerun_failed` has its configuration read back from a run folder that anyone
+    may have written: it may name only the allowlisted `_target_`s. A command line typed by the user is their own
+    and is not restricted."""
+    saved = os.environ.get(ENV_SAVED_OVERRIDES)
+    if saved:
+        check_targets(cfg, saved)
+
+
+def resolve_finetune(cfg: DictConfig) -> list[str]:
+    """Replace `auto` in cfg.finetune (see hpa_lightning.training.finetune.resolve_recipe) before anything reads
+    it; returns the keys that were auto, for results.json."""
+    pretrained = cfg.model.get("pretrained") not in (False, None, "", "false", "False")
+    frozen, ratios, auto = resolve_recipe(cfg.finetune.frozen_epochs, cfg.finetune.lr_ratios, pretrained)
+    with open_dict(cfg):
+        cfg.finetune.frozen_epochs, cfg.finetune.lr_ratios = frozen, ratios
+    if auto:
+        source = "pretrained weights" if pretrained else "no pretrained weights"
+        log.info("finetune (auto, %s): frozen_epochs=%d, lr_ratios=%s", source, frozen, [round(r, 4) for r in ratios])
+    return auto
+
+
+def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
+    started = time.time()
+    run_dir = Path(cfg.paths.output_dir)
+    check_saved_config(cfg)
+    finetune_auto = resolve_finetune(cfg)
+    resume_from = resume_checkpoint(run_dir, cfg.get("resume", False), cfg.get("ckpt_path"))
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = prepare_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    timings = {"prepare_s": time.time() - started}
+    check_output_dir(run_dir, need_bytes=2 * checkpoint_bytes(module) + 50 * 2**20)
+    callbacks = build_callbacks(cfg)
+    interrupt = next((c for c in callbacks if isinstance(c, InterruptCheckpoint)), None)
+    loggers = build_loggers(cfg, hooks or JobHooks())
+    if resume_from:
+        continue_csv_logs(loggers, int(safe_torch_load(Path(resume_from))["global_step"]))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    environ_before = dict(os.environ)
+    if trainer.world_size > 1:
+        keep_ddp_children_in_this_job()
+    fit_started = time.time()
+    attempts = AttemptLog(run_dir, started, resumed_from=resume_from, active=trainer.is_global_zero)
+    with attempts.recording(timings), interrupt_exit_codes(interrupt):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        checkpoint = trainer.checkpoint_callback
+        best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None
+        timings["fit_s"] = time.time() - fit_started
+        trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+        timings["evaluate_s"] = time.time() - fit_started - timings["fit_s"]
+
+    results: dict = {}
+    if trainer.is_global_zero:
+        results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started, timings,
+                                    attempts.finished, finetune_auto)
+    end_ddp_job(environ_before)
+    return results
+
+
+def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,
+                      best: str | None, wall_time: float, timings: dict[str, float] | None = None,
+                      attempts: list[dict] | None = None, finetune_auto: list[str] | None = None) -> dict:
+    val, test = module.epoch_results["val"], module.epoch_results["test"]
+    evaluation = write_evaluation(cfg, run_dir, val, test, datamodule.ids(test["rows"]), datamodule.split.path)
+    min_pos = int(cfg.get("report_min_positives", 20))
+    epochs_done = trainer.current_epoch
+    results = {
+        "status": "completed",
+        "experiment": cfg.experiment_name,
+        "model": cfg.model.name,
+        "loss": cfg.loss.get("name", str(cfg.loss._target_).rsplit(".", 1)[-1]),
+        "gamma": float(cfg.loss.get("gamma", 0.0)),
+        "scheduler": cfg.scheduler.get("name") if cfg.scheduler else "none",
+        "base_lr": float(cfg.optimizer.lr),
+        "lr_ratios": list(cfg.finetune.lr_ratios),
+        "frozen_epochs": int(cfg.finetune.frozen_epochs),
+        "finetune_auto": list(finetune_auto or []),  # which of the two were chosen by `auto`
+        "image_size": datamodule.image_size,
+        "imbalance": {"pos_weight": module.hparams.loss.get("pos_weight"), "oversample": datamodule.oversample,
+                      "oversample_threshold": datamodule.oversample_threshold if datamodule.oversample else None,
+                      "train_samples_per_epoch": len(datamodule.train_dataloader().sampler)},
+        "pretrained_loaded": bool(module.pretrained_loaded),
+        "device": device_description(trainer),
+        "precision": str(trainer.precision),
+        "seed": int(cfg.seed),
+        "epochs": int(epochs_done),
+        "best_checkpoint": str(best) if best else None,
+        "wall_time_s": round(wall_time, 2),
+        # prepare = data generation/packing + model creation; fit = training with per-epoch validation;
+        # evaluate = validation and test of the best checkpoint
+        "timings_s": {name: round(seconds, 2) for name, seconds in (timings or {}).items()},
+        # every attempt of a resumed or requeued run (this one last) and their sum; timings_s is this attempt's
+        "attempts": attempts or [],
+        "total_wall_time_s": round(sum(a["wall_s"] for a in attempts), 2) if attempts else round(wall_time, 2),
+        "data": {"root": str(datamodule.root), "store": str(datamodule.store.path), **datamodule.sources_summary(),
+                 "split": {n: len(datamodule.datasets[n]) for n in ("train", "val", "test")},
+                 "mean": datamodule.stats[0], "std": datamodule.stats[1]},
+        **evaluation,
+    }
+    time_line = (f"prepare {timings['prepare_s']:.0f}s  fit {timings['fit_s']:.0f}s  evaluate "
+                 f"{timings['evaluate_s']:.0f}s  total {wall_time:.0f}s" if timings else "")
+    return write_results(run_dir, results, min_pos, time_line)

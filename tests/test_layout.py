@@ -1,0 +1,87 @@
+"""The package is laid out by the stages of the data flow, and no stage imports a later one.
+
+Stages, earliest first: the shared helpers at the top level (classes, errors, files, cli, ...), data, models, runs
+(run-folder names, results writer, job status), then inference and training beside each other, then baselines and
+reporting, bench, and last the entry points (`python -m hpa_lightning.X`). Stages of one rank never import each
+other. Imports anywhere in a module count, including those inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+PACKAGE = REPO / "hpa_lightning"
+ENTRY_POINTS = {"train", "lr_find", "baseline", "pack", "predict", "export", "report", "resume", "rerun_failed",
+                "synth"}
+SHARED = {"__init__", "_lazy", "classes", "errors", "files", "cli", "logs", "resources", "targets", "metrics",
+          "checkpoints"}
+STAGE_ORDER = {"shared": 0, "data": 1, "models": 2, "runs": 3, "inference": 4, "training": 4, "baselines": 5,
+               "reporting": 5, "bench": 6, "entry": 7}
+
+
+def stage_of(module: str) -> str:
+    parts = module.split(".")[1:]
+    if not parts or parts[0] in SHARED:
+        return "shared"
+    if parts[0] in ENTRY_POINTS:
+        return "entry"
+    return parts[0]
+
+
+def imports_of(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hpa_lightning"):
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names
+                      if (PACKAGE.joinpath(*node.module.split(".")[1:], f"{alias.name}.py")).is_file()}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("hpa_lightning")}
+    return found
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    return ".".join(("hpa_lightning", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def test_every_module_has_a_stage() -> None:
+    for path in MODULES:
+        assert stage_of(module_name(path)) in STAGE_ORDER, path
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_import_from_a_later_stage(path: Path) -> None:
+    here = stage_of(module_name(path))
+    upward = sorted(m for m in imports_of(path)
+                    if STAGE_ORDER[stage_of(m)] > STAGE_ORDER[here]
+                    or (stage_of(m) != here and STAGE_ORDER[stage_of(m)] == STAGE_ORDER[here]))
+    assert not upward, f"{path.relative_to(REPO)} ({here}) imports {upward}"
+
+
+def test_the_layering_check_sees_a_violation(tmp_path: Path) -> None:
+    """The check itself: a data module importing the training stage is caught."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from hpa_lightning.training.run import train\n")
+    assert any(STAGE_ORDER[stage_of(m)] > STAGE_ORDER["data"] for m in imports_of(bad))
+
+
+def test_modules_stay_small() -> None:
+    """No module over ~400 lines without the reason in its docstring ("long because ...")."""
+    for path in MODULES:
+        text = path.read_text()
+        if text.count("\n") > 420:
+            assert "long because" in (ast.get_docstring(ast.parse(text)) or ""), f"{path}: {text.count(chr(10))} lines"
+
+
+def test_entry_points_are_thin() -> None:
+    for name in ENTRY_POINTS:
+        lines = (PACKAGE / f"{name}.py").read_text().count("\n")
+        assert lines <= 140, f"hpa_lightning/{name}.py: {lines} lines"

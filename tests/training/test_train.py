@@ -1,0 +1,139 @@
+"""The real configs compose for every experiment, and the real entry point trains, tests and reports end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hpa_lightning.classes import CLASS_NAMES
+from tests.conftest import REPO, assert_metrics_equal_sklearn, compose_config, run_train
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+
+def test_every_poster_arm_exists() -> None:
+    expected = {"bce", "focal_g02", "focal_g05", "focal_g1", "focal_g2"}
+    assert expected | {f"{e}_sgdr" for e in expected} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(experiment: str) -> None:
+    cfg = compose_config([f"+experiment={experiment}"])
+    assert cfg.experiment_name == experiment
+    gamma = {"bce": 0.0, "g02": 0.2, "g05": 0.5, "g1": 1.0, "g2": 2.0}[experiment.removesuffix("_sgdr").split("_")[-1]]
+    assert cfg.loss.gamma == pytest.approx(gamma)
+    assert cfg.scheduler.name == ("sgdr" if experiment.endswith("_sgdr") else "constant")
+    assert cfg.model.name == "resnet50" and cfg.model.pretrained is True  # the poster's model by default
+
+
+def test_defaults_are_the_poster_recipe_on_synthetic_data() -> None:
+    cfg = compose_config([])
+    assert cfg.data.synthetic is not None
+    assert cfg.finetune.frozen_epochs == "auto" and cfg.finetune.lr_ratios == "auto"  # the poster's, pretrained
+    assert cfg.trainer.accelerator == "auto"
+    assert "experiment" not in cfg  # only through +experiment=
+
+
+def test_real_data_config_requires_root() -> None:
+    cfg = compose_config(["+experiment=focal_g02", "data=hpa", "data.root=/data/hpa"])
+    assert cfg.data.root == "/data/hpa" and cfg.data.synthetic is None and cfg.data.image_size == 512
+
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "focal_g02"
+    proc = run_train(["+experiment=focal_g02", "+preset=tiny", f"hydra.run.dir={run_dir}",
+                      "+callbacks.warn._target_=tests.training.faults.RealWarning"], shared_cache, REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run folder: {run_dir}" in proc.stdout
+    (run_dir.parent / "console.txt").write_text(proc.stdout + proc.stderr)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_quiet_honest_console_and_a_full_run_log(tiny_run: Path) -> None:
+    from hpa_lightning.logs import BENIGN_LOG_MESSAGES, BENIGN_WARNINGS
+
+    console = (tiny_run.parent / "console.txt").read_text()
+    log = (tiny_run / "train.log").read_text()
+    for text in ("srun", "Experiment logs directory", "LeafSpec", "litlogger", *BENIGN_LOG_MESSAGES):
+        assert text not in console and text not in log, text
+    assert len(BENIGN_WARNINGS) == 4
+    for text in ("an unexpected condition worth a look", "`Trainer.fit` stopped", f"run folder: {tiny_run}"):
+        assert text in console and text in log, text  # real warnings stay visible, and the run log is whole
+
+
+@pytest.mark.slow
+def test_run_folder_contents(tiny_run: Path) -> None:
+    for name in ("results.json", "test_predictions.csv", "split.csv", "thresholds.json", "config.yaml",
+                 "checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics.csv", "lr_trace.csv"):
+        assert (tiny_run / name).is_file(), name
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert results["experiment"] == "focal_g02" and results["loss"] == "focal" and results["gamma"] == 0.2
+    assert results["pretrained_loaded"] is False and results["device"] == "cpu" and results["seed"] == 42
+    assert Path(results["best_checkpoint"]).is_file() and results["wall_time_s"] > 0
+    assert results["class_names"] == list(CLASS_NAMES)
+    assert len(results["test"]["per_class_f1"]) == 28
+    metrics = pd.read_csv(tiny_run / "metrics.csv")
+    for column in ("train/loss_epoch", "val/macro_f1", "val/roc_auc", "test/macro_f1", "test/roc_auc", "lr/head"):
+        assert column in metrics.columns
+
+
+@pytest.mark.slow
+def test_reported_metrics_equal_sklearn_on_saved_predictions(tiny_run: Path) -> None:
+    results = json.loads((tiny_run / "results.json").read_text())
+    predictions = pd.read_csv(tiny_run / "test_predictions.csv")
+    split = pd.read_csv(tiny_run / "split.csv")
+    assert predictions["Id"].is_unique
+    assert set(predictions["Id"]) == set(split.loc[split["split"] == "test", "Id"])
+    assert results["test"]["n_samples"] == len(predictions)
+    assert_metrics_equal_sklearn(tiny_run, results, predictions)
+
+
+@pytest.mark.slow
+def test_bad_data_root_is_one_clear_line(tmp_path: Path, shared_cache: Path) -> None:
+    proc = run_train(["+experiment=bce", "data=hpa", f"data.root={tmp_path / 'nothing'}",
+                      f"hydra.run.dir={tmp_path / 'run'}"], shared_cache, REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nothing' / 'train.csv'}: file not found"
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize(("pretrained", "frozen", "ratios"),
+                         [(True, 1, [1 / 9, 1 / 3, 1.0]), (False, 0, [1.0, 1.0, 1.0])])
+def test_auto_recipe_follows_the_pretrained_weights(pretrained: bool, frozen: int, ratios: list[float]) -> None:
+    from hpa_lightning.training.run import resolve_finetune
+
+    cfg = compose_config(["+experiment=focal_g02", f"model.pretrained={str(pretrained).lower()}"])
+    assert resolve_finetune(cfg) == ["frozen_epochs", "lr_ratios"]
+    assert cfg.finetune.frozen_epochs == frozen and list(cfg.finetune.lr_ratios) == pytest.approx(ratios)
+    explicit = compose_config(["+experiment=focal_g02", "model.pretrained=false", "finetune.frozen_epochs=2",
+                              "finetune.lr_ratios=[0.5,1,1]"])
+    assert resolve_finetune(explicit) == [] and explicit.finetune.frozen_epochs == 2  # explicit values win
+    assert list(explicit.finetune.lr_ratios) == [0.5, 1, 1]
+
+
+
+def test_every_callback_comes_from_the_config_group_and_can_be_removed(tmp_path: Path) -> None:
+    from hpa_lightning.training.callbacks import FreezeBackbone, InterruptCheckpoint
+    from hpa_lightning.training.run import build_callbacks, resolve_finetune
+
+    cfg = compose_config(["+experiment=focal_g02", "model.pretrained=true", f"paths.output_dir={tmp_path}"])
+    resolve_finetune(cfg)
+    callbacks = build_callbacks(cfg)
+    names = [type(c).__name__ for c in callbacks]
+    assert names == ["FreezeBackbone", "LRTrace", "RNGState", "FiniteCheckpointGuard", "InterruptCheckpoint",
+                     "ModelCheckpoint", "ModelCheckpoint"]
+    assert next(c for c in callbacks if isinstance(c, FreezeBackbone)).frozen_epochs == 1  # `auto`, resolved
+    fewer = compose_config(["+experiment=focal_g02", "~callbacks.lr_trace", "~callbacks.interrupt_checkpoint",
+                           f"paths.output_dir={tmp_path}"])
+    resolve_finetune(fewer)
+    left = build_callbacks(fewer)
+    assert "LRTrace" not in [type(c).__name__ for c in left]
+    assert not any(isinstance(c, InterruptCheckpoint) for c in left)
