@@ -19,6 +19,8 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     # losses, optimizers and schedules: stored in every checkpoint's hyperparameters
     "hpa_lightning.models.losses.FocalLoss",
     "hpa_lightning.models.losses.bce_loss",
+    "hpa_lightning.models.losses.LovaszHingeLoss",
+    "hpa_lightning.models.losses.WeightedLossSum",
     "torch.optim.SGD",
     "torch.optim.AdamW",
     "torch.optim.Adam",

@@ -1,4 +1,5 @@
-"""Multi-label losses on logits: sigmoid focal loss (no alpha term) and plain BCE as its gamma=0 case.
+"""Multi-label losses on logits: sigmoid focal loss (no alpha term), plain BCE as its gamma=0 case, the Lovasz
+hinge, and weighted sums of them.
 
 Hydra configs build them by `_target_`, e.g. ``_target_: hpa_lightning.models.losses.FocalLoss`` with
 ``gamma: 2.0`` or ``_target_: hpa_lightning.models.losses.bce_loss``; ``pos_weight`` may be a list of 28 floats
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FocalLoss", "bce_loss", "positive_class_weights"]
+__all__ = ["FocalLoss", "LovaszHingeLoss", "WeightedLossSum", "bce_loss", "positive_class_weights"]
 
 
 def _as_weight_tensor(pos_weight: Sequence[float] | np.ndarray | Tensor) -> Tensor:
@@ -100,6 +101,76 @@ class FocalLoss(torch.nn.Module):
 def bce_loss(pos_weight: Sequence[float] | np.ndarray | Tensor | None = None) -> FocalLoss:
     """Mean binary cross-entropy on logits (optionally with per-class ``pos_weight``): ``FocalLoss(gamma=0)``."""
     return FocalLoss(gamma=0.0, pos_weight=pos_weight)
+
+
+def _lovasz_grad(sorted_labels: Tensor) -> Tensor:
+    """Increments of the Jaccard loss along elements sorted by decreasing error (Berman et al. 2018, Eq. 8)."""
+    positives = sorted_labels.sum()
+    intersection = positives - sorted_labels.cumsum(0)
+    union = positives + (1.0 - sorted_labels).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+
+
+def _flat_lovasz_hinge(logits: Tensor, labels: Tensor) -> Tensor:
+    errors = 1.0 - logits * (2.0 * labels - 1.0)
+    errors_sorted, order = torch.sort(errors, descending=True)
+    return torch.dot(F.relu(errors_sorted), _lovasz_grad(labels[order]))
+
+
+class LovaszHingeLoss(torch.nn.Module):
+    """Lovasz hinge (Berman, Rannen Triki & Blaschko, CVPR 2018): a convex surrogate of the Jaccard loss.
+
+    For image labels the "pixels" are the (image, class) pairs of the batch (`per_image=False`, as bestfitting used
+    it for HPA 2018) or the 28 classes of each image, averaged over images (`per_image=True`). Written once here
+    rather than taken from a segmentation library, whose versions expect pixel maps; tests/models/test_lovasz.py
+    checks it against the definition by brute force over every ordering.
+    """
+
+    def __init__(self, per_image: bool = False) -> None:
+        super().__init__()
+        self.per_image = bool(per_image)
+
+    def extra_repr(self) -> str:
+        return f"per_image={self.per_image}"
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        if logits.shape != targets.shape or logits.ndim != 2:
+            raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must both be "
+                             "(batch, classes)")
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        targets = targets.to(logits.dtype)
+        if self.per_image:
+            return torch.stack([_flat_lovasz_hinge(x, y) for x, y in zip(logits, targets, strict=True)]).mean()
+        return _flat_lovasz_hinge(logits.reshape(-1), targets.reshape(-1))
+
+
+class WeightedLossSum(torch.nn.Module):
+    """`sum_k weights[k] * losses[k](logits, targets)`, e.g. focal + Lovasz hinge (`loss=focal_lovasz`).
+
+    `gamma` and `pos_weight`, when given, are the settings of the focal terms, so `loss.gamma=0.5` and
+    `loss.pos_weight=auto` act on a sum as they do on a single focal loss.
+    """
+
+    def __init__(self, losses: Sequence[torch.nn.Module], weights: Sequence[float] | None = None,
+                 gamma: float | None = None, pos_weight: Sequence[float] | np.ndarray | Tensor | None = None) -> None:
+        super().__init__()
+        if not losses:
+            raise ValueError("loss.losses must name at least one loss")
+        weights = [1.0] * len(losses) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(losses):
+            raise ValueError(f"loss.weights has {len(weights)} entries for {len(losses)} losses")
+        if not all(np.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"loss.weights must be finite and >= 0, got {weights}")
+        self.weights = weights
+        self.losses = torch.nn.ModuleList(
+            FocalLoss(gamma=term.gamma if gamma is None else gamma,
+                      pos_weight=term.pos_weight if pos_weight is None else pos_weight)
+            if isinstance(term, FocalLoss) else term
+            for term in losses)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return sum(w * term(logits, targets) for w, term in zip(self.weights, self.losses, strict=True))
 
 
 def positive_class_weights(labels: np.ndarray, power: float = 0.5, max_weight: float = 50.0) -> np.ndarray:
