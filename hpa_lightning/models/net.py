@@ -28,16 +28,9 @@ def rgb_stem_to_rgby(weight: torch.Tensor) -> torch.Tensor:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PretrainedUnavailable(f"model.pretrained={path}: file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):  # common wrappers around a bare state dict
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
+    # timm's reader: safetensors, or torch.load(weights_only=True); unwraps `state_dict` / `model` (EMA weights first)
+    # and strips DataParallel's `module.` prefixes
+    return timm.models.load_state_dict(str(path), weights_only=True)
 
 
 def pretrained_rgb_state(name: str, pretrained: bool | str) -> dict[str, torch.Tensor]:
