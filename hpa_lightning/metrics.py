@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["decide", "macro_f1", "per_class_f1", "roc_auc_valid_classes", "summarize", "threshold_record",
+__all__ = ["THRESHOLD_STRATEGIES", "choose_thresholds", "decide", "global_threshold", "label_ratio_thresholds",
+           "macro_f1", "per_class_f1", "roc_auc_valid_classes", "summarize", "threshold_record",
            "tune_thresholds"]
 
 
@@ -171,15 +172,104 @@ def tune_thresholds(targets: Any, probs: Any, default: float = 0.5, grid: np.nda
     return thresholds
 
 
+
+def global_threshold(targets: Any, probs: Any) -> float:
+    """The one threshold for every class that maximises macro F1 on these (validation) samples, searched exactly.
+
+    Lowering a single threshold past each distinct score moves samples of one or more classes to predicted positive;
+    macro F1 is updated class by class as it goes (O(NC log NC)), and the threshold returned is the midpoint between
+    the lowest included score and the next lower one, so ``probs >= t`` reproduces the decisions counted. Ties in
+    macro F1 go to the threshold closest to 0.5. Classes without positives count with F1 0, as in ``macro_f1``.
+    """
+    y = _binary_2d(targets, "targets")
+    s = _scores_2d(probs, "probs")
+    _check_same_shape(y, s, "targets and probs")
+    n, c = s.shape
+    if n == 0 or c == 0:
+        return 0.5
+    order = np.argsort(-s.ravel(), kind="stable")
+    scores, classes, positive = s.ravel()[order], np.tile(np.arange(c), n)[order], y.ravel()[order]
+    # Each element, taken in this order, changes only its class's F1: from that class's F1 after its previous
+    # element (0 before its first) to the F1 with it; macro F1 after element i is the running sum of changes / C.
+    by_class = np.argsort(classes, kind="stable")  # grouped by class, score order kept inside each group
+    grouped_class, grouped_pos = classes[by_class], positive[by_class].astype(np.float64)
+    first = np.r_[True, grouped_class[1:] != grouped_class[:-1]]
+    group_start = np.maximum.accumulate(np.where(first, np.arange(first.size), 0))
+    tp_cum = np.cumsum(grouped_pos)
+    tp = tp_cum - tp_cum[group_start] + grouped_pos[group_start]
+    n_pred = np.arange(first.size) - group_start + 1
+    f1_new = 2 * tp / (n_pred + y.sum(axis=0)[grouped_class])
+    change = np.empty(first.size)
+    change[by_class] = f1_new - np.where(first, 0.0, np.r_[0.0, f1_new[:-1]])
+    ends = np.r_[scores[1:] != scores[:-1], True]
+    ends_idx = np.flatnonzero(ends)
+    macro_at_end = np.cumsum(change)[ends_idx] / c
+    upper = scores[ends_idx]
+    lower = np.r_[scores[ends_idx[:-1] + 1], -np.inf]
+    mid = upper / 2 + lower / 2
+    thresholds = np.where(np.isfinite(lower) & (mid > lower), mid, upper)
+    candidates = np.r_[np.nextafter(scores[0], np.inf), thresholds]  # the first: nothing predicted positive
+    macro = np.r_[0.0, macro_at_end]
+    return _pick_best(macro, candidates)
+
+
+def label_ratio_thresholds(probs: Any, ratios: Any) -> np.ndarray:
+    """Per-class thresholds under which each class is predicted for ``round(ratio * N)`` of these N samples: the
+    predicted label ratios match ``ratios`` (the train split's, as the 1st and 3rd of Kaggle HPA 2018 set theirs).
+
+    The threshold lies midway between the last included and the first excluded score; samples tied at the cut
+    are all included or all excluded, whichever is nearer the target count.
+    """
+    s = _scores_2d(probs, "probs")
+    r = np.asarray(_to_numpy(ratios), dtype=np.float64).ravel()
+    if r.shape[0] != s.shape[1] or not np.isfinite(r).all() or (r < 0).any() or (r > 1).any():
+        raise ValueError(f"ratios must be {s.shape[1]} values in [0, 1]")
+    n = s.shape[0]
+    thresholds = np.empty(s.shape[1])
+    for c in range(s.shape[1]):
+        ranked = np.sort(s[:, c])[::-1]
+        k = int(round(r[c] * n))
+        if k <= 0:
+            thresholds[c] = np.nextafter(ranked[0], np.inf) if n else 1.0
+        elif k >= n:
+            thresholds[c] = ranked[-1]
+        else:
+            included, excluded = ranked[k - 1], ranked[k]
+            if included == excluded:  # a tie straddles the cut: move it to the nearer side
+                tied = ranked == included
+                first, last = np.flatnonzero(tied)[[0, -1]]
+                k = first if k - first <= last + 1 - k else last + 1
+                included = ranked[k - 1] if k > 0 else np.nextafter(ranked[0], np.inf)
+                excluded = ranked[k] if k < n else -np.inf
+            mid = included / 2 + excluded / 2
+            thresholds[c] = mid if np.isfinite(excluded) and mid > excluded else included
+    return thresholds
+
+
+THRESHOLD_STRATEGIES = ("per_class_f1", "label_ratio", "global")
+
+
+def choose_thresholds(strategy: str, targets: Any, probs: Any, *, default: float = 0.5, min_positives: int = 1,
+                      train_ratios: Any = None) -> np.ndarray:
+    """Decision thresholds (C,) from validation targets/probabilities by `strategy` (THRESHOLD_STRATEGIES):
+    per-class F1 (`tune_thresholds`), predicted label ratios matched to `train_ratios`, or one global threshold."""
+    if strategy == "per_class_f1":
+        return tune_thresholds(targets, probs, default=default, min_positives=min_positives)
+    if strategy == "label_ratio":
+        return label_ratio_thresholds(probs, train_ratios)
+    if strategy == "global":
+        return np.full(_scores_2d(probs, "probs").shape[1], global_threshold(targets, probs))
+    raise ValueError(f"thresholds.strategy={strategy!r}: expected one of {', '.join(THRESHOLD_STRATEGIES)}")
+
 def threshold_record(thresholds: np.ndarray, targets: Any, class_names: list[str], default: float,
-                     min_positives: int, ensure_one: bool) -> dict[str, Any]:
+                     min_positives: int, ensure_one: bool, strategy: str = "per_class_f1") -> dict[str, Any]:
     """The content of thresholds.json: per-class thresholds, how they were tuned, and which classes kept the default
-    (with their number of validation positives)."""
+    (with their number of validation positives; only `per_class_f1` keeps defaults)."""
     positives = _binary_2d(targets, "targets").sum(axis=0)
-    tuned = positives >= max(1, min_positives)
+    tuned = positives >= max(1, min_positives) if strategy == "per_class_f1" else np.ones_like(positives, bool)
     return {"thresholds": {name: float(t) for name, t in zip(class_names, thresholds, strict=True)},
-            "tuned_on": "val", "tta": 1, "default": float(default), "min_positives": int(min_positives),
-            "ensure_one": bool(ensure_one),
+            "strategy": strategy, "tuned_on": "val", "tta": 1, "default": float(default),
+            "min_positives": int(min_positives), "ensure_one": bool(ensure_one),
             "tuned_classes": [name for name, ok in zip(class_names, tuned, strict=True) if ok],
             "default_classes": {name: int(n) for name, n, ok in zip(class_names, positives, tuned, strict=True)
                                 if not ok}}

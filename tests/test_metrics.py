@@ -9,7 +9,10 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from hpa_lightning.classes import NUM_CLASSES
 from hpa_lightning.metrics import (
+    choose_thresholds,
     decide,
+    global_threshold,
+    label_ratio_thresholds,
     macro_f1,
     per_class_f1,
     roc_auc_valid_classes,
@@ -225,3 +228,49 @@ def test_rare_classes_keep_the_default_threshold_and_are_reported() -> None:
     record = threshold_record(guarded, targets, ["common", "rare"], 0.5, 5, True)
     assert record["tuned_classes"] == ["common"] and record["default_classes"] == {"rare": 2}
     assert record["thresholds"] == {"common": guarded[0], "rare": 0.5} and record["tta"] == 1
+
+
+# ---------------------------------------------------------------------------------- threshold strategies
+
+
+def _sklearn_macro_f1_at(targets: np.ndarray, probs: np.ndarray, threshold: float) -> float:
+    return f1_score(targets, (probs >= threshold).astype(int), average="macro", zero_division=0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_global_threshold_is_the_macro_f1_optimum_of_every_possible_cut(seed: int) -> None:
+    """Brute force with sklearn over every cut (each distinct score, and above the highest)."""
+    rng = np.random.default_rng(seed)
+    n, c = (30, 5) if seed % 2 else (17, 3)
+    probs = rng.random((n, c))
+    if seed % 4 < 2:
+        probs = np.round(probs, 1)  # ties inside and across classes
+    targets = (rng.random((n, c)) < 0.3).astype(int)
+    targets[:, 0] = 0  # a class without positives counts as F1 0, as sklearn's zero_division=0
+    cuts = np.r_[np.unique(probs), np.nextafter(probs.max(), 2.0)]
+    best = max(_sklearn_macro_f1_at(targets, probs, t) for t in cuts)
+    t = global_threshold(targets, probs)
+    assert _sklearn_macro_f1_at(targets, probs, t) == pytest.approx(best, abs=1e-12)
+    thresholds = choose_thresholds("global", targets, probs)
+    assert thresholds.shape == (c,) and np.all(thresholds == t)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_ratio_thresholds_predict_the_train_ratio_of_each_class(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, c = 200, 6
+    probs = rng.random((n, c))
+    ratios = np.r_[0.0, 1.0, rng.random(c - 2) * 0.5]
+    thresholds = label_ratio_thresholds(probs, ratios)
+    predicted = (probs >= thresholds).sum(axis=0)
+    assert predicted.tolist() == [int(round(r * n)) for r in ratios]
+    tied = np.repeat([[0.9], [0.5], [0.1]], [3, 4, 3], axis=0)  # 10 samples, 4 tied at the would-be cut
+    count = int((tied >= label_ratio_thresholds(tied, [0.5])).sum())
+    assert count in (3, 7) and abs(count - 5) == 2  # the tie goes whole to the nearer side
+    with pytest.raises(ValueError, match="ratios"):
+        label_ratio_thresholds(probs, [0.5] * (c - 1))
+
+
+def test_unknown_strategy_is_refused() -> None:
+    with pytest.raises(ValueError, match="thresholds.strategy='best'"):
+        choose_thresholds("best", np.zeros((3, 2)), np.zeros((3, 2)))

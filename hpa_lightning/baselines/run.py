@@ -18,7 +18,7 @@ from hpa_lightning import CONF_DIR
 from hpa_lightning.baselines.features import FeatureSpec, extract_features
 from hpa_lightning.baselines.one_vs_all import fit_predict_one_vs_all
 from hpa_lightning.errors import ConfigError
-from hpa_lightning.runs.outputs import plain, write_evaluation, write_results
+from hpa_lightning.runs.outputs import check_thresholds, plain, write_evaluation, write_results
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +103,6 @@ def build_estimator(cfg: DictConfig) -> Any:
     return estimator
 
 
-def check_thresholds(cfg: DictConfig) -> tuple[float, bool]:
-    """thresholds.default and thresholds.ensure_one, checked."""
-    node = cfg.get("thresholds") or {}
-    default, ensure_one = node.get("default", 0.5), node.get("ensure_one", True)
-    if isinstance(default, bool) or not isinstance(default, int | float) or not 0 <= default <= 1:
-        raise ConfigError(f"thresholds.default={default!r}: expected a number in [0, 1]")
-    if not isinstance(ensure_one, bool):
-        raise ConfigError(f"thresholds.ensure_one={ensure_one!r}: expected true or false")
-    return float(default), ensure_one
-
-
 def run_baseline(cfg: DictConfig) -> dict:
     started = time.time()
     spec = feature_spec(cfg)
@@ -159,7 +148,8 @@ def run_baseline(cfg: DictConfig) -> dict:
     test = {"targets": targets["test"], "probs": fitted.probs[1]}
 
     tick = time.perf_counter()
-    evaluation = write_evaluation(cfg, run_dir, val, test, datamodule.ids(rows["test"]), split.path)
+    evaluation = write_evaluation(cfg, run_dir, val, test, datamodule.ids(rows["test"]), split.path,
+                                  targets["train"])
     timings["evaluate_s"] = time.perf_counter() - tick
 
     estimator_cfg = dict(plain(cfg.model.estimator))

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hpa_lightning import metrics
 from hpa_lightning.classes import CLASS_NAMES
+from hpa_lightning.errors import ConfigError
 from hpa_lightning.files import atomic_path, write_json_atomic
 from hpa_lightning.logs import summary
 from hpa_lightning.runs import layout
@@ -44,22 +45,42 @@ def split_summary(result: dict[str, np.ndarray], thresholds: np.ndarray, ensure_
     return summary_
 
 
+def check_thresholds(cfg: DictConfig) -> dict:
+    """cfg.thresholds checked (one line naming the key): default, ensure_one, min_positives, strategy."""
+    node = cfg.get("thresholds") or {}
+    default, ensure_one = node.get("default", 0.5), node.get("ensure_one", True)
+    min_positives, strategy = node.get("min_positives", 1), node.get("strategy", "per_class_f1")
+    if isinstance(default, bool) or not isinstance(default, int | float) or not 0 <= default <= 1:
+        raise ConfigError(f"thresholds.default={default!r}: expected a number in [0, 1]")
+    if not isinstance(ensure_one, bool):
+        raise ConfigError(f"thresholds.ensure_one={ensure_one!r}: expected true or false")
+    if isinstance(min_positives, bool) or not isinstance(min_positives, int) or min_positives < 0:
+        raise ConfigError(f"thresholds.min_positives={min_positives!r}: expected a whole number >= 0")
+    if strategy not in metrics.THRESHOLD_STRATEGIES:
+        raise ConfigError(f"thresholds.strategy={strategy!r}: expected one of "
+                          f"{', '.join(metrics.THRESHOLD_STRATEGIES)}")
+    return {"default": float(default), "ensure_one": ensure_one, "min_positives": min_positives, "strategy": strategy}
+
+
 def write_evaluation(cfg: DictConfig, run_dir: Path, val: dict[str, np.ndarray], test: dict[str, np.ndarray],
-                     test_ids: list[str], split_dir: Path) -> dict:
-    """thresholds.json (tuned on `val` as cfg.thresholds says), test_predictions.csv, split.csv and config.yaml;
-    returns the results.json entries they give: thresholds, val and test summaries."""
-    thr_cfg = cfg.get("thresholds") or {}
-    default, ensure_one = float(thr_cfg.get("default", 0.5)), bool(thr_cfg.get("ensure_one", True))
-    min_positives = int(thr_cfg.get("min_positives", 1))
-    thresholds = metrics.tune_thresholds(val["targets"], val["probs"], default=default, min_positives=min_positives)
+                     test_ids: list[str], split_dir: Path, train_targets: np.ndarray) -> dict:
+    """thresholds.json (chosen on `val` as cfg.thresholds says; `label_ratio` matches the ratios of
+    `train_targets`), test_predictions.csv, split.csv and config.yaml; returns the results.json entries they give:
+    thresholds, their strategy, val and test summaries."""
+    settings = check_thresholds(cfg)
+    default, ensure_one, min_positives = settings["default"], settings["ensure_one"], settings["min_positives"]
+    thresholds = metrics.choose_thresholds(settings["strategy"], val["targets"], val["probs"], default=default,
+                                           min_positives=min_positives,
+                                           train_ratios=np.asarray(train_targets, dtype=np.float64).mean(axis=0))
     write_json_atomic(run_dir / layout.THRESHOLDS, metrics.threshold_record(
-        thresholds, val["targets"], list(CLASS_NAMES), default, min_positives, ensure_one))
+        thresholds, val["targets"], list(CLASS_NAMES), default, min_positives, ensure_one, settings["strategy"]))
     write_predictions(run_dir / layout.TEST_PREDICTIONS, test_ids, test["probs"], test["targets"],
                       metrics.decide(test["probs"], thresholds, ensure_one=ensure_one))
     shutil.copyfile(split_dir / layout.SPLIT, run_dir / layout.SPLIT)
     (run_dir / layout.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     min_pos = int(cfg.get("report_min_positives", 20))
     return {"class_names": list(CLASS_NAMES), "thresholds": thresholds.tolist(),
+            "thresholds_strategy": settings["strategy"],
             "val": split_summary(val, thresholds, ensure_one, min_pos),
             "test": split_summary(test, thresholds, ensure_one, min_pos)}
 

@@ -20,7 +20,7 @@ from hpa_lightning.data.datamodule import HPADataModule
 from hpa_lightning.models.losses import positive_class_weights
 from hpa_lightning.models.module import HPAModule
 from hpa_lightning.runs.attempts import AttemptLog
-from hpa_lightning.runs.outputs import plain, write_evaluation, write_results
+from hpa_lightning.runs.outputs import check_thresholds, plain, write_evaluation, write_results
 from hpa_lightning.runs.status import JobHooks
 from hpa_lightning.targets import check_targets
 from hpa_lightning.training.callbacks import InterruptCheckpoint
@@ -98,6 +98,7 @@ def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
     started = time.time()
     run_dir = Path(cfg.paths.output_dir)
     check_saved_config(cfg)
+    check_thresholds(cfg)  # one line now rather than after hours of training
     finetune_auto = resolve_finetune(cfg)
     resume_from = resume_checkpoint(run_dir, cfg.get("resume", False), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
@@ -139,7 +140,8 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
                       best: str | None, wall_time: float, timings: dict[str, float] | None = None,
                       attempts: list[dict] | None = None, finetune_auto: list[str] | None = None) -> dict:
     val, test = module.epoch_results["val"], module.epoch_results["test"]
-    evaluation = write_evaluation(cfg, run_dir, val, test, datamodule.ids(test["rows"]), datamodule.split.path)
+    evaluation = write_evaluation(cfg, run_dir, val, test, datamodule.ids(test["rows"]), datamodule.split.path,
+                                  datamodule.train_labels())
     min_pos = int(cfg.get("report_min_positives", 20))
     epochs_done = trainer.current_epoch
     results = {

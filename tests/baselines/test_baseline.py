@@ -224,6 +224,7 @@ def test_classes_without_train_positives_are_reported(baseline_run: tuple[str, P
     ("model.estimator._target_=sklearn.svm.SVC ~model.estimator.solver", "not a classifier with predict_proba"),
     ("model=resnet18", r"model=resnet18: not a baseline \(no model.estimator._target_\); choose one of logreg"),
     ("thresholds.default=2", r"thresholds.default=2: expected a number in \[0, 1\]"),
+    ("thresholds.strategy=best", "thresholds.strategy='best': expected one of per_class_f1, label_ratio, global"),
 ])
 def test_bad_config_value_is_rejected_before_any_work(override: str, message: str) -> None:
     cfg = compose_config([*override.split(), *TINY_DATA], "baseline")
