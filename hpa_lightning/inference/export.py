@@ -36,6 +36,7 @@ def build_card(model: InferenceModel, weights_sha256: str) -> dict:
     return {
         "format": EXPORT_FORMAT,
         "architecture": model.architecture,
+        "global_pool": model.global_pool,  # timm.create_model's global_pool; null: the architecture's default
         "library": "timm",
         "in_chans": len(CHANNELS),
         "num_classes": model.num_classes,

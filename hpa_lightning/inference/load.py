@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from hpa_lightning.checkpoints import safe_torch_load
 from hpa_lightning.classes import CHANNELS
-from hpa_lightning.errors import InferenceError
+from hpa_lightning.errors import ConfigError, InferenceError
 from hpa_lightning.models.augment import Standardize
+from hpa_lightning.models.net import build_network
 from hpa_lightning.runs import layout
 
 CARD_NAME = "card.json"
@@ -45,6 +46,7 @@ class InferenceModel:
     thresholds_source: str | None
     source: str  # the checkpoint or export folder the weights came from
     extra: dict = field(default_factory=dict)
+    global_pool: str | None = None  # timm's global_pool when the run set one (e.g. catavgmax), else the default
 
     @property
     def num_classes(self) -> int:
@@ -66,12 +68,11 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _build_net(architecture: str, num_classes: int) -> nn.Module:
-    import timm
-
-    if not isinstance(architecture, str) or not timm.is_model(architecture):
-        raise InferenceError(f"model {architecture!r} is not a timm architecture")
-    return timm.create_model(architecture, pretrained=False, in_chans=len(CHANNELS), num_classes=num_classes)
+def _build_net(architecture: str, num_classes: int, global_pool: str | None, where: Path) -> nn.Module:
+    try:
+        return build_network(architecture, num_classes, in_chans=len(CHANNELS), global_pool=global_pool)
+    except ConfigError as err:
+        raise InferenceError(f"{where}: {err}") from None
 
 
 def _load_weights(net: nn.Module, state: dict[str, Tensor], where: Path) -> None:
@@ -158,7 +159,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Inf
         raise InferenceError(f"{path}: checkpoint has no class_names")
     state = checkpoint["state_dict"]
     net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
-    net = _build_net(architecture, len(class_names))
+    global_pool = model_cfg.get("global_pool")
+    net = _build_net(architecture, len(class_names), global_pool, path)
     _load_weights(net, net_state, path)
     # The buffers the module standardised with (set from the train split); hyperparameters as a fallback.
     mean = state.get("transform.standardize.mean", torch.tensor(hparams.get("mean") or [0.0] * len(CHANNELS)))
@@ -167,7 +169,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Inf
     run_dir = path.parent.parent if path.parent.name == layout.CHECKPOINTS else path.parent
     thresholds, ensure_one, thr_source = thresholds_from_file(run_dir / layout.THRESHOLDS, class_names)
     return InferenceModel(net=net.eval(), standardize=standardize, architecture=architecture,
-                          image_size=_run_image_size(run_dir), class_names=class_names, thresholds=thresholds,
+                          global_pool=global_pool, image_size=_run_image_size(run_dir), class_names=class_names,
+                          thresholds=thresholds,
                           ensure_one=ensure_one, thresholds_source=thr_source, source=str(path),
                           extra={"threshold_default": 0.5, "run_dir": str(run_dir),
                                  "sixteen_bit": _run_sixteen_bit(run_dir)})
@@ -212,12 +215,14 @@ def load_export(folder: Path, map_location: str | torch.device = "cpu") -> Infer
         state = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as err:
         raise InferenceError(f"{weights_path}: not readable safetensors ({str(err).splitlines()[0]})") from None
-    net = _build_net(architecture, len(class_names))
+    global_pool = card.get("global_pool")
+    net = _build_net(architecture, len(class_names), global_pool, card_path)
     _load_weights(net, state, weights_path)
     default = float(card.get("threshold_default", 0.5))
     thresholds = np.array([float(table.get(name, default)) for name in class_names], dtype=np.float64)
     return InferenceModel(net=net.eval(), standardize=Standardize(mean, std), architecture=architecture,
-                          image_size=image_size, class_names=class_names, thresholds=thresholds,
+                          global_pool=global_pool, image_size=image_size, class_names=class_names,
+                          thresholds=thresholds,
                           ensure_one=bool(card.get("ensure_one", False)),
                           thresholds_source=f"{card_path}" if card.get("thresholds_source") else None,
                           source=str(folder), extra={"threshold_default": default, "card": card,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hpa_lightning.classes import NUM_CLASSES
-from hpa_lightning.errors import PretrainedUnavailable
+from hpa_lightning.errors import ConfigError, PretrainedUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,32 @@ def pretrained_rgb_state(name: str, pretrained: bool | str) -> dict[str, torch.T
         ) from None
 
 
+def build_network(name: str, num_classes: int, in_chans: int = 4, global_pool: str | None = None,
+                  **kwargs) -> nn.Module:
+    """timm's `name` with `in_chans` inputs and `num_classes` outputs; a name or pooling timm does not know is one
+    line naming the config key (`ConfigError`). `global_pool` None keeps the architecture's own pooling."""
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5] if isinstance(name, str) else []
+        raise ConfigError(f"model.name={name!r}: not a timm architecture"
+                          + (f" (similar: {', '.join(close)})" if close else " (see timm.list_models())"))
+    pool = {} if global_pool in (None, "null") else {"global_pool": global_pool}
+    try:
+        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes, **pool, **kwargs)
+    except (AssertionError, KeyError, ValueError, TypeError) as err:
+        what = f"model.global_pool={global_pool!r}" if pool else f"model.name={name!r}"
+        raise ConfigError(f"{what}: timm cannot build {name} with it ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'no message'})") from None
+
+
 def create_model(name: str = "resnet50", pretrained: bool | str = False, num_classes: int = NUM_CLASSES,
-                 drop_rate: float = 0.0) -> tuple[nn.Module, bool]:
-    """Build the 4-channel `name`; returns (model, whether pretrained weights were loaded)."""
-    model = timm.create_model(name, pretrained=False, in_chans=4, num_classes=num_classes, drop_rate=drop_rate)
+                 drop_rate: float = 0.0, global_pool: str | None = None) -> tuple[nn.Module, bool]:
+    """Build the 4-channel `name`; returns (model, whether pretrained weights were loaded).
+
+    Pretrained weights are those of the 3-channel model with its first convolution (timm's `first_conv` of the
+    architecture, whatever its name) widened to R, G, B, Y: the RGB filters kept, Y's a copy of R's (the poster's
+    rule); the classifier is new (28 classes, and twice the features with `global_pool=catavgmax`).
+    """
+    model = build_network(name, num_classes, global_pool=global_pool, drop_rate=drop_rate)
     if pretrained in (False, None, "", "false", "False"):
         return model, False
     state = pretrained_rgb_state(name, True if pretrained in (True, "true", "True") else str(pretrained))

@@ -335,3 +335,25 @@ def test_trained_run_predicts_from_checkpoint_and_export(trained_run: Path, held
     card = json.loads((tmp_path / "export" / "card.json").read_text())
     tuned = json.loads((trained_run / "thresholds.json").read_text())
     assert card["thresholds"] == pytest.approx(tuned["thresholds"]) and card["ensure_one"] == tuned["ensure_one"]
+
+
+def test_a_run_with_catavgmax_pooling_loads_and_exports_with_it(tmp_path: Path) -> None:
+    """model.global_pool changes the head's input size: the checkpoint loader and the export card must carry it."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    module = HPAModule(model={"name": "resnet10t", "pretrained": False, "global_pool": "catavgmax"},
+                       loss={"_target_": "hpa_lightning.models.losses.FocalLoss", "name": "focal", "gamma": 0.2},
+                       optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.02}).eval()
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}, ckpt)
+    (run_dir / "results.json").write_text(json.dumps({"status": "completed", "image_size": FAKE_SIZE,
+                                                      "best_checkpoint": str(ckpt)}))
+    x = torch.rand(2, 4, FAKE_SIZE, FAKE_SIZE)
+    with torch.no_grad():
+        expected = module.net(x)
+        for source in (run_dir, export_model(run_dir, tmp_path / "export")):
+            loaded = load_model(source)
+            assert loaded.global_pool == "catavgmax"
+            torch.testing.assert_close(loaded.net(x), expected)
+    assert json.loads((tmp_path / "export" / "card.json").read_text())["global_pool"] == "catavgmax"

@@ -9,8 +9,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from hpa_lightning.errors import PretrainedUnavailable
+from hpa_lightning.errors import ConfigError, PretrainedUnavailable
 from hpa_lightning.models.net import create_model, parameter_groups, rgb_stem_to_rgby
+from tests.conftest import compose_config
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +88,68 @@ def test_parameter_groups_rise_toward_the_head(name: str) -> None:
     assert any(p is model.layer1[0].conv1.weight for p in by_name["early"]["params"])
     assert any(p is model.layer4[0].conv1.weight for p in by_name["late"]["params"])
     assert [p is model.fc.weight for p in by_name["head"]["params"]] == [True]
+
+
+# ------------------------------------------------------------------ the winners' backbones and global pooling
+
+
+BACKBONES = ["densenet121", "efficientnet_b0", "inception_v3", "seresnext50_32x4d"]
+
+
+def module_of(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    return model.get_submodule(dotted)
+
+
+@pytest.mark.parametrize("model_config", BACKBONES)
+def test_each_backbone_config_gets_the_stem_rule_and_its_lr_groups(tmp_path: Path, model_config: str) -> None:
+    """From the real config group: a local 3-channel weight file (made here) loads with that architecture's own first
+    convolution widened (R, G, B kept, Y = R), every other body weight unchanged, a new 28-way head, and three LR
+    groups from timm's group matcher with the head alone in the last."""
+    cfg = compose_config([f"model={model_config}"])
+    name, global_pool = cfg.model.name, cfg.model.global_pool
+    torch.manual_seed(0)
+    rgb = timm.create_model(name, pretrained=False, in_chans=3, num_classes=1000)
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(path))
+    model, loaded = create_model(name, pretrained=str(path), global_pool=global_pool)
+    assert loaded
+    first_conv = rgb.pretrained_cfg["first_conv"]
+    source, stem = module_of(rgb, first_conv).weight.detach(), module_of(model, first_conv).weight.detach()
+    assert stem.shape[1] == 4 and source.shape[1] == 3
+    torch.testing.assert_close(stem[:, :3], source, rtol=0, atol=0)
+    torch.testing.assert_close(stem[:, 3], source[:, 0], rtol=0, atol=0)
+    classifier = rgb.pretrained_cfg["classifier"]
+    body = {k: v for k, v in rgb.state_dict().items() if not k.startswith(f"{classifier}.") and
+            k != f"{first_conv}.weight"}
+    mine = model.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in body.items())
+    assert model.get_classifier().out_features == 28
+    if global_pool == "catavgmax":  # bestfitting's head: average and max pooled features side by side
+        assert model.get_classifier().in_features == 2 * rgb.get_classifier().in_features
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 4, 80, 80)).shape == (2, 28)
+    groups = parameter_groups(model, lr=0.1, weight_decay=1e-4)
+    assert [g["name"] for g in groups if not g["name"].endswith("_no_decay")] == ["early", "late", "head"]
+    head_ids = {id(p) for p in model.get_classifier().parameters()}
+    assert {id(p) for g in groups if g["name"].startswith("head") for p in g["params"]} == head_ids
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_an_unknown_architecture_or_pooling_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"model.name='resnet5o': not a timm architecture") as raised:
+        create_model("resnet5o")
+    assert "\n" not in str(raised.value)
+    with pytest.raises(ConfigError, match=r"model.global_pool='median'") as raised:
+        create_model("resnet10t", global_pool="median")
+    assert "\n" not in str(raised.value)
+
+
+def test_any_timm_name_works_with_the_stem_rule(tmp_path: Path) -> None:
+    """A name without a config of its own (resnet34): `model.name=resnet34` is all it takes."""
+    torch.manual_seed(0)
+    rgb = timm.create_model("resnet34", pretrained=False, in_chans=3)
+    torch.save(rgb.state_dict(), tmp_path / "r34.pth")
+    cfg = compose_config(["model.name=resnet34", f"model.pretrained={tmp_path / 'r34.pth'}"])
+    model, loaded = create_model(cfg.model.name, pretrained=cfg.model.pretrained, global_pool=cfg.model.global_pool)
+    assert loaded and torch.equal(model.conv1.weight[:, 3], rgb.conv1.weight[:, 0])
