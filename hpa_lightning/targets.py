@@ -37,6 +37,8 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "hpa_lightning.training.callbacks.RNGState",
     "hpa_lightning.training.callbacks.FiniteCheckpointGuard",
     "hpa_lightning.training.callbacks.InterruptCheckpoint",
+    "hpa_lightning.training.callbacks.EMAWeightAverage",
+    "hpa_lightning.training.callbacks.SWAWeightAverage",
     "lightning.pytorch.loggers.CSVLogger",
     "lightning.pytorch.loggers.WandbLogger",
     "lightning.pytorch.loggers.TensorBoardLogger",

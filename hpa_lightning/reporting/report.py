@@ -30,16 +30,17 @@ from hpa_lightning.metrics import format_score
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.find import Job, find_jobs, natural_key
 
-COLUMNS = ["label", "status", "experiment", "model", "loss", "gamma", "scheduler", "base_lr", "val_macro_f1",
-           "val_macro_f1_tuned", "test_macro_f1", "test_macro_f1_tuned", "test_roc_auc", "epochs", "wall_time_s",
-           "device", "gpu", "run", "overrides", "error", "rerun"]
+COLUMNS = ["label", "status", "experiment", "model", "loss", "gamma", "scheduler", "averaging", "base_lr",
+           "val_macro_f1", "val_macro_f1_tuned", "test_macro_f1", "test_macro_f1_tuned", "test_roc_auc", "epochs",
+           "wall_time_s", "device", "gpu", "run", "overrides", "error", "rerun"]
 
 
 MARKDOWN_COLUMNS = [("label", "experiment"), ("model", "model"), ("loss", "loss"), ("gamma", "gamma"),
-                    ("scheduler", "scheduler"), ("base_lr", "base LR"), ("val_macro_f1", "val F1 @0.5"),
-                    ("val_macro_f1_tuned", "val F1 tuned"), ("test_macro_f1", "test F1 @0.5"),
-                    ("test_macro_f1_tuned", "test F1 tuned"), ("test_roc_auc", "test ROC AUC"),
-                    ("epochs", "epochs"), ("wall_time_s", "time (s)"), ("run", "run folder")]
+                    ("scheduler", "scheduler"), ("averaging", "weights"), ("base_lr", "base LR"),
+                    ("val_macro_f1", "val F1 @0.5"), ("val_macro_f1_tuned", "val F1 tuned"),
+                    ("test_macro_f1", "test F1 @0.5"), ("test_macro_f1_tuned", "test F1 tuned"),
+                    ("test_roc_auc", "test ROC AUC"), ("epochs", "epochs"), ("wall_time_s", "time (s)"),
+                    ("run", "run folder")]
 
 
 BASELINE_MODELS = {"logreg", "random_forest"}
@@ -67,6 +68,7 @@ def completed_row(job: Job, roots: list[Path]) -> dict:
         "status": "completed", "experiment": results.get("experiment") or job.dir.name,
         "model": results.get("model"), "loss": results.get("loss"), "gamma": results.get("gamma"),
         "scheduler": results.get("scheduler"), "base_lr": results.get("base_lr"),
+        "averaging": (results.get("weight_averaging") or {}).get("method"),
         "val_macro_f1": _get(results, "val", "macro_f1"), "val_macro_f1_tuned": _get(results, "val", "macro_f1_tuned"),
         "test_macro_f1": _get(results, "test", "macro_f1"),
         "test_macro_f1_tuned": _get(results, "test", "macro_f1_tuned"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
@@ -246,3 +247,63 @@ def write_lr_trace(rows: list[dict[str, float]], output_dir: Path, plot: bool = 
         fig.savefig(output_dir / "lr_trace.png", dpi=120)
         plt.close(fig)
     return path
+
+
+class _AveragingGuard:
+    """What Lightning's weight averaging does before anything has been averaged, made safe.
+
+    Its averaged model starts as a copy of the initial weights, and Lightning swaps it in for validation, writes it
+    into checkpoints and copies it over the model at the end whether or not it was ever updated: with averaging
+    that starts at a later epoch, validation and best.ckpt would see the untrained network. Until the first update
+    the live weights are used. Outside fit (validate/test of best.ckpt) a checkpoint's state_dict already holds the
+    averaged weights, so there is nothing to restore and no warning to give.
+    """
+
+    def _has_average(self) -> bool:
+        average = self._average_model
+        return average is not None and int(average.n_averaged) > 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._has_average():
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._has_average():
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._has_average():
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._average_model is not None and "current_model_state" in checkpoint:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._has_average():
+            super().on_train_end(trainer, pl_module)
+
+
+class EMAWeightAverage(_AveragingGuard, EMAWeightAveraging):
+    """Exponential moving average of the weights after every optimizer step (Lightning's EMAWeightAveraging, made
+    safe before its first update); validation, checkpoints' state_dict, test, predict and export use the average."""
+
+
+class SWAWeightAverage(_AveragingGuard, WeightAveraging):
+    """Stochastic weight averaging: the equal-weight mean of the weights at the end of every epoch from
+    `start_epoch` on (with SGDR, snapshots along the restarts; pudae averaged 10 checkpoints). Updated after the
+    epoch's last optimizer step, so the epoch's own validation and checkpoints already include it. BatchNorm
+    statistics are averaged like the weights (`use_buffers`), not recomputed."""
+
+    def __init__(self, start_epoch: int = 1, device: str | None = None, use_buffers: bool = True) -> None:
+        super().__init__(device=device, use_buffers=use_buffers)  # torch's default avg_fn: the running mean
+        self.start_epoch = int(start_epoch)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return False  # the updates come from on_train_batch_end, at the last batch of each epoch
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if trainer.is_last_batch and trainer.current_epoch >= self.start_epoch:
+            self._average_model.update_parameters(pl_module)
+            self._latest_update_step = trainer.global_step

@@ -136,6 +136,16 @@ def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
     return results
 
 
+def weight_averaging(cfg: DictConfig) -> dict | None:
+    """The weight-averaging callback of cfg.callbacks (callbacks=ema|swa) as {"method": "ema"|"swa", settings}."""
+    for node in (cfg.get("callbacks") or {}).values():
+        target = str((node or {}).get("_target_", ""))
+        if target.endswith(("EMAWeightAverage", "SWAWeightAverage")):
+            method = "ema" if target.endswith("EMAWeightAverage") else "swa"
+            return {"method": method, **{k: v for k, v in plain(node).items() if k != "_target_"}}
+    return None
+
+
 def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,
                       best: str | None, wall_time: float, timings: dict[str, float] | None = None,
                       attempts: list[dict] | None = None, finetune_auto: list[str] | None = None) -> dict:
@@ -151,6 +161,7 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         "loss": cfg.loss.get("name", str(cfg.loss._target_).rsplit(".", 1)[-1]),
         "gamma": float(cfg.loss.get("gamma", 0.0)),
         "scheduler": cfg.scheduler.get("name") if cfg.scheduler else "none",
+        "weight_averaging": weight_averaging(cfg),  # None, or the EMA/SWA callback's method and settings
         "base_lr": float(cfg.optimizer.lr),
         "lr_ratios": list(cfg.finetune.lr_ratios),
         "frozen_epochs": int(cfg.finetune.frozen_epochs),
