@@ -2,7 +2,7 @@
 
     python -m hpa_lightning.predict ckpt=RUN_DIR|CKPT|EXPORT_DIR input=DIR [out=submission.csv] [tta=1|2|4|8]
         [batch_size=32] [workers=-1] [image_dir=test] [device=auto|cpu|cuda] [image_size=0]
-        [channels_last=true] [progress=true] [sixteen_bit=divide|percentile]
+        [channels_last=true] [progress=true] [sixteen_bit=divide|percentile] [tta_crops=0] [tta_reduce=mean|max]
 
 Input is the Kaggle layout: `DIR/sample_submission.csv` (Id,Predicted) fixes the Ids and their order, images are
 `{Id}_{red,green,blue,yellow}.{png,jpg,tif}` in `DIR/test/` (or `DIR/<image_dir>/`), else in DIR itself. Without
@@ -10,7 +10,10 @@ sample_submission.csv every Id whose files are found is predicted, in sorted ord
 
 Images are resized to the training resolution exactly as the training store was packed (`image_size` from the run's
 results.json or the export card; `image_size=N` overrides), decoded by DataLoader worker processes, standardised
-with the training statistics on the device, and averaged over `tta` dihedral views (see `inference/tta.py`).
+with the training statistics on the device, and averaged over `tta` dihedral views (see `inference/tta.py`). A
+model trained on crops (`crop.size`) sees what its validation saw (the full image or its centre window), or with
+`tta_crops=K` K fixed random windows of its crop size, each with the `tta` views; `tta_reduce=max` takes the
+maximum over all views instead of the mean (bestfitting's choice).
 
 Writes `out` (Id,Predicted: space-separated class ids decided with the run's tuned thresholds and ensure_one, or 0.5
 without a thresholds.json) and `<out stem>_probabilities.csv` (Id + one column per class name). Both are written to
@@ -38,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     rate = result["n"] / max(result["seconds"], 1e-9)
     print(f"model: {model.architecture} from {model.source} at {result['image_size']}px; {thresholds}\n"
           f"predicted {result['n']} samples (Ids from {result['ids_from']}) in {result['seconds']:.1f} s "
-          f"({rate:.1f} samples/s, tta={result['tta']}, device={result['device']})\n"
+          f"({rate:.1f} samples/s, tta={result['tta']}"
+          + (f" x {result['tta_crops']} crops" if result['tta_crops'] else "")
+          + f" ({result['tta_reduce']}), device={result['device']})\n"
           f"wrote {result['out']} and {result['probabilities']}"
           + (f"\nskipped {result['n_incomplete']} incomplete Ids (not all four channel files), listed in "
              f"{result['incomplete']}" if result["n_incomplete"] else ""))

@@ -25,6 +25,7 @@ BAD_INPUT = {
     "bench": ("hpa_lightning.bench", ["sections=nope"]),
     "train override": ("hpa_lightning.train", ["trainer.no_such_key=1"]),
     "train thresholds": ("hpa_lightning.train", ["thresholds.strategy=best", "model.pretrained=false"]),
+    "train crop": ("hpa_lightning.train", ["crop.size=4096", "model.pretrained=false"]),
     "train data": ("hpa_lightning.train", ["data=hpa", f"data.root={MISSING}", "model.pretrained=false"]),
     "baseline override": ("hpa_lightning.baseline", ["no_such_key=1"]),
     "lr_find override": ("hpa_lightning.lr_find", ["no_such_key=1"]),

@@ -37,6 +37,7 @@ def build_card(model: InferenceModel, weights_sha256: str) -> dict:
         "format": EXPORT_FORMAT,
         "architecture": model.architecture,
         "global_pool": model.global_pool,  # timm.create_model's global_pool; null: the architecture's default
+        "crop": model.crop,  # trained on random crop.size windows: evaluated on the full image or its centre window
         "library": "timm",
         "in_chans": len(CHANNELS),
         "num_classes": model.num_classes,

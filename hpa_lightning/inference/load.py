@@ -47,6 +47,7 @@ class InferenceModel:
     source: str  # the checkpoint or export folder the weights came from
     extra: dict = field(default_factory=dict)
     global_pool: str | None = None  # timm's global_pool when the run set one (e.g. catavgmax), else the default
+    crop: dict | None = None  # {"size": training crop size, "eval": "full" | "center"} when the run trained on crops
 
     @property
     def num_classes(self) -> int:
@@ -169,7 +170,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Inf
     run_dir = path.parent.parent if path.parent.name == layout.CHECKPOINTS else path.parent
     thresholds, ensure_one, thr_source = thresholds_from_file(run_dir / layout.THRESHOLDS, class_names)
     return InferenceModel(net=net.eval(), standardize=standardize, architecture=architecture,
-                          global_pool=global_pool, image_size=_run_image_size(run_dir), class_names=class_names,
+                          global_pool=global_pool, crop=hparams.get("crop"), image_size=_run_image_size(run_dir),
+                          class_names=class_names,
                           thresholds=thresholds,
                           ensure_one=ensure_one, thresholds_source=thr_source, source=str(path),
                           extra={"threshold_default": 0.5, "run_dir": str(run_dir),
@@ -221,7 +223,8 @@ def load_export(folder: Path, map_location: str | torch.device = "cpu") -> Infer
     default = float(card.get("threshold_default", 0.5))
     thresholds = np.array([float(table.get(name, default)) for name in class_names], dtype=np.float64)
     return InferenceModel(net=net.eval(), standardize=Standardize(mean, std), architecture=architecture,
-                          global_pool=global_pool, image_size=image_size, class_names=class_names,
+                          global_pool=global_pool, crop=card.get("crop"), image_size=image_size,
+                          class_names=class_names,
                           thresholds=thresholds,
                           ensure_one=bool(card.get("ensure_one", False)),
                           thresholds_source=f"{card_path}" if card.get("thresholds_source") else None,

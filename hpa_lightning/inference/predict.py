@@ -28,7 +28,8 @@ from hpa_lightning.data.sources import (
 from hpa_lightning.errors import DataError, InferenceError
 from hpa_lightning.files import atomic_path
 from hpa_lightning.inference.load import InferenceModel, load_model
-from hpa_lightning.inference.tta import tta_probabilities, tta_views
+from hpa_lightning.inference.tta import TTA_REDUCTIONS, crop_windows, tta_probabilities, tta_views
+from hpa_lightning.models.augment import center_crop
 from hpa_lightning.resources import available_cpus
 
 PROG = "hpa_lightning.predict"
@@ -39,7 +40,8 @@ SAMPLE_SUBMISSION = "sample_submission.csv"
 
 DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "submission.csv", "tta": 1, "batch_size": 32,
                                "workers": -1, "image_dir": "test", "device": "auto", "image_size": 0,
-                               "channels_last": True, "progress": True, "sixteen_bit": ""}
+                               "channels_last": True, "progress": True, "sixteen_bit": "", "tta_crops": 0,
+                               "tta_reduce": "mean"}
 
 
 _FILE_PATTERN = re.compile(rf"^(?P<id>.+)_(?P<channel>{'|'.join(CHANNELS)})"
@@ -173,9 +175,11 @@ def default_workers() -> int:
 
 def predict_probabilities(model: InferenceModel, data: PredictInput, image_size: int, tta: int = 1,
                           batch_size: int = 32, workers: int = 0, device: torch.device | str = "cpu",
-                          progress: bool = False, channels_last: bool = True, sixteen_bit: str | None = None
-                          ) -> np.ndarray:
-    """(N, C) probabilities in `data.ids` order."""
+                          progress: bool = False, channels_last: bool = True, sixteen_bit: str | None = None,
+                          tta_crops: int = 0, tta_reduce: str = "mean") -> np.ndarray:
+    """(N, C) probabilities in `data.ids` order. A model trained on crops sees the full image or its centre window
+    as in its validation, or with `tta_crops=K` K fixed random windows of its crop size (each with the dihedral
+    views); the views are reduced by `tta_reduce` (mean or max)."""
     from tqdm import tqdm
 
     tta_views(tta)  # validate before any work
@@ -184,6 +188,10 @@ def predict_probabilities(model: InferenceModel, data: PredictInput, image_size:
     if channels_last:  # 2-3x faster convolutions on CPU (oneDNN) and on GPU tensor cores
         model.net.to(memory_format=torch.channels_last)
     rule = sixteen_bit or model.extra.get("sixteen_bit", "divide")  # as the training store was packed
+    crop_size, crop_eval = (model.crop or {}).get("size"), (model.crop or {}).get("eval", "full")
+    if tta_crops and not crop_size:
+        raise InferenceError(f"tta_crops={tta_crops}: {model.source} was trained without crops (crop.size null)")
+    windows = crop_windows(image_size, crop_size, tta_crops) if tta_crops else []
     loader = DataLoader(ImageFolderDataset(data.image_dir, data.ids, image_size, rule), batch_size=batch_size,
                         shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     probs = np.zeros((len(data.ids), model.num_classes), dtype=np.float32)
@@ -196,7 +204,10 @@ def predict_probabilities(model: InferenceModel, data: PredictInput, image_size:
                 bar.close()
                 raise DataError(errors[0])
             x = model.standardize(batch["image"].to(device, non_blocking=True))
-            probs[batch["index"].numpy()] = tta_probabilities(model.net, x, tta, channels_last).cpu().numpy()
+            if crop_size and not windows and crop_eval == "center":
+                x = center_crop(x, crop_size)
+            probs[batch["index"].numpy()] = tta_probabilities(model.net, x, tta, channels_last, crops=windows,
+                                                              crop_size=crop_size, reduce=tta_reduce).cpu().numpy()
             bar.update(len(batch["index"]))
     return probs
 
@@ -233,8 +244,12 @@ def run(args: dict[str, object]) -> dict[str, object]:
         raise InferenceError("ckpt=RUN_DIR|CKPT|EXPORT_DIR and input=DIR are required")
     if Path(str(args["out"])).is_dir():
         raise InferenceError(f"out={args['out']}: is a folder; give the submission file name (e.g. submission.csv)")
-    tta, batch_size = int(args["tta"]), int(args["batch_size"])
+    tta, batch_size, tta_crops = int(args["tta"]), int(args["batch_size"]), int(args["tta_crops"])
     tta_views(tta)
+    if tta_crops < 0:
+        raise InferenceError(f"tta_crops={tta_crops}: must be >= 0")
+    if args["tta_reduce"] not in TTA_REDUCTIONS:
+        raise InferenceError(f"tta_reduce={args['tta_reduce']}: must be one of {', '.join(TTA_REDUCTIONS)}")
     if args["sixteen_bit"] and args["sixteen_bit"] not in SIXTEEN_BIT_RULES:
         raise InferenceError(f"sixteen_bit={args['sixteen_bit']}: expected one of {', '.join(SIXTEEN_BIT_RULES)}")
     if batch_size < 1:
@@ -254,7 +269,8 @@ def run(args: dict[str, object]) -> dict[str, object]:
     started = time.perf_counter()
     probs = predict_probabilities(model, data, image_size, tta=tta, batch_size=batch_size, workers=workers,
                                   device=device, progress=bool(args["progress"]),
-                                  channels_last=bool(args["channels_last"]), sixteen_bit=str(args["sixteen_bit"]))
+                                  channels_last=bool(args["channels_last"]), sixteen_bit=str(args["sixteen_bit"]),
+                                  tta_crops=tta_crops, tta_reduce=str(args["tta_reduce"]))
     elapsed = time.perf_counter() - started
     out, prob_path = write_outputs(str(args["out"]), data.ids, probs, model)
     skipped = incomplete_path(out)
@@ -263,5 +279,6 @@ def run(args: dict[str, object]) -> dict[str, object]:
         pd.DataFrame({"Id": list(data.incomplete), "missing": [" ".join(m) for m in data.incomplete.values()]}
                      ).to_csv(skipped, index=False)
     return {"out": out, "probabilities": prob_path, "n": len(data.ids), "seconds": elapsed, "tta": tta,
+            "tta_crops": tta_crops, "tta_reduce": args["tta_reduce"],
             "device": device, "image_size": image_size, "model": model, "ids_from": data.source,
             "incomplete": skipped if data.incomplete else None, "n_incomplete": len(data.incomplete)}

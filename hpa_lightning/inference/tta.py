@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -61,13 +61,37 @@ def tta_views(n: int) -> tuple[tuple[str, Callable[[Tensor], Tensor]], ...]:
     return TTA_VIEWS[:n]
 
 
+TTA_REDUCTIONS = ("mean", "max")
+
+
+def crop_windows(image_size: int, crop_size: int, count: int, seed: int = 0) -> list[tuple[int, int]]:
+    """`count` (top, left) positions of `crop_size` windows in `image_size` images, drawn once from a seeded
+    generator: the same crop views for every image and every run (bestfitting's random-crop TTA, made repeatable)."""
+    if crop_size > image_size:
+        raise InferenceError(f"crop size {crop_size} is larger than the images ({image_size})")
+    generator = torch.Generator().manual_seed(seed)
+    corners = torch.randint(0, image_size - crop_size + 1, (count, 2), generator=generator)
+    return [(int(top), int(left)) for top, left in corners]
+
+
 @torch.inference_mode()
-def tta_probabilities(net: nn.Module, x: Tensor, tta: int = 1, channels_last: bool = False) -> Tensor:
-    """Mean sigmoid probabilities (B, C) of `net` over the first `tta` dihedral views of the standardised batch `x`."""
-    total = None
-    for _, view in tta_views(tta):
-        v = view(x)
-        v = v.contiguous(memory_format=torch.channels_last) if channels_last else v.contiguous()
-        probs = torch.sigmoid(net(v).float())
-        total = probs if total is None else total + probs
-    return total / tta
+def tta_probabilities(net: nn.Module, x: Tensor, tta: int = 1, channels_last: bool = False,
+                      crops: Sequence[tuple[int, int]] = (), crop_size: int | None = None,
+                      reduce: str = "mean") -> Tensor:
+    """Sigmoid probabilities (B, C) of `net` over the first `tta` dihedral views of the standardised batch `x`, or
+    of each `crop_size` window at `crops` (top, left), reduced by their mean or their maximum."""
+    if reduce not in TTA_REDUCTIONS:
+        raise InferenceError(f"tta_reduce={reduce}: must be one of {', '.join(TTA_REDUCTIONS)}")
+    inputs = [x[..., top:top + crop_size, left:left + crop_size] for top, left in crops] if crops else [x]
+    result, count = None, 0
+    for image in inputs:
+        for _, view in tta_views(tta):
+            v = view(image)
+            v = v.contiguous(memory_format=torch.channels_last) if channels_last else v.contiguous()
+            probs = torch.sigmoid(net(v).float())
+            if result is None:
+                result = probs
+            else:
+                result = result + probs if reduce == "mean" else torch.maximum(result, probs)
+            count += 1
+    return result / count if reduce == "mean" else result

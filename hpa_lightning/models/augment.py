@@ -69,16 +69,65 @@ def build_augmentation(rot90: bool = True, rotation_degrees: float = 10.0, hflip
     return nn.Sequential(*stages) if stages else nn.Identity()
 
 
-class DeviceTransform(nn.Module):
-    """The whole device-side transform: to float in [0, 1], augment when `train`, standardise."""
+EVAL_CROPS = ("full", "center")
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], augment: dict | None = None):
+
+def center_crop(x: Tensor, size: int) -> Tensor:
+    """The central `size` x `size` window of (..., H, W) images (the upper-left one when H - size is odd)."""
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def check_crop(crop: dict | None, image_size: int | None = None) -> tuple[int | None, str]:
+    """(size, eval) of a `crop` node, one line naming the key when wrong (`ValueError`)."""
+    crop = crop or {}
+    size, evaluation = crop.get("size"), crop.get("eval", "full")
+    if evaluation not in EVAL_CROPS:
+        raise ValueError(f"crop.eval={evaluation!r}: expected one of {', '.join(EVAL_CROPS)}")
+    if size is None:
+        return None, evaluation
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ValueError(f"crop.size={size!r}: expected a whole number of pixels >= 8, or null")
+    if image_size is not None and size > image_size:
+        raise ValueError(f"crop.size={size} is larger than the packed images (data.image_size={image_size}): pack "
+                         f"at the higher resolution and crop below it")
+    return size, evaluation
+
+
+class Crop(nn.Module):
+    """Crops from a higher resolution: in training one random `size` window per sample (kornia's RandomCrop, the
+    same window for the four channels), in evaluation the full image (`eval: full`; global pooling takes any size)
+    or the central window (`eval: center`). No `size`: the image as it is."""
+
+    def __init__(self, size: int | None = None, eval: str = "full"):  # noqa: A002 - the config key's name
+        super().__init__()
+        self.size, self.eval_mode = check_crop({"size": size, "eval": eval})
+        self.random = K.RandomCrop((self.size, self.size)) if self.size else None
+
+    def forward(self, x: Tensor, train: bool) -> Tensor:
+        if self.size is None:
+            return x
+        if min(x.shape[-2:]) < self.size:
+            raise ValueError(f"crop.size={self.size} is larger than the images ({x.shape[-2]}x{x.shape[-1]})")
+        if train:
+            return self.random(x)
+        return center_crop(x, self.size) if self.eval_mode == "center" else x
+
+
+class DeviceTransform(nn.Module):
+    """The whole device-side transform: to float in [0, 1], crop (random when `train`), augment when `train`,
+    standardise."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], augment: dict | None = None,
+                 crop: dict | None = None):
         super().__init__()
         self.standardize = Standardize(mean, std)
         self.augment = build_augmentation(**augment) if augment is not None else nn.Identity()
+        self.crop = Crop(**(crop or {}))
 
     def forward(self, x: Tensor, train: bool) -> Tensor:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+        x = self.crop(x, train)
         if train:
             x = self.augment(x)
         return self.standardize(x)

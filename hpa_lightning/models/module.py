@@ -37,13 +37,15 @@ class HPAModule(L.LightningModule):
         scheduler: Hydra node of a `hpa_lightning.models.schedulers` factory, `_partial_`, or None.
         lr_ratios: LR of each depth group (early body, late body, head) relative to `optimizer.lr`.
         augment: kwargs of `hpa_lightning.models.augment.build_augmentation`, or None for no augmentation.
+        crop: {"size": random training crops of this size, "eval": "full" | "center"} (`models.augment.Crop`), or
+            None: the images as packed.
         mean, std: per-channel train statistics in [0, 1] units; taken from the DataModule when it has them.
     """
 
     def __init__(self, model: dict, loss: dict, optimizer: dict, scheduler: dict | None = None,
                  lr_ratios: Sequence[float] = (1 / 9, 1 / 3, 1.0), augment: dict | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 class_names: Sequence[str] = CLASS_NAMES):
+                 class_names: Sequence[str] = CLASS_NAMES, crop: dict | None = None):
         super().__init__()
         # the nodes below are instantiated; from a checkpoint they are data written by someone else, maybe under the
         # names of an older layout (saved again under the current names)
@@ -59,7 +61,7 @@ class HPAModule(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.compile_net = bool(model.get("compile", False))
         self.criterion = instantiate(without_name(loss))
-        self.transform = DeviceTransform(mean or [0.0] * 4, std or [1.0] * 4, augment)
+        self.transform = DeviceTransform(mean or [0.0] * 4, std or [1.0] * 4, augment, crop)
         self._stats_given = mean is not None
         self.body_frozen = False  # set by `FreezeBackbone` during the poster's frozen first stage
         self._outputs: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {"val": [], "test": [], "predict": []}

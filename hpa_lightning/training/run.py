@@ -17,6 +17,8 @@ from hpa_lightning.checkpoints import safe_torch_load
 from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES
 from hpa_lightning.data.datamodule import HPADataModule
+from hpa_lightning.errors import ConfigError
+from hpa_lightning.models.augment import check_crop
 from hpa_lightning.models.losses import positive_class_weights
 from hpa_lightning.models.module import HPAModule
 from hpa_lightning.runs.attempts import AttemptLog
@@ -52,7 +54,8 @@ def build_module(cfg: DictConfig, datamodule: HPADataModule) -> HPAModule:
     mean, std = datamodule.stats
     return HPAModule(model=plain(cfg.model), loss=loss_config(cfg, datamodule), optimizer=plain(cfg.optimizer),
                      scheduler=plain(cfg.scheduler), lr_ratios=list(cfg.finetune.lr_ratios),
-                     augment=plain(cfg.augment), mean=mean, std=std, class_names=list(CLASS_NAMES))
+                     augment=plain(cfg.augment), mean=mean, std=std, class_names=list(CLASS_NAMES),
+                     crop=plain(cfg.get("crop")))
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -99,6 +102,10 @@ def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     check_saved_config(cfg)
     check_thresholds(cfg)  # one line now rather than after hours of training
+    try:
+        check_crop(plain(cfg.get("crop")), int(cfg.data.image_size))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     finetune_auto = resolve_finetune(cfg)
     resume_from = resume_checkpoint(run_dir, cfg.get("resume", False), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)

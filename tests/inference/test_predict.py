@@ -22,7 +22,7 @@ from hpa_lightning.export import main as export_main
 from hpa_lightning.inference.export import export_model
 from hpa_lightning.inference.load import load_model
 from hpa_lightning.inference.predict import resolve_input
-from hpa_lightning.inference.tta import TTA_VIEWS, tta_probabilities, tta_views
+from hpa_lightning.inference.tta import TTA_VIEWS, crop_windows, tta_probabilities, tta_views
 from hpa_lightning.models.module import HPAModule
 from hpa_lightning.predict import main as predict_main
 from tests.conftest import REPO
@@ -357,3 +357,74 @@ def test_a_run_with_catavgmax_pooling_loads_and_exports_with_it(tmp_path: Path) 
             assert loaded.global_pool == "catavgmax"
             torch.testing.assert_close(loaded.net(x), expected)
     assert json.loads((tmp_path / "export" / "card.json").read_text())["global_pool"] == "catavgmax"
+
+
+# ---------------------------------------------------------------------------------------------- crops
+
+
+def test_crop_views_are_reduced_by_mean_or_max_over_every_window_and_view() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 28, 3), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    x = torch.rand(2, 4, 20, 20)
+    windows = [(0, 0), (3, 5), (8, 8)]
+    with torch.no_grad():
+        views = torch.stack([torch.sigmoid(net(v)) for top, left in windows
+                             for w in [x[..., top:top + 12, left:left + 12]] for v in (w, w.flip(-1))])
+        torch.testing.assert_close(tta_probabilities(net, x, 2, crops=windows, crop_size=12, reduce="max"),
+                                   views.max(dim=0).values)
+        torch.testing.assert_close(tta_probabilities(net, x, 2, crops=windows, crop_size=12), views.mean(dim=0))
+    assert crop_windows(40, 32, 5) == crop_windows(40, 32, 5)  # the same views in every run
+    assert all(0 <= t <= 8 and 0 <= left <= 8 for t, left in crop_windows(40, 32, 50))
+    with pytest.raises(InferenceError, match="tta_reduce=median"):
+        tta_probabilities(net, x, 1, reduce="median")
+
+
+@pytest.fixture(scope="module")
+def crop_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder of a model trained on 24 px crops of 32 px images, evaluated on the centre window."""
+    run_dir = tmp_path_factory.mktemp("crop") / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    module = HPAModule(model={"name": "resnet10t", "pretrained": False},
+                       loss={"_target_": "hpa_lightning.models.losses.FocalLoss", "name": "focal", "gamma": 0.2},
+                       optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.02},
+                       mean=[0.05, 0.06, 0.04, 0.05], std=[0.06, 0.1, 0.1, 0.07],
+                       crop={"size": 24, "eval": "center"})
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}, ckpt)
+    (run_dir / "results.json").write_text(json.dumps({"status": "completed", "image_size": FAKE_SIZE,
+                                                      "best_checkpoint": str(ckpt)}))
+    return run_dir
+
+
+def test_a_model_trained_on_crops_predicts_as_it_was_validated(crop_run: Path, held_out: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    from hpa_lightning.inference.predict import ImageFolderDataset
+
+    model = load_model(crop_run)
+    assert model.crop == {"size": 24, "eval": "center"}
+    ids = pd.read_csv(held_out / "sample_submission.csv", dtype=str)["Id"].tolist()
+    images = torch.stack([ImageFolderDataset(held_out / "test", ids, FAKE_SIZE, "divide")[i]["image"]
+                          for i in range(len(ids))])
+    with torch.no_grad():
+        x = model.standardize(images)
+        centre = torch.sigmoid(model.net(x[..., 4:28, 4:28])).numpy()
+        windows = crop_windows(FAKE_SIZE, 24, 3)
+        crops_max = torch.stack([torch.sigmoid(model.net(x[..., t:t + 24, left:left + 24])) for t, left in windows]
+                                ).max(dim=0).values.numpy()
+    for args, expected in [([], centre), (["tta_crops=3", "tta_reduce=max"], crops_max)]:
+        out = tmp_path / f"sub{len(args)}.csv"
+        code, _, err = predict(capsys, f"ckpt={crop_run}", f"input={held_out}", "workers=0", "channels_last=false",
+                               f"out={out}", *args)
+        assert code == 0, err
+        _, probabilities = read_outputs(out)
+        np.testing.assert_allclose(probabilities[list(CLASS_NAMES)].to_numpy(), expected, atol=1e-5, rtol=0)
+    card = json.loads((export_model(crop_run, tmp_path / "export") / "card.json").read_text())
+    assert card["crop"] == {"size": 24, "eval": "center"} and load_model(tmp_path / "export").crop == card["crop"]
+
+
+def test_crop_views_of_a_model_without_crops_are_one_line(fake_run: Path, held_out: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    code, _, err = predict(capsys, f"ckpt={fake_run}", f"input={held_out}", "tta_crops=2", f"out={tmp_path / 's.csv'}")
+    assert code == 2 and err.strip().splitlines() == [f"error: tta_crops=2: {fake_run / 'checkpoints' / 'best.ckpt'}"
+                                                      f" was trained without crops (crop.size null)"]
