@@ -148,8 +148,8 @@ def run_baseline(cfg: DictConfig) -> dict:
     test = {"targets": targets["test"], "probs": fitted.probs[1]}
 
     tick = time.perf_counter()
-    evaluation = write_evaluation(cfg, run_dir, val, test, datamodule.ids(rows["test"]), split.path,
-                                  targets["train"])
+    ids = {name: datamodule.ids(rows[name]) for name in ("val", "test")}
+    evaluation = write_evaluation(cfg, run_dir, val, test, ids, split.path, targets["train"])
     timings["evaluate_s"] = time.perf_counter() - tick
 
     estimator_cfg = dict(plain(cfg.model.estimator))

@@ -33,11 +33,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     """
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
-    if groups is not None and len(np.unique(groups)) < len(labels):
-        # copies of one image (kept duplicates) go to one split: stratify over groups, labelled by their union
-        _, inverse = np.unique(groups, return_inverse=True)
-        group_labels = np.zeros((inverse.max() + 1, labels.shape[1]), dtype=labels.dtype)
-        np.maximum.at(group_labels, inverse, labels)
+    grouped = _group_labels(labels, groups)
+    if grouped is not None:
+        group_labels, inverse = grouped
         return stratified_split(group_labels, val_fraction, test_fraction, seed, knob_prefix)[inverse]
     n = len(labels)
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
@@ -55,6 +53,43 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     val_pos, test_pos = _exact_size(*next(inner.split(np.zeros(len(holdout)), labels[holdout])), n_test, rng)
     assignment[holdout[val_pos]] = "val"
     assignment[holdout[test_pos]] = "test"
+    return assignment
+
+
+def _group_labels(labels: np.ndarray, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Copies of one image (kept duplicates) go to one part: (labels of each group, their union; group of each row),
+    or None when every row is its own group."""
+    if groups is None or len(np.unique(groups)) == len(labels):
+        return None
+    _, inverse = np.unique(groups, return_inverse=True)
+    group_labels = np.zeros((inverse.max() + 1, labels.shape[1]), dtype=labels.dtype)
+    np.maximum.at(group_labels, inverse, labels)
+    return group_labels, inverse
+
+
+def fold_split(labels: np.ndarray, val_fraction: float, test_fraction: float, folds: int, fold: int, seed: int,
+               knob_prefix: str = "data.split.", groups: np.ndarray | None = None) -> np.ndarray:
+    """Fold `fold` of `folds` multilabel-stratified folds over everything but the test split: that fold is val, the
+    others train. The test split is the one `stratified_split` holds out with the same seed and fractions, so it is
+    the same for every fold and for the run without folds (val_fraction only shapes that test split)."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise DataError(f"{knob_prefix}folds={folds!r}: expected a whole number >= 2 (or null: no folds)")
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+        raise DataError(f"{knob_prefix}fold={fold!r}: expected 0..{folds - 1} for {knob_prefix}folds={folds}")
+    grouped = _group_labels(labels, groups)
+    if grouped is not None:
+        group_labels, inverse = grouped
+        return fold_split(group_labels, val_fraction, test_fraction, folds, fold, seed, knob_prefix)[inverse]
+    base = stratified_split(labels, val_fraction, test_fraction, seed, knob_prefix)
+    pool = np.flatnonzero(base != "test")
+    if len(pool) < folds:
+        raise DataError(f"{knob_prefix}folds={folds}: only {len(pool)} samples outside the test split")
+    splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    _, val = list(splitter.split(np.zeros(len(pool)), labels[pool]))[fold]
+    assignment = np.where(base == "test", "test", "train").astype(object)
+    assignment[pool[val]] = "val"
     return assignment
 
 
@@ -97,13 +132,16 @@ class Split:
 
 
 def prepare_split(store: PackedStore, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 42,
-                  knob_prefix: str = "data.split.") -> Split:
-    """Create (once) the split and the train statistics for `store`; both live in the store, keyed by the split."""
-    key = f"seed{seed}-val{val_fraction:g}-test{test_fraction:g}"
+                  knob_prefix: str = "data.split.", folds: int | None = None, fold: int = 0) -> Split:
+    """Create (once) the split and the train statistics for `store`; both live in the store, keyed by the split.
+    With `folds`, fold `fold` of a K-fold split of train+val (`fold_split`), the test split unchanged."""
+    key = f"seed{seed}-val{val_fraction:g}-test{test_fraction:g}" + (f"-folds{folds}-fold{fold}" if folds else "")
     folder = store.path / "splits" / key
     if not (folder / "stats.json").is_file():
-        assignment = stratified_split(store.labels, val_fraction, test_fraction, seed, knob_prefix,
-                                      groups=store.groups() if store.duplicate_of else None)
+        groups = store.groups() if store.duplicate_of else None
+        assignment = (fold_split(store.labels, val_fraction, test_fraction, folds, fold, seed, knob_prefix, groups)
+                      if folds else
+                      stratified_split(store.labels, val_fraction, test_fraction, seed, knob_prefix, groups=groups))
         mean, std = channel_stats(store.images(), np.flatnonzero(assignment == "train"))
         folder.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)
@@ -114,7 +152,8 @@ def prepare_split(store: PackedStore, val_fraction: float = 0.1, test_fraction: 
             counts = {name: int((assignment == name).sum()) for name in SPLIT_NAMES}
             write_json_atomic(tmp / "stats.json", {"mean": mean, "std": std, "channels": list(CHANNELS),
                                                    "units": "[0,1] (uint8 / 255)", "computed_on": "train",
-                                                   "counts": counts, "seed": seed})
+                                                   "counts": counts, "seed": seed, "folds": folds,
+                                                   "fold": fold if folds else None})
             publish_folder(tmp, folder, "stats.json")
         finally:
             if tmp.exists():

@@ -7,12 +7,14 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from hpa_lightning import metrics
@@ -27,10 +29,12 @@ from hpa_lightning.data.sources import (
 )
 from hpa_lightning.errors import DataError, InferenceError
 from hpa_lightning.files import atomic_path
-from hpa_lightning.inference.load import InferenceModel, load_model
+from hpa_lightning.inference.load import CARD_NAME, InferenceModel, load_model
 from hpa_lightning.inference.tta import TTA_REDUCTIONS, crop_windows, tta_probabilities, tta_views
 from hpa_lightning.models.augment import center_crop
 from hpa_lightning.resources import available_cpus
+from hpa_lightning.runs import layout
+from hpa_lightning.runs.ensemble import ensemble_evaluation, member_runs, member_weights
 
 PROG = "hpa_lightning.predict"
 
@@ -41,7 +45,7 @@ SAMPLE_SUBMISSION = "sample_submission.csv"
 DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "submission.csv", "tta": 1, "batch_size": 32,
                                "workers": -1, "image_dir": "test", "device": "auto", "image_size": 0,
                                "channels_last": True, "progress": True, "sixteen_bit": "", "tta_crops": 0,
-                               "tta_reduce": "mean"}
+                               "tta_reduce": "mean", "weights": ""}
 
 
 _FILE_PATTERN = re.compile(rf"^(?P<id>.+)_(?P<channel>{'|'.join(CHANNELS)})"
@@ -173,28 +177,42 @@ def default_workers() -> int:
     return min(8, available_cpus())
 
 
-def predict_probabilities(model: InferenceModel, data: PredictInput, image_size: int, tta: int = 1,
-                          batch_size: int = 32, workers: int = 0, device: torch.device | str = "cpu",
-                          progress: bool = False, channels_last: bool = True, sixteen_bit: str | None = None,
-                          tta_crops: int = 0, tta_reduce: str = "mean") -> np.ndarray:
-    """(N, C) probabilities in `data.ids` order. A model trained on crops sees the full image or its centre window
-    as in its validation, or with `tta_crops=K` K fixed random windows of its crop size (each with the dihedral
-    views); the views are reduced by `tta_reduce` (mean or max)."""
+def member_probabilities(model: InferenceModel, uint8: Tensor, tta: int, channels_last: bool, tta_crops: int,
+                         tta_reduce: str, image_size: int) -> Tensor:
+    """(B, C) probabilities of one model for a uint8 batch on its device: its standardisation, its crop rule (the
+    full image or centre window as validated, or `tta_crops` fixed windows), the dihedral views reduced."""
+    crop_size, crop_eval = (model.crop or {}).get("size"), (model.crop or {}).get("eval", "full")
+    x = model.standardize(uint8)
+    windows = crop_windows(image_size, crop_size, tta_crops) if tta_crops else []
+    if crop_size and not windows and crop_eval == "center":
+        x = center_crop(x, crop_size)
+    return tta_probabilities(model.net, x, tta, channels_last, crops=windows, crop_size=crop_size, reduce=tta_reduce)
+
+
+def predict_probabilities(members: InferenceModel | Sequence[tuple[InferenceModel, float]], data: PredictInput,
+                          image_size: int, tta: int = 1, batch_size: int = 32, workers: int = 0,
+                          device: torch.device | str = "cpu", progress: bool = False, channels_last: bool = True,
+                          sixteen_bit: str | None = None, tta_crops: int = 0, tta_reduce: str = "mean") -> np.ndarray:
+    """(N, C) probabilities in `data.ids` order: of one model, or the weighted mean of ensemble `members` (model,
+    weight) over one decoding of each batch. A model trained on crops sees the full image or its centre window as in
+    its validation, or with `tta_crops=K` K fixed random windows of its crop size (each with the dihedral views);
+    the views are reduced by `tta_reduce` (mean or max)."""
     from tqdm import tqdm
 
+    members = [(members, 1.0)] if isinstance(members, InferenceModel) else list(members)
     tta_views(tta)  # validate before any work
     device = torch.device(device)
-    model.to(device)
-    if channels_last:  # 2-3x faster convolutions on CPU (oneDNN) and on GPU tensor cores
-        model.net.to(memory_format=torch.channels_last)
-    rule = sixteen_bit or model.extra.get("sixteen_bit", "divide")  # as the training store was packed
-    crop_size, crop_eval = (model.crop or {}).get("size"), (model.crop or {}).get("eval", "full")
-    if tta_crops and not crop_size:
-        raise InferenceError(f"tta_crops={tta_crops}: {model.source} was trained without crops (crop.size null)")
-    windows = crop_windows(image_size, crop_size, tta_crops) if tta_crops else []
+    for model, _ in members:
+        if tta_crops and not (model.crop or {}).get("size"):
+            raise InferenceError(f"tta_crops={tta_crops}: {model.source} was trained without crops (crop.size null)")
+        model.to(device)
+        if channels_last:  # 2-3x faster convolutions on CPU (oneDNN) and on GPU tensor cores
+            model.net.to(memory_format=torch.channels_last)
+    first = members[0][0]
+    rule = sixteen_bit or first.extra.get("sixteen_bit", "divide")  # as the training store was packed
     loader = DataLoader(ImageFolderDataset(data.image_dir, data.ids, image_size, rule), batch_size=batch_size,
                         shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
-    probs = np.zeros((len(data.ids), model.num_classes), dtype=np.float32)
+    probs = np.zeros((len(data.ids), first.num_classes), dtype=np.float32)
     with tqdm(total=len(data.ids), desc=f"predict tta={tta}", unit="img", disable=not progress,
               file=sys.stderr) as bar:
         for batch in loader:
@@ -203,11 +221,10 @@ def predict_probabilities(model: InferenceModel, data: PredictInput, image_size:
                 bar.leave = False  # clear the bar: the error stays the last, single line
                 bar.close()
                 raise DataError(errors[0])
-            x = model.standardize(batch["image"].to(device, non_blocking=True))
-            if crop_size and not windows and crop_eval == "center":
-                x = center_crop(x, crop_size)
-            probs[batch["index"].numpy()] = tta_probabilities(model.net, x, tta, channels_last, crops=windows,
-                                                              crop_size=crop_size, reduce=tta_reduce).cpu().numpy()
+            uint8 = batch["image"].to(device, non_blocking=True)
+            mean = sum(weight * member_probabilities(model, uint8, tta, channels_last, tta_crops, tta_reduce,
+                                                     image_size) for model, weight in members)
+            probs[batch["index"].numpy()] = mean.cpu().numpy()
             bar.update(len(batch["index"]))
     return probs
 
@@ -239,6 +256,44 @@ def write_outputs(out: str | Path, ids: list[str], probs: np.ndarray, model: Inf
     return out, prob_path
 
 
+def load_members(ckpt: str, weights: str = "") -> tuple[list[tuple[InferenceModel, float]], InferenceModel]:
+    """The model or ensemble `ckpt` names, with each member's weight, and the model whose class names and thresholds
+    decide. One run folder, checkpoint or export folder is one model; several (comma-separated) or a folder of runs
+    (a sweep: every finished run in it, e.g. the folds of `+sweep=folds`) are an ensemble, averaged with `weights`
+    (equal by default). An ensemble's thresholds are chosen on its members' validation predictions, out of fold for
+    folds (runs/ensemble.py); members without them (exports) use the weighted mean of their own thresholds."""
+    sources = [Path(s) for s in str(ckpt).split(",") if s]
+    runs_folder = [s.is_dir() and not (s / layout.RESULTS).is_file() and not (s / CARD_NAME).is_file()
+                   for s in sources]
+    if len(sources) == 1 and not runs_folder[0]:
+        model = load_model(sources[0])
+        if weights:
+            raise InferenceError(f"weights={weights}: only an ensemble (several ckpt= or a folder of runs) has weights")
+        return [(model, 1.0)], model
+    paths = [path for s, many in zip(sources, runs_folder, strict=True) for path in (member_runs([s]) if many else [s])]
+    try:
+        given = [float(w) for w in str(weights).split(",") if w] if weights else None
+    except ValueError:
+        raise InferenceError(f"weights={weights}: expected comma-separated numbers") from None
+    w = member_weights(given, len(paths))
+    models = [load_model(path) for path in paths]
+    first = models[0]
+    for model in models[1:]:
+        if model.class_names != first.class_names or model.image_size != first.image_size:
+            raise InferenceError(f"{model.source}: other classes or image size than {first.source}; cannot ensemble")
+    run_dirs = [Path(m.extra["run_dir"]) if m.extra.get("run_dir") else None for m in models]
+    if all(d is not None and (d / layout.VAL_PREDICTIONS).is_file() for d in run_dirs):
+        evaluation = ensemble_evaluation(run_dirs, w)
+        thresholds, ensure_one = np.asarray(evaluation["thresholds"]), bool(evaluation["ensure_one"])
+        origin = f"{evaluation['validation'].replace('_', ' ')} validation predictions of the {len(models)} members"
+    else:
+        thresholds = np.sum([wi * m.thresholds for wi, m in zip(w, models, strict=True)], axis=0)
+        ensure_one, origin = first.ensure_one, f"the weighted mean of the {len(models)} members' thresholds"
+    decider = replace(first, thresholds=thresholds, ensure_one=ensure_one, thresholds_source=origin,
+                      source=f"an ensemble of {len(models)} ({', '.join(str(m.source) for m in models)})")
+    return list(zip(models, w.tolist(), strict=True)), decider
+
+
 def run(args: dict[str, object]) -> dict[str, object]:
     if not args["ckpt"] or not args["input"]:
         raise InferenceError("ckpt=RUN_DIR|CKPT|EXPORT_DIR and input=DIR are required")
@@ -257,7 +312,7 @@ def run(args: dict[str, object]) -> dict[str, object]:
     device = resolve_device(str(args["device"]))
     workers = int(args["workers"]) if int(args["workers"]) >= 0 else default_workers()
     data = resolve_input(str(args["input"]), str(args["image_dir"]))  # cheap checks before loading the model
-    model = load_model(str(args["ckpt"]))
+    members, model = load_members(str(args["ckpt"]), str(args["weights"]))
     image_size = int(args["image_size"]) or model.image_size
     if not image_size:
         raise InferenceError(f"{model.source}: training image size unknown (no results.json or config.yaml in its "
@@ -267,7 +322,7 @@ def run(args: dict[str, object]) -> dict[str, object]:
     if model.image_size and image_size != model.image_size:
         print(f"note: image_size={image_size} overrides the training resolution {model.image_size}", file=sys.stderr)
     started = time.perf_counter()
-    probs = predict_probabilities(model, data, image_size, tta=tta, batch_size=batch_size, workers=workers,
+    probs = predict_probabilities(members, data, image_size, tta=tta, batch_size=batch_size, workers=workers,
                                   device=device, progress=bool(args["progress"]),
                                   channels_last=bool(args["channels_last"]), sixteen_bit=str(args["sixteen_bit"]),
                                   tta_crops=tta_crops, tta_reduce=str(args["tta_reduce"]))

@@ -21,14 +21,19 @@ linked from report.md.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
 from pathlib import Path
 
+from hpa_lightning.errors import DataError
 from hpa_lightning.metrics import format_score
 from hpa_lightning.runs import layout
+from hpa_lightning.runs.ensemble import ensemble_evaluation
 from hpa_lightning.runs.find import Job, find_jobs, natural_key
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["label", "status", "experiment", "model", "loss", "gamma", "scheduler", "averaging", "base_lr",
            "val_macro_f1", "val_macro_f1_tuned", "test_macro_f1", "test_macro_f1_tuned", "test_roc_auc", "epochs",
@@ -127,6 +132,41 @@ def assign_labels(rows: list[dict]) -> None:
             row["label"] = f"{row['label']} ({Path(row['run']).name})"
 
 
+def fold_ensembles(completed: list[dict], roots: list[Path]) -> list[dict]:
+    """A row for each set of finished runs that are the folds of one split (same folder, same overrides but
+    `data.split.fold`): their ensemble, mean probabilities with thresholds tuned out of fold (runs/ensemble.py)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in completed:
+        overrides = _override_map(row["_overrides"])
+        if "data.split.fold" in overrides:
+            same = tuple(sorted((k, v) for k, v in overrides.items() if k != "data.split.fold"))
+            groups.setdefault((row["_dir"].parent.resolve(), same), []).append(row)
+    rows = []
+    for (parent, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        try:
+            evaluation = ensemble_evaluation([row["_dir"] for row in members])
+        except DataError as err:
+            log.warning("no ensemble of %d folds under %s: %s", len(members), parent, err)
+            continue
+        if evaluation["validation"] != "out_of_fold":
+            continue
+        first = members[0]
+        rows.append({
+            **{key: first.get(key) for key in ("experiment", "model", "loss", "gamma", "scheduler", "averaging",
+                                               "base_lr", "device", "gpu")},
+            "status": "ensemble", "label": f"{first['experiment']} ensemble of {len(members)} folds",
+            "val_macro_f1": _get(evaluation, "val", "macro_f1"),
+            "val_macro_f1_tuned": _get(evaluation, "val", "macro_f1_tuned"),
+            "test_macro_f1": _get(evaluation, "test", "macro_f1"),
+            "test_macro_f1_tuned": _get(evaluation, "test", "macro_f1_tuned"),
+            "test_roc_auc": _get(evaluation, "test", "roc_auc"), "epochs": None,
+            "wall_time_s": sum(row.get("wall_time_s") or 0 for row in members), "run": _relative(parent, roots),
+            "overrides": "", "error": None, "rerun": None, "_dir": parent, "_overrides": [], "_rerun_of": None})
+    return rows
+
+
 def gather(roots: list[Path]) -> tuple[list[dict], list[dict], list[Job]]:
     """(completed rows, rows of jobs that did not finish, LR-finder jobs) under `roots`."""
     jobs: dict[Path, Job] = {}
@@ -149,6 +189,7 @@ def gather(roots: list[Path]) -> tuple[list[dict], list[dict], list[Job]]:
                     problem["rerun"] = row["run"]
                     row["rerun"] = f"rerun of {problem['run']}"
     assign_labels(completed)
+    completed += fold_ensembles(completed, roots)
     for row in problems:
         row["label"] = Path(row["run"]).name
     return completed, problems, lr_finds
@@ -263,7 +304,9 @@ def write_report(roots: list[Path], out: Path) -> dict:
             md += [f"Best on validation (val macro F1 @0.5 {best['val_macro_f1']:.4f}): **{best['label']}**; its test "
                    f"macro F1: {test['macro_f1']} @0.5, {test['macro_f1_tuned']} with tuned thresholds, ROC AUC "
                    f"{test['roc_auc']}.", ""]
-        columns = MARKDOWN_COLUMNS + ([("rerun", "note")] if any(row.get("rerun") for row in completed) else [])
+        averaged = any(row.get("averaging") for row in completed)  # the weights column only where EMA/SWA ran
+        columns = [c for c in MARKDOWN_COLUMNS if c[0] != "averaging" or averaged]
+        columns += [("rerun", "note")] if any(row.get("rerun") for row in completed) else []
         md += ["## Results", "", markdown_table(completed, columns), "",
                "F1 @0.5: macro F1 with every class at threshold 0.5; tuned: per-class thresholds tuned on val. "
                "ROC AUC: macro over the classes with test positives and negatives.", "",

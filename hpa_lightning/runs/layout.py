@@ -20,6 +20,7 @@ STATUS = "status.json"
 FAILED = "FAILED"
 THRESHOLDS = "thresholds.json"
 TEST_PREDICTIONS = "test_predictions.csv"
+VAL_PREDICTIONS = "val_predictions.csv"  # what thresholds were tuned on; fold ensembles tune on these
 CONFIG = "config.yaml"
 SPLIT = "split.csv"
 METRICS = "metrics.csv"

@@ -63,9 +63,10 @@ def check_thresholds(cfg: DictConfig) -> dict:
 
 
 def write_evaluation(cfg: DictConfig, run_dir: Path, val: dict[str, np.ndarray], test: dict[str, np.ndarray],
-                     test_ids: list[str], split_dir: Path, train_targets: np.ndarray) -> dict:
+                     ids: dict[str, list[str]], split_dir: Path, train_targets: np.ndarray) -> dict:
     """thresholds.json (chosen on `val` as cfg.thresholds says; `label_ratio` matches the ratios of
-    `train_targets`), test_predictions.csv, split.csv and config.yaml; returns the results.json entries they give:
+    `train_targets`), val_predictions.csv and test_predictions.csv (`ids` of each), split.csv and config.yaml;
+    returns the results.json entries they give:
     thresholds, their strategy, val and test summaries."""
     settings = check_thresholds(cfg)
     default, ensure_one, min_positives = settings["default"], settings["ensure_one"], settings["min_positives"]
@@ -74,8 +75,9 @@ def write_evaluation(cfg: DictConfig, run_dir: Path, val: dict[str, np.ndarray],
                                            train_ratios=np.asarray(train_targets, dtype=np.float64).mean(axis=0))
     write_json_atomic(run_dir / layout.THRESHOLDS, metrics.threshold_record(
         thresholds, val["targets"], list(CLASS_NAMES), default, min_positives, ensure_one, settings["strategy"]))
-    write_predictions(run_dir / layout.TEST_PREDICTIONS, test_ids, test["probs"], test["targets"],
-                      metrics.decide(test["probs"], thresholds, ensure_one=ensure_one))
+    for name, result, path in (("val", val, layout.VAL_PREDICTIONS), ("test", test, layout.TEST_PREDICTIONS)):
+        write_predictions(run_dir / path, ids[name], result["probs"], result["targets"],
+                          metrics.decide(result["probs"], thresholds, ensure_one=ensure_one))
     shutil.copyfile(split_dir / layout.SPLIT, run_dir / layout.SPLIT)
     (run_dir / layout.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     min_pos = int(cfg.get("report_min_positives", 20))

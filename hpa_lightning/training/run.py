@@ -157,8 +157,8 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
                       best: str | None, wall_time: float, timings: dict[str, float] | None = None,
                       attempts: list[dict] | None = None, finetune_auto: list[str] | None = None) -> dict:
     val, test = module.epoch_results["val"], module.epoch_results["test"]
-    evaluation = write_evaluation(cfg, run_dir, val, test, datamodule.ids(test["rows"]), datamodule.split.path,
-                                  datamodule.train_labels())
+    ids = {"val": datamodule.ids(val["rows"]), "test": datamodule.ids(test["rows"])}
+    evaluation = write_evaluation(cfg, run_dir, val, test, ids, datamodule.split.path, datamodule.train_labels())
     min_pos = int(cfg.get("report_min_positives", 20))
     epochs_done = trainer.current_epoch
     results = {

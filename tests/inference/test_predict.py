@@ -428,3 +428,48 @@ def test_crop_views_of_a_model_without_crops_are_one_line(fake_run: Path, held_o
     code, _, err = predict(capsys, f"ckpt={fake_run}", f"input={held_out}", "tta_crops=2", f"out={tmp_path / 's.csv'}")
     assert code == 2 and err.strip().splitlines() == [f"error: tta_crops=2: {fake_run / 'checkpoints' / 'best.ckpt'}"
                                                       f" was trained without crops (crop.size null)"]
+
+
+# ---------------------------------------------------------------------------------------------- folds
+
+
+@pytest.mark.slow
+def test_a_fold_sweep_is_reported_and_predicts_as_one_ensemble(shared_cache: Path, held_out: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """+sweep=folds with 3 folds: one test split, val folds that partition train+val; the report adds the ensemble;
+    predict ckpt=<sweep> equals the mean of predicting with each fold, decided with out-of-fold thresholds."""
+    from hpa_lightning.report import main as report_main
+    from hpa_lightning.runs.ensemble import ensemble_evaluation, read_predictions
+
+    sweep = tmp_path / "sweep"
+    proc = run_module("hpa_lightning.train", ["-m", "+sweep=folds", "+experiment=focal_g02", "+preset=tiny",
+                                              "trainer.max_epochs=1", "data.split.folds=3", "data.split.fold=0,1,2",
+                                              f"hydra.sweep.dir={sweep}"], shared_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    assert len(runs) == 3
+    tests = [read_predictions(run / "test_predictions.csv")[0] for run in runs]
+    vals = [set(read_predictions(run / "val_predictions.csv")[0]) for run in runs]
+    assert all(sorted(ids) == sorted(tests[0]) for ids in tests)  # one test split
+    assert sum(map(len, vals)) == len(set().union(*vals))  # the val folds do not overlap
+
+    assert report_main([str(sweep)]) == 0
+    table = pd.read_csv(sweep / "report" / "results.csv")
+    ensemble = table[table["status"] == "ensemble"]
+    assert ensemble["label"].tolist() == ["focal_g02 ensemble of 3 folds"]
+    evaluation = ensemble_evaluation(runs)
+    assert ensemble["test_macro_f1_tuned"].iloc[0] == pytest.approx(evaluation["test"]["macro_f1_tuned"], abs=1e-4)
+
+    singles = []
+    for k, run in enumerate(runs):
+        code, _, err = predict(capsys, f"ckpt={run}", f"input={held_out}", "workers=0", f"out={tmp_path / f'{k}.csv'}")
+        assert code == 0, err
+        singles.append(read_outputs(tmp_path / f"{k}.csv")[1][list(CLASS_NAMES)].to_numpy())
+    code, out, err = predict(capsys, f"ckpt={sweep}", f"input={held_out}", "workers=0", f"out={tmp_path / 'e.csv'}")
+    assert code == 0, err
+    assert "out of fold validation predictions of the 3 members" in out
+    submission, probabilities = read_outputs(tmp_path / "e.csv")
+    mean = np.mean(singles, axis=0)
+    np.testing.assert_allclose(probabilities[list(CLASS_NAMES)].to_numpy(), mean, atol=1e-5)
+    decided = metrics.decide(mean, np.asarray(evaluation["thresholds"]), ensure_one=evaluation["ensure_one"])
+    assert submission["Predicted"].tolist() == [" ".join(str(c) for c in np.flatnonzero(row)) for row in decided]

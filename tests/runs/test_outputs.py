@@ -36,7 +36,8 @@ def test_thresholds_follow_the_strategy_and_predict_reads_them(tmp_path: Path, s
     HydraConfig.instance().set_config(cfg)  # as inside a job: ${hydra:...} resolvable, no hydra node in cfg
     with open_dict(cfg):
         del cfg["hydra"]
-    results = write_evaluation(cfg, tmp_path, val, test, [f"t{i}" for i in range(80)], tmp_path / "split", train)
+    ids = {"val": [f"v{i}" for i in range(120)], "test": [f"t{i}" for i in range(80)]}
+    results = write_evaluation(cfg, tmp_path, val, test, ids, tmp_path / "split", train)
 
     expected = {"per_class_f1": lambda: tune_thresholds(val["targets"], val["probs"], min_positives=5),
                 "label_ratio": lambda: label_ratio_thresholds(val["probs"], train.mean(axis=0)),
@@ -47,10 +48,13 @@ def test_thresholds_follow_the_strategy_and_predict_reads_them(tmp_path: Path, s
     assert record["strategy"] == strategy and list(record["thresholds"]) == list(CLASS_NAMES)
     thresholds, ensure_one, _ = thresholds_from_file(tmp_path / "thresholds.json", list(CLASS_NAMES))
     np.testing.assert_array_equal(thresholds, expected)  # what predict applies
-    predictions = pd.read_csv(tmp_path / "test_predictions.csv")
-    decided = decide(test["probs"], expected, ensure_one=ensure_one)
-    assert predictions["Predicted"].fillna("").astype(str).tolist() == [
-        " ".join(str(c) for c in np.flatnonzero(row)) for row in decided]
+    for name, result in (("val", val), ("test", test)):
+        predictions = pd.read_csv(tmp_path / f"{name}_predictions.csv")
+        assert predictions["Id"].tolist() == ids[name]
+        np.testing.assert_allclose(predictions[[f"prob_{c}" for c in range(NUM_CLASSES)]], result["probs"], atol=1e-6)
+        decided = decide(result["probs"], expected, ensure_one=ensure_one)
+        assert predictions["Predicted"].fillna("").astype(str).tolist() == [
+            " ".join(str(c) for c in np.flatnonzero(row)) for row in decided]
     if strategy == "label_ratio":  # on val, each class is predicted at its train ratio
         counts = (val["probs"] >= expected).sum(axis=0)
         np.testing.assert_array_equal(counts, np.round(train.mean(axis=0) * 120).astype(int))

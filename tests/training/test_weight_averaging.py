@@ -92,3 +92,8 @@ def test_callbacks_ema_runs_end_to_end_and_predict_uses_the_average(shared_cache
     averaged, live = best["state_dict"][f"net.{WEIGHT}"], best["current_model_state"][f"net.{WEIGHT}"]
     assert not torch.equal(averaged, live)
     torch.testing.assert_close(load_model(run_dir).net.state_dict()[WEIGHT], averaged, rtol=0, atol=0)
+    from hpa_lightning.report import main as report_main
+
+    assert report_main([str(run_dir), f"out={tmp_path / 'report'}"]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| weights |" in report and "| ema |" in report
