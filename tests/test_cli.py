@@ -18,6 +18,7 @@ BAD_INPUT = {
     "predict": ("hpa_lightning.predict", [f"ckpt={MISSING}", f"input={MISSING}"]),
     "predict argument": ("hpa_lightning.predict", ["tta=two"]),
     "export": ("hpa_lightning.export", [f"ckpt={MISSING}", "out=x"]),
+    "explain": ("hpa_lightning.explain", [f"ckpt={MISSING}", f"input={MISSING}"]),
     "report": ("hpa_lightning.report", [MISSING]),
     "resume": ("hpa_lightning.resume", [MISSING]),
     "rerun_failed": ("hpa_lightning.rerun_failed", [MISSING]),

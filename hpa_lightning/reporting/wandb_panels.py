@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from hpa_lightning.reporting.explain import class_maps, overlay, rgb_composite
 from hpa_lightning.reporting.wandb_run import PANEL_DEFAULTS, logger_kwargs, wandb_node
 from hpa_lightning.runs import layout
 
@@ -18,37 +19,53 @@ log = logging.getLogger(__name__)
 
 
 
-def rgb_composite(image: np.ndarray) -> np.ndarray:
-    """(4, S, S) uint8 red, green, blue, yellow -> (S, S, 3) uint8: R = red + yellow/2, G = green + yellow/2,
-    B = blue."""
-    red, green, blue, yellow = (image[i].astype(np.uint16) for i in range(4))
-    rgb = np.stack([red + yellow // 2, green + yellow // 2, blue], axis=-1)
-    return np.clip(rgb, 0, 255).astype(np.uint8)
-
-
 def _labels(names: list[str], ids: list[int]) -> str:
     return ", ".join(f"{i} {names[i]}" for i in ids) or "-"
 
 
-def sample_images(results: dict, run_dir: Path, count: int) -> list[tuple[np.ndarray, str]]:
-    """The first `count` test samples of the run: (RGB composite, caption with true and predicted labels)."""
+def _test_samples(results: dict, run_dir: Path, count: int) -> list[tuple[str, np.ndarray, list[int], list[int]]]:
+    """The first `count` test samples of the run: (Id, uint8 RGBY image from the store, true and predicted labels)."""
     import pandas as pd
 
     if count <= 0:
         return []
     store = Path(results["data"]["store"])
-    names = list(results["class_names"])
     predictions = pd.read_csv(run_dir / layout.TEST_PREDICTIONS, nrows=count, keep_default_na=False)
     index = pd.read_csv(store / "index.csv", dtype=str, keep_default_na=False)
     row_of = {sample_id: row for row, sample_id in enumerate(index["Id"])}
     images = np.load(store / "images.npy", mmap_mode="r")
     samples = []
     for _, pred in predictions.iterrows():
-        truth = [c for c in range(len(names)) if int(pred.get(f"true_{c}", 0)) == 1]
+        truth = [c for c in range(len(results["class_names"])) if int(pred.get(f"true_{c}", 0)) == 1]
         predicted = [int(c) for c in str(pred["Predicted"]).split()]
-        caption = f"{pred['Id']}\ntrue: {_labels(names, truth)}\npred: {_labels(names, predicted)}"
-        samples.append((rgb_composite(np.asarray(images[row_of[str(pred['Id'])]])), caption))
+        samples.append((str(pred["Id"]), np.asarray(images[row_of[str(pred["Id"])]]), truth, predicted))
     return samples
+
+
+def sample_images(results: dict, run_dir: Path, count: int) -> list[tuple[np.ndarray, str]]:
+    """The first `count` test samples of the run: (RGB composite, caption with true and predicted labels)."""
+    names = list(results["class_names"])
+    return [(rgb_composite(image), f"{sample_id}\ntrue: {_labels(names, truth)}\npred: {_labels(names, predicted)}")
+            for sample_id, image, truth, predicted in _test_samples(results, run_dir, count)]
+
+
+def sample_class_maps(results: dict, run_dir: Path, count: int) -> list[tuple[np.ndarray, str]]:
+    """The same samples' class maps (reporting/explain.py) of their most probable class, by the run's best model."""
+    import torch
+
+    from hpa_lightning.inference.load import load_model
+
+    model = load_model(run_dir)
+    maps = []
+    for sample_id, image, _, _ in _test_samples(results, run_dir, count):
+        x = model.standardize(torch.from_numpy(image[None]))
+        with torch.no_grad():
+            probs = torch.sigmoid(model.net.eval()(x).float())[0]
+        top = int(probs.argmax())
+        heat, method = class_maps(model.net, x, torch.tensor([[top]]))
+        maps.append((overlay(rgb_composite(image), heat[0, 0]),
+                     f"{sample_id}: {top} {model.class_names[top]} p={float(probs[top]):.3f} ({method})"))
+    return maps
 
 
 def _curve_rows(truth: np.ndarray, probs: np.ndarray, names: list[str], points: int, kind: str) -> list[list]:
@@ -142,5 +159,8 @@ def log_result_panels(run, results: dict, run_dir: Path, panels: dict | None = N
     if int(panels["samples"]) > 0 and predictions_path.is_file():
         samples = sample_images(results, run_dir, int(panels["samples"]))
         payload["test/samples"] = [wandb.Image(image, caption=caption) for image, caption in samples]
+        if panels["class_maps"] and results.get("best_checkpoint"):  # where each top label comes from
+            maps = sample_class_maps(results, run_dir, int(panels["samples"]))
+            payload["test/class_maps"] = [wandb.Image(image, caption=caption) for image, caption in maps]
     if payload:
         run.log(payload)

@@ -206,4 +206,4 @@ def read_offline_run(run_folder: str | Path) -> dict:
     return out
 
 
-PANEL_DEFAULTS = {"samples": 8, "curves": True, "per_class": True, "curve_points": 41}
+PANEL_DEFAULTS = {"samples": 8, "curves": True, "per_class": True, "curve_points": 41, "class_maps": True}

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -134,3 +135,29 @@ def test_a_job_failing_before_training_gets_a_failed_run(tmp_path: Path) -> None
     assert logged["name"] == "focal_g02" and logged["config"]["experiment_name"] == "focal_g02"
     wandb_run.finish_run(cfg, failed=False)  # nothing open: no new run
     assert len(wandb_run.offline_runs(tmp_path / "run")) == 1
+
+
+def test_class_maps_of_the_sample_images_land_in_the_run(finished_run, tmp_path: Path) -> None:
+    """With the run's best checkpoint: the samples' class maps (reporting/explain.py) as W&B images."""
+    from hpa_lightning.models.module import HPAModule
+
+    run_dir, results = finished_run
+    torch.manual_seed(0)
+    module = HPAModule(model={"name": "resnet10t", "pretrained": False},
+                       loss={"_target_": "hpa_lightning.models.losses.FocalLoss", "name": "focal", "gamma": 0.2},
+                       optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.02})
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}, ckpt)
+    results = {**results, "best_checkpoint": str(ckpt), "image_size": 8}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="hpa_lightning", name="maps")
+    try:
+        wandb_panels.log_result_panels(run, results, run_dir, {"samples": 2, "curves": False, "per_class": False})
+    finally:
+        wandb.finish()
+    [folder] = wandb_run.offline_runs(tmp_path)
+    logged = wandb_run.read_offline_run(folder)
+    assert len([m for m in logged["media"] if "test/class_maps" in m]) == 2
+    captions = logged["summary"]["test/class_maps/captions"]
+    assert captions[0].startswith("id4: ") and captions[0].endswith("(cam)")

@@ -1,0 +1,32 @@
+"""Where each label comes from: class activation maps of a trained model over the RGB composites of images.
+
+    python -m hpa_lightning.explain ckpt=RUN_DIR|CKPT|EXPORT_DIR input=DIR [ids=ID1,ID2] [classes=predicted|top3|0,25]
+        [out=explain] [method=auto|cam|gradcam] [limit=16] [image_dir=test] [device=auto] [sixteen_bit=divide]
+
+Input is a folder as for predict (Kaggle layout or {Id}_{channel} files). For each image (the `ids`, else the
+first `limit`), the chosen classes (`predicted`: those at or above the run's thresholds; `topK`; or class ids) get
+a map: CAM where the head is a linear layer after average pooling, Grad-CAM otherwise (hpa_lightning/reporting/
+explain.py). `out` gets `<Id>_rgb.png`, `<Id>_classNN.png` (the map over the composite) and `index.html` to open in a
+browser. Bad input is one `error: ...` line and exit status 2; `out` is written complete or not at all.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from hpa_lightning.cli import fail, parse_key_values
+from hpa_lightning.errors import DataError, InferenceError, UsageError
+from hpa_lightning.reporting.explain import DEFAULTS, PROG, explain
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        result = explain(parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG))
+    except (UsageError, DataError, InferenceError) as err:
+        fail(err)
+    print(f"explained {result['images']} images ({result['maps']} class maps, {', '.join(result['methods'])}) with "
+          f"{result['model'].architecture} from {result['model'].source}\nopen {result['index']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Where each label comes from: class activation maps of a trained model over the RGB composite of an image.
+
+CAM (Zhou et al. 2016) where the head allows it, a linear classifier after global average pooling (timm's default
+`avg` pool): the map of class c is sum_f W[c, f] A_f over the last feature map A, whose spatial mean plus the bias is
+exactly the logit. Grad-CAM (Selvaraju et al. 2017) for any other head (e.g. `global_pool=catavgmax`): the feature
+maps weighted by the spatial mean of the class logit's gradient, through a ReLU. Maps are upsampled bilinearly to
+the image and shown scaled to [0, 1] (their maximum) over the composite. Written here rather than taken from the
+`grad-cam` package, which would bring the GUI build of OpenCV and torchvision for these few lines; the tests hold
+both methods to the identities above.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+CAM_METHODS = ("auto", "cam", "gradcam")
+
+
+def rgb_composite(image: np.ndarray) -> np.ndarray:
+    """(4, S, S) uint8 red, green, blue, yellow -> (S, S, 3) uint8: R = red + yellow/2, G = green + yellow/2,
+    B = blue (the yellow ER channel shows yellow, the green protein channel keeps its own colour)."""
+    red, green, blue, yellow = (image[i].astype(np.uint16) for i in range(4))
+    rgb = np.stack([red + yellow // 2, green + yellow // 2, blue], axis=-1)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def cam_applies(net: nn.Module) -> bool:
+    """A linear classifier right after global average pooling: the logits are linear in the last feature map."""
+    pool = getattr(net, "global_pool", None)
+    return isinstance(net.get_classifier(), nn.Linear) and getattr(pool, "pool_type", None) == "avg"
+
+
+def raw_class_maps(net: nn.Module, x: Tensor, classes: Tensor, method: str = "auto") -> tuple[Tensor, str]:
+    """Maps (B, K, h, w) at the last feature map's resolution for `classes` (B, K) of the standardised batch `x`,
+    unscaled (CAM: signed; Grad-CAM: after its ReLU), and the method used."""
+    if method not in CAM_METHODS:
+        raise ValueError(f"method={method}: expected one of {', '.join(CAM_METHODS)}")
+    if method == "auto":
+        method = "cam" if cam_applies(net) else "gradcam"
+    if method == "cam" and not cam_applies(net):
+        raise ValueError("method=cam needs a linear classifier after average pooling; use method=gradcam")
+    if method == "cam":
+        with torch.no_grad():
+            features = net.forward_features(x)
+            weight = net.get_classifier().weight[classes]  # (B, K, F)
+            return torch.einsum("bkf,bfhw->bkhw", weight, features.float()), method
+    with torch.enable_grad():
+        features = net.forward_features(x).detach().requires_grad_(True)
+        logits = net.forward_head(features)
+        maps = []
+        for k in range(classes.shape[1]):
+            chosen = logits.gather(1, classes[:, k:k + 1]).sum()
+            (grad,) = torch.autograd.grad(chosen, features, retain_graph=k + 1 < classes.shape[1])
+            alpha = grad.mean(dim=(2, 3), keepdim=True)
+            maps.append(F.relu((alpha * features).sum(dim=1)))
+    return torch.stack(maps, dim=1).detach(), method
+
+
+def class_maps(net: nn.Module, x: Tensor, classes: Tensor, method: str = "auto") -> tuple[np.ndarray, str]:
+    """(B, K, H, W) float maps in [0, 1] at the image's size: the positive part of each raw map over its maximum."""
+    raw, used = raw_class_maps(net, x, classes, method)
+    maps = F.interpolate(F.relu(raw), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    peak = maps.amax(dim=(2, 3), keepdim=True)
+    return (maps / torch.where(peak > 0, peak, torch.ones_like(peak))).cpu().numpy(), used
+
+
+def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """(S, S, 3) uint8 composite with a (S, S) [0, 1] map blended over it in matplotlib's `jet` colours."""
+    from matplotlib import colormaps
+
+    colours = (colormaps["jet"](heat)[..., :3] * 255).astype(np.float32)
+    weight = alpha * heat[..., None]  # weak activation leaves the cells visible
+    return np.clip(rgb.astype(np.float32) * (1 - weight) + colours * weight, 0, 255).astype(np.uint8)
+
+
+def chosen_classes(probs: np.ndarray, thresholds: np.ndarray, rule: str, ensure_one: bool) -> list[list[int]]:
+    """Per image the classes to explain: `predicted` (at or above their thresholds), `topK` (the K most probable) or
+    explicit comma-separated class ids."""
+    from hpa_lightning.metrics import decide
+
+    if rule == "predicted":
+        return [np.flatnonzero(row).tolist() for row in decide(probs, thresholds, ensure_one=ensure_one)]
+    if rule.startswith("top") and rule[3:].isdigit() and int(rule[3:]) > 0:
+        return [np.argsort(-row, kind="stable")[: int(rule[3:])].tolist() for row in probs]
+    try:
+        ids = [int(c) for c in rule.split(",")]
+    except ValueError:
+        raise ValueError(f"classes={rule}: expected predicted, topK (e.g. top3) or class ids like 0,25") from None
+    if not all(0 <= c < probs.shape[1] for c in ids):
+        raise ValueError(f"classes={rule}: class ids are 0..{probs.shape[1] - 1}")
+    return [ids for _ in probs]
+
+
+def write_index(folder: Path, entries: list[dict], title: str) -> Path:
+    """index.html: per image its composite, then each explained class's map with name and probability."""
+    rows = []
+    for entry in entries:
+        cells = [f'<figure><img src="{html.escape(entry["composite"])}" width="256"><figcaption>'
+                 f'{html.escape(entry["id"])} (RGB composite)</figcaption></figure>']
+        cells += [f'<figure><img src="{html.escape(m["file"])}" width="256"><figcaption>{m["class_id"]} '
+                  f'{html.escape(m["class_name"])}: p={m["probability"]:.3f}</figcaption></figure>'
+                  for m in entry["maps"]]
+        rows.append(f'<section><h2>{html.escape(entry["id"])}</h2>{"".join(cells)}</section>')
+    page = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title><style>"
+            "figure{display:inline-block;margin:4px}figcaption{font:12px sans-serif}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>{''.join(rows)}</body></html>\n")
+    (folder / "index.html").write_text(page)
+    return folder / "index.html"
+
+
+def save_png(path: Path, rgb: np.ndarray) -> None:
+    Image.fromarray(rgb).save(path)
+
+
+PROG = "hpa_lightning.explain"
+DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "explain", "ids": "", "classes": "predicted",
+                               "method": "auto", "limit": 16, "image_dir": "test", "device": "auto",
+                               "sixteen_bit": ""}
+
+
+def explain(args: dict[str, object]) -> dict[str, object]:
+    """Class maps of the images of `input` (the `ids`, else the first `limit`) for the chosen classes, written to
+    the folder `out` (PNG composites, one PNG a map, index.html) under a temporary name renamed when complete."""
+    import os
+    import shutil
+
+    from hpa_lightning.errors import InferenceError
+    from hpa_lightning.files import temporary_sibling
+    from hpa_lightning.inference.load import load_model
+    from hpa_lightning.inference.predict import ImageFolderDataset, resolve_device, resolve_input
+    from hpa_lightning.models.augment import center_crop
+
+    if not args["ckpt"] or not args["input"]:
+        raise InferenceError("ckpt=RUN_DIR|CKPT|EXPORT_DIR and input=DIR are required")
+    if "," in str(args["ckpt"]):
+        raise InferenceError(f"ckpt={args['ckpt']}: explain takes one model, not an ensemble")
+    if args["method"] not in CAM_METHODS:
+        raise InferenceError(f"method={args['method']}: expected one of {', '.join(CAM_METHODS)}")
+    out = Path(str(args["out"]))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InferenceError(f"out={out}: already exists; explain never overwrites, remove it or pick another out=")
+    data = resolve_input(str(args["input"]), str(args["image_dir"]))
+    wanted = [i for i in str(args["ids"]).split(",") if i]
+    unknown = sorted(set(wanted) - set(data.ids))
+    if unknown:
+        raise InferenceError(f"ids={args['ids']}: {', '.join(unknown[:3])} not found in {data.image_dir}")
+    ids = wanted or data.ids[: max(1, int(args["limit"]))]
+    model = load_model(str(args["ckpt"]))
+    device = resolve_device(str(args["device"]))
+    model.to(device).net.eval()
+    if not model.image_size:
+        raise InferenceError(f"{model.source}: training image size unknown (no results.json in its run folder)")
+    dataset = ImageFolderDataset(data.image_dir, ids, model.image_size,
+                                 str(args["sixteen_bit"]) or model.extra.get("sixteen_bit", "divide"))
+    crop = model.crop or {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(out)
+    tmp.mkdir()
+    entries, methods = [], set()
+    try:
+        for i, sample_id in enumerate(ids):
+            item = dataset[i]
+            if item["error"]:
+                raise InferenceError(item["error"])
+            uint8 = item["image"][None]
+            if crop.get("size") and crop.get("eval") == "center":  # as the model was validated
+                uint8 = center_crop(uint8, int(crop["size"]))
+            x = model.standardize(uint8.to(device))
+            with torch.no_grad():
+                probs = torch.sigmoid(model.net(x).float()).cpu().numpy()
+            try:
+                classes = chosen_classes(probs, model.thresholds, str(args["classes"]), model.ensure_one)[0]
+            except ValueError as err:
+                raise InferenceError(str(err)) from None
+            maps, used = class_maps(model.net, x, torch.tensor([classes], device=device), str(args["method"]))
+            methods.add(used)
+            rgb = rgb_composite(uint8[0].numpy())
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in sample_id)
+            save_png(tmp / f"{safe}_rgb.png", rgb)
+            entry = {"id": sample_id, "composite": f"{safe}_rgb.png", "maps": []}
+            for k, class_id in enumerate(classes):
+                name = f"{safe}_class{class_id:02d}.png"
+                save_png(tmp / name, overlay(rgb, maps[0, k]))
+                entry["maps"].append({"file": name, "class_id": class_id, "class_name": model.class_names[class_id],
+                                      "probability": float(probs[0, class_id])})
+            entries.append(entry)
+        index = write_index(tmp, entries, f"Class maps ({', '.join(sorted(methods))}) of {model.source}")
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": out, "index": out / index.name, "images": len(entries), "methods": sorted(methods),
+            "maps": sum(len(e["maps"]) for e in entries), "model": model}
