@@ -12,29 +12,45 @@ and `python -m hpa_lightning.predict ckpt=DIR ...` runs from it without the trai
     x = (uint8_rgby / 255 - mean[:, None, None]) / std[:, None, None]   # (4, S, S), R,G,B,Y, S = card image_size
     probs = sigmoid(net(x[None]))
 
+An ensemble, `ckpt=RUN1,RUN2,...` or a folder of runs (e.g. a `+sweep=folds` folder) with optional `weights=`,
+becomes one folder of `member<i>/` single-model exports and a card.json with the members' weights and the
+ensemble's thresholds (out of fold for folds); `predict ckpt=DIR` predicts with the whole ensemble.
+
 The folder is written under a temporary name and renamed when complete; an existing non-empty `out` is refused.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from hpa_lightning.cli import fail, parse_key_values
-from hpa_lightning.errors import InferenceError, UsageError
-from hpa_lightning.inference.export import PROG, export_model
+from hpa_lightning.errors import DataError, InferenceError, UsageError
+from hpa_lightning.inference.export import PROG, export_ensemble, export_model
 from hpa_lightning.inference.load import CARD_NAME, WEIGHTS_NAME
+from hpa_lightning.runs.layout import RESULTS
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        args = parse_key_values(sys.argv[1:] if argv is None else argv, {"ckpt": None, "out": None}, PROG)
+        args = parse_key_values(sys.argv[1:] if argv is None else argv, {"ckpt": None, "out": None, "weights": ""},
+                                PROG)
         if not args["ckpt"] or not args["out"]:
             raise UsageError(f"{PROG}: ckpt=RUN_DIR|CKPT and out=DIR are required")
-        out = export_model(str(args["ckpt"]), str(args["out"]))
-    except (UsageError, InferenceError) as err:
+        source = Path(str(args["ckpt"]))
+        several = "," in str(source) or (source.is_dir() and not (source / RESULTS).is_file()
+                                          and not (source / CARD_NAME).is_file())
+        if several:
+            out = export_ensemble(str(args["ckpt"]), str(args["out"]), str(args["weights"]))
+        elif args["weights"]:
+            raise UsageError(f"{PROG}: weights= needs several runs (comma-separated ckpt= or a folder of runs)")
+        else:
+            out = export_model(str(source), str(args["out"]))
+    except (UsageError, InferenceError, DataError) as err:
         fail(err)
-    size_mb = (out / WEIGHTS_NAME).stat().st_size / 2**20
-    print(f"exported {args['ckpt']} -> {out} ({WEIGHTS_NAME} {size_mb:.1f} MiB, {CARD_NAME})")
+    size_mb = sum(path.stat().st_size for path in out.rglob(WEIGHTS_NAME)) / 2**20
+    print(f"exported {args['ckpt']} -> {out} ({len(list(out.rglob(WEIGHTS_NAME)))} x {WEIGHTS_NAME}, {size_mb:.1f} "
+          f"MiB, {CARD_NAME})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,15 @@ from pathlib import Path
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.errors import InferenceError
 from hpa_lightning.files import temporary_sibling, write_json_atomic
-from hpa_lightning.inference.load import CARD_NAME, EXPORT_FORMAT, WEIGHTS_NAME, InferenceModel, load_model, sha256_file
+from hpa_lightning.inference.load import (
+    CARD_NAME,
+    ENSEMBLE_FORMAT,
+    EXPORT_FORMAT,
+    WEIGHTS_NAME,
+    InferenceModel,
+    load_model,
+    sha256_file,
+)
 from hpa_lightning.inference.tta import TTA_VIEWS
 
 PROG = "hpa_lightning.export"
@@ -62,34 +70,79 @@ def build_card(model: InferenceModel, weights_sha256: str) -> dict:
     }
 
 
-def export_model(source: str | Path, out: str | Path) -> Path:
-    """Write the export folder `out` from a run folder or checkpoint; returns `out`."""
+def _write_weights_and_card(model: InferenceModel, folder: Path) -> None:
+    # Plain contiguous copies: safetensors refuses shared or strided storage.
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InferenceError(f"{out}: already exists; export never overwrites, remove it or pick another out=")
-    model = load_model(source)
-    if model.extra.get("card") is not None:
-        raise InferenceError(f"{source}: already an exported model folder")
-    if not model.image_size:
-        raise InferenceError(f"{model.source}: training image size unknown (no results.json or config.yaml in its "
-                             f"run folder)")
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.net.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "architecture": model.architecture})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / WEIGHTS_NAME, 0o666 & ~umask)  # safetensors creates it owner-only
+    write_json_atomic(folder / CARD_NAME, build_card(model, sha256_file(folder / WEIGHTS_NAME)))
+
+
+def _publish(out: Path, write) -> Path:
+    """`write(tmp)` into a temporary sibling of `out`, renamed to `out` when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(out)
     tmp.mkdir()
     try:
-        # Plain contiguous copies: safetensors refuses shared or strided storage.
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.net.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "architecture": model.architecture})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~umask)  # safetensors creates it owner-only
-        write_json_atomic(tmp / CARD_NAME, build_card(model, sha256_file(tmp / WEIGHTS_NAME)))
+        write(tmp)
         if out.is_dir():
-            out.rmdir()  # empty (checked above); rename cannot replace a non-empty folder anyway
+            out.rmdir()  # empty (checked by the caller); rename cannot replace a non-empty folder anyway
         os.rename(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InferenceError(f"{out}: already exists; export never overwrites, remove it or pick another out=")
+
+
+def _exportable(model: InferenceModel, source: object) -> None:
+    if model.extra.get("card") is not None:
+        raise InferenceError(f"{source}: already an exported model folder")
+    if not model.image_size:
+        raise InferenceError(f"{model.source}: training image size unknown (no results.json or config.yaml in its "
+                             f"run folder)")
+
+
+def export_model(source: str | Path, out: str | Path) -> Path:
+    """Write the export folder `out` from a run folder or checkpoint; returns `out`."""
+    out = Path(out)
+    _check_out(out)
+    model = load_model(source)
+    _exportable(model, source)
+    return _publish(out, lambda tmp: _write_weights_and_card(model, tmp))
+
+
+def export_ensemble(sources: str, out: str | Path, weights: str = "") -> Path:
+    """Write an ensemble (several runs, comma-separated, or a folder of runs such as a fold sweep) as one folder:
+    `member<i>/` each a single-model export, and a card.json with the members' weights and the ensemble's
+    thresholds (chosen on the members' validation predictions, out of fold for folds; see runs/ensemble.py)."""
+    from hpa_lightning.inference.predict import load_members
+
+    out = Path(out)
+    _check_out(out)
+    members, decider = load_members(sources, weights)
+    for model, _ in members:
+        _exportable(model, model.source)
+
+    def write(tmp: Path) -> None:
+        entries = []
+        for i, (model, weight) in enumerate(members):
+            (tmp / f"member{i}").mkdir()
+            _write_weights_and_card(model, tmp / f"member{i}")
+            entries.append({"folder": f"member{i}", "weight": float(weight), "source": str(model.source)})
+        write_json_atomic(tmp / CARD_NAME, {
+            "format": ENSEMBLE_FORMAT, "members": entries, "class_names": list(decider.class_names),
+            "image_size": int(decider.image_size),
+            "thresholds": {n: float(t) for n, t in zip(decider.class_names, decider.thresholds, strict=True)},
+            "ensure_one": bool(decider.ensure_one), "thresholds_source": decider.thresholds_source,
+            "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": _versions()})
+
+    return _publish(out, write)

@@ -32,6 +32,7 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 EXPORT_FORMAT = "hpa_lightning.export/1"
+ENSEMBLE_FORMAT = "hpa_lightning.export-ensemble/1"  # member<i>/ single exports + weights and thresholds
 
 
 @dataclass
@@ -193,6 +194,9 @@ def load_export(folder: Path, map_location: str | torch.device = "cpu") -> Infer
 
     card_path = folder / CARD_NAME
     card = _read_json(card_path)
+    if card.get("format") == ENSEMBLE_FORMAT:
+        raise InferenceError(f"{folder}: an exported ensemble; predict takes it whole (ckpt={folder}), or name one "
+                             f"of its member folders")
     if card.get("format") != EXPORT_FORMAT:
         raise InferenceError(f"{card_path}: format {card.get('format')!r}, expected {EXPORT_FORMAT!r}")
     try:

@@ -3,6 +3,7 @@ workers at the training resolution, TTA probabilities on the device, and the sub
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -29,7 +30,7 @@ from hpa_lightning.data.sources import (
 )
 from hpa_lightning.errors import DataError, InferenceError
 from hpa_lightning.files import atomic_path
-from hpa_lightning.inference.load import CARD_NAME, InferenceModel, load_model
+from hpa_lightning.inference.load import CARD_NAME, ENSEMBLE_FORMAT, InferenceModel, load_model
 from hpa_lightning.inference.tta import TTA_REDUCTIONS, crop_windows, tta_probabilities, tta_views
 from hpa_lightning.models.augment import center_crop
 from hpa_lightning.resources import available_cpus
@@ -263,6 +264,10 @@ def load_members(ckpt: str, weights: str = "") -> tuple[list[tuple[InferenceMode
     (equal by default). An ensemble's thresholds are chosen on its members' validation predictions, out of fold for
     folds (runs/ensemble.py); members without them (exports) use the weighted mean of their own thresholds."""
     sources = [Path(s) for s in str(ckpt).split(",") if s]
+    if len(sources) == 1 and (sources[0] / CARD_NAME).is_file():
+        card = json.loads((sources[0] / CARD_NAME).read_text())
+        if card.get("format") == ENSEMBLE_FORMAT:
+            return _exported_ensemble(sources[0], card, weights)
     runs_folder = [s.is_dir() and not (s / layout.RESULTS).is_file() and not (s / CARD_NAME).is_file()
                    for s in sources]
     if len(sources) == 1 and not runs_folder[0]:
@@ -292,6 +297,24 @@ def load_members(ckpt: str, weights: str = "") -> tuple[list[tuple[InferenceMode
     decider = replace(first, thresholds=thresholds, ensure_one=ensure_one, thresholds_source=origin,
                       source=f"an ensemble of {len(models)} ({', '.join(str(m.source) for m in models)})")
     return list(zip(models, w.tolist(), strict=True)), decider
+
+
+def _exported_ensemble(folder: Path, card: dict, weights: str) -> tuple[list[tuple[InferenceModel, float]],
+                                                                          InferenceModel]:
+    """An ensemble written by `export`: its members, weights and thresholds as the card says."""
+    if weights:
+        raise InferenceError(f"weights={weights}: {folder} is an exported ensemble; its weights are in its card")
+    try:
+        members = [(load_model(folder / entry["folder"]), float(entry["weight"])) for entry in card["members"]]
+        thresholds = np.array([float(card["thresholds"][name]) for name in card["class_names"]])
+        ensure_one = bool(card["ensure_one"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise InferenceError(f"{folder / CARD_NAME}: missing or invalid field ({type(err).__name__}: {err})") from None
+    first = members[0][0]
+    decider = replace(first, thresholds=thresholds, ensure_one=ensure_one,
+                      thresholds_source=f"{folder / CARD_NAME} ({card.get('thresholds_source')})",
+                      source=f"the exported ensemble {folder} of {len(members)}")
+    return members, decider
 
 
 def run(args: dict[str, object]) -> dict[str, object]:

@@ -473,3 +473,43 @@ def test_a_fold_sweep_is_reported_and_predicts_as_one_ensemble(shared_cache: Pat
     np.testing.assert_allclose(probabilities[list(CLASS_NAMES)].to_numpy(), mean, atol=1e-5)
     decided = metrics.decide(mean, np.asarray(evaluation["thresholds"]), ensure_one=evaluation["ensure_one"])
     assert submission["Predicted"].tolist() == [" ".join(str(c) for c in np.flatnonzero(row)) for row in decided]
+    # exported as one ensemble folder, the sweep predicts the same
+    from hpa_lightning.export import main as export_main
+
+    export_main([f"ckpt={sweep}", f"out={tmp_path / 'folds'}"])
+    code, _, err = predict(capsys, f"ckpt={tmp_path / 'folds'}", f"input={held_out}", "workers=0",
+                           f"out={tmp_path / 'x.csv'}")
+    assert code == 0, err
+    exported_submission, exported = read_outputs(tmp_path / "x.csv")
+    np.testing.assert_allclose(exported[list(CLASS_NAMES)].to_numpy(), mean, atol=1e-5)
+    assert exported_submission["Predicted"].tolist() == submission["Predicted"].tolist()
+
+
+def test_an_exported_ensemble_predicts_as_its_members(fake_run: Path, crop_run: Path, held_out: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """Two runs weighted 3:1: predicting from their exported ensemble equals predicting from the runs themselves
+    (probabilities, and decisions with the weighted mean of their thresholds: they have no val predictions)."""
+    from hpa_lightning.export import main as export_main
+
+    members = f"{fake_run},{crop_run}"
+    export_main([f"ckpt={members}", "weights=3,1", f"out={tmp_path / 'ensemble'}"])
+    card = json.loads((tmp_path / "ensemble" / "card.json").read_text())
+    assert card["format"] == "hpa_lightning.export-ensemble/1"
+    assert [m["weight"] for m in card["members"]] == [0.75, 0.25]
+    assert all((tmp_path / "ensemble" / m["folder"] / "model.safetensors").is_file() for m in card["members"])
+    capsys.readouterr()
+    outputs = {}
+    for name, args in (("runs", [f"ckpt={members}", "weights=3,1"]), ("export", [f"ckpt={tmp_path / 'ensemble'}"])):
+        code, _, err = predict(capsys, *args, f"input={held_out}", "workers=0", f"out={tmp_path / f'{name}.csv'}")
+        assert code == 0, err
+        outputs[name] = read_outputs(tmp_path / f"{name}.csv")
+    np.testing.assert_allclose(outputs["export"][1][list(CLASS_NAMES)].to_numpy(),
+                               outputs["runs"][1][list(CLASS_NAMES)].to_numpy(), atol=1e-5)
+    assert outputs["export"][0]["Predicted"].tolist() == outputs["runs"][0]["Predicted"].tolist()
+    single = {}
+    for run in (fake_run, crop_run):
+        code, _, err = predict(capsys, f"ckpt={run}", f"input={held_out}", "workers=0", f"out={tmp_path / 's.csv'}")
+        assert code == 0, err
+        single[run] = read_outputs(tmp_path / "s.csv")[1][list(CLASS_NAMES)].to_numpy()
+    np.testing.assert_allclose(outputs["runs"][1][list(CLASS_NAMES)].to_numpy(),
+                               0.75 * single[fake_run] + 0.25 * single[crop_run], atol=1e-5)
