@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_ARGS ?= +experiment=focal_g02 +preset=demo
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-slurm lint format bench clean
+.PHONY: help install demo test test-fast test-slurm lint format bench gpu-check reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,12 @@ test-slurm: $(STAMP)  ## start a local SLURM cluster, run tests/slurm against it
 
 bench: $(STAMP)  ## speed benchmark (ratios first): loading, packing, Lightning overhead, augmentation, GPU; BENCH_ARGS=quick=true
 	$(PY) -m hpa_lightning.bench $(BENCH_ARGS)
+
+reproduce: $(STAMP)  ## the poster's comparison on the synthetic data (10 arms, baselines, LR finder) -> docs/results/synthetic
+	HF_HUB_OFFLINE=1 $(PY) -m hpa_lightning.reproduce $(REPRODUCE_ARGS)
+
+gpu-check: $(STAMP)  ## on a CUDA machine: GPU benchmark, a 512 px epoch, a gpu_pool sweep, predict tta=8 (fails without CUDA)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m hpa_lightning.gpu_check $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check .
