@@ -29,9 +29,10 @@ ENV_SAVED_OVERRIDES = "HPA_SAVED_OVERRIDES"
 
 
 
-def fail(message: object) -> NoReturn:
+def fail(message: object, status: int = EXIT_BAD_INPUT) -> NoReturn:
+    """One `error: ...` line on stderr and exit `status` (2: bad input; 1: the job itself could not be done)."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+    sys.exit(status)
 
 
 def parse_key_values(argv: list[str], defaults: dict[str, object], prog: str) -> dict[str, object]:

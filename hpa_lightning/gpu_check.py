@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as err:
         fail(err)
     except NoCudaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        fail(err, status=1)
     print(summary(report))
     sys.exit(0 if report["ok"] else 1)
 

@@ -30,11 +30,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                                         / "synthetic")}, PROG)
         work = Path(str(args["work"]) or f"outputs/reproduce/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
         record = reproduce(work, Path(str(args["docs"])), str(args["preset"]), str(args["arms"]) or None)
-    except UsageError as err:
-        fail(err)
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    except (UsageError, RuntimeError) as err:
+        fail(err, status=2 if isinstance(err, UsageError) else 1)
     print(summary(record))
 
 

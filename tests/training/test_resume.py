@@ -37,6 +37,13 @@ def resume(run_dir: Path, cache: Path, extra: list[str] | None = None) -> subpro
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+def resume_without_fault(run_dir: Path, cache: Path) -> subprocess.CompletedProcess:
+    """`resume` of a run stopped by a fault callback, which is one of its overrides: dropped for the resumed part."""
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    overrides.write_text("\n".join(line for line in overrides.read_text().splitlines() if "fault" not in line))
+    return resume(run_dir, cache)
+
+
 def test_same_seed_same_weights_and_metrics_with_workers(tmp_path: Path, shared_cache: Path) -> None:
     runs = []
     for name in ("a", "b"):
@@ -64,10 +71,7 @@ def test_ctrl_c_at_the_best_epochs_end_then_resume_equals_an_uninterrupted_run(t
     assert f"resume with: python -m hpa_lightning.resume {broken}" in proc.stdout
     assert (broken / "checkpoints" / "last.ckpt").is_file() and not (broken / "results.json").exists()
 
-    # the fault callback is one of the run's overrides; drop it for the resumed part
-    overrides = broken / ".hydra" / "overrides.yaml"
-    overrides.write_text("\n".join(line for line in overrides.read_text().splitlines() if "fault" not in line))
-    proc = resume(broken, shared_cache)
+    proc = resume_without_fault(broken, shared_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((broken / "results.json").read_text())
     assert results["epochs"] == 3
@@ -104,9 +108,7 @@ def test_stop_mid_epoch_saves_and_resumes_without_duplicate_steps(tmp_path: Path
     assert "resume with: python -m hpa_lightning.resume" in proc.stdout
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert 2 <= saved["global_step"] <= 3
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    overrides.write_text("\n".join(line for line in overrides.read_text().splitlines() if "fault" not in line))
-    proc = resume(run_dir, shared_cache)
+    proc = resume_without_fault(run_dir, shared_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["epochs"] == 2
