@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # The demo: the poster's focal_g02 arm on the embedded synthetic data, sized for a 2-core CPU (see conf/preset/demo.yaml).
-DEMO_ARGS ?= +experiment=focal_g02 +preset=demo
+DEMO_ARGS ?= +experiment=focal_g02 +preset=demo scheduler=cosine
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-fast test-slurm lint format bench gpu-check reproduce clean

@@ -137,3 +137,13 @@ def test_every_callback_comes_from_the_config_group_and_can_be_removed(tmp_path:
     left = build_callbacks(fewer)
     assert "LRTrace" not in [type(c).__name__ for c in left]
     assert not any(isinstance(c, InterruptCheckpoint) for c in left)
+
+
+@pytest.mark.parametrize(("arm", "schedule"), [("bce", "constant"), ("bce_sgdr", "sgdr"), ("focal_g02_sgdr", "sgdr")])
+def test_the_demo_preset_keeps_every_swept_arms_schedule(arm: str, schedule: str) -> None:
+    """`+sweep=poster +preset=demo`: Hydra's sweeper puts `+experiment=<arm>` before the command line, so a schedule in
+    the preset silently replaced every arm's (all ten ran with cosine in the first `make reproduce`)."""
+    swept = compose_config([f"+experiment={arm}", "+sweep=poster", "+preset=demo"])  # the order the sweeper uses
+    assert swept.scheduler.name == schedule and swept.model.name == "resnet10t"
+    demo = compose_config(["+experiment=focal_g02", "+preset=demo", "scheduler=cosine"])  # make demo
+    assert demo.scheduler.name == "cosine"
