@@ -173,11 +173,26 @@ def _records(path: Path) -> list[bytes]:
     return records
 
 
-def read_offline_run(run_folder: str | Path) -> dict:
-    """What an offline run recorded: name, group, tags, config, history rows, summary, exit code, media files."""
+def read_offline_run(run_folder: str | Path, wait_s: float = 0.0) -> dict:
+    """What an offline run recorded: name, group, tags, config, history rows, summary, exit code, media files.
+
+    W&B's service writes the transaction log in the background and may append the run's last records (summary, exit)
+    a moment after `wandb.finish()` returns, later still on a loaded machine: with `wait_s`, the log is read again
+    until its exit record is there or `wait_s` seconds have passed.
+    """
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = _read_offline_run_once(Path(run_folder))
+        if found["exit_code"] is not None or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _read_offline_run_once(run_folder: Path) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    run_folder = Path(run_folder)
     log_file = next(run_folder.glob("run-*.wandb"))
     out: dict[str, Any] = {"name": None, "group": None, "tags": [], "config": {}, "history": [], "summary": {},
                            "exit_code": None}

@@ -102,7 +102,7 @@ def test_result_panels_land_in_the_offline_run(finished_run, tmp_path: Path) -> 
         wandb.finish()
     [folder] = wandb_run.offline_runs(tmp_path)
     assert folder.name.startswith("offline-run-") and any(folder.glob("run-*.wandb"))
-    logged = wandb_run.read_offline_run(folder)
+    logged = wandb_run.read_offline_run(folder, wait_s=60)
     assert logged["exit_code"] == 0 and logged["group"] == "g" and logged["tags"] == ["focal_g02"]
     summary = logged["summary"]
     assert summary["test/macro_f1"] == 0.3 and summary["test/macro_f1_tuned"] == 0.5 and summary["gpu"] == "1"
@@ -130,7 +130,7 @@ def test_a_job_failing_before_training_gets_a_failed_run(tmp_path: Path) -> None
     wandb_run.finish_run(cfg, failed=True, error="DataError: /data/train.csv: file not found")
     assert wandb.run is None
     [folder] = wandb_run.offline_runs(tmp_path / "run")
-    logged = wandb_run.read_offline_run(folder)
+    logged = wandb_run.read_offline_run(folder, wait_s=60)
     assert logged["exit_code"] == 1 and logged["summary"]["error"].startswith("DataError")
     assert logged["name"] == "focal_g02" and logged["config"]["experiment_name"] == "focal_g02"
     wandb_run.finish_run(cfg, failed=False)  # nothing open: no new run
@@ -157,7 +157,7 @@ def test_class_maps_of_the_sample_images_land_in_the_run(finished_run, tmp_path:
     finally:
         wandb.finish()
     [folder] = wandb_run.offline_runs(tmp_path)
-    logged = wandb_run.read_offline_run(folder)
+    logged = wandb_run.read_offline_run(folder, wait_s=60)
     assert len([m for m in logged["media"] if "test/class_maps" in m]) == 2
     captions = logged["summary"]["test/class_maps/captions"]
     assert captions[0].startswith("id4: ") and captions[0].endswith("(cam)")

@@ -338,7 +338,7 @@ def test_every_job_has_its_own_wandb_run(sweep) -> None:
     assert all(len(found) == 1 for found in runs.values()), runs
     assert len({found[0] for found in runs.values()}) == 3
     for num in range(3):
-        run = read_offline_run(runs[num][0])
+        run = read_offline_run(runs[num][0], wait_s=60)
         assert run["group"] == folder.name and run["name"] == f"default-{num}" and run["tags"] == ["default"]
         assert run["config"]["optimizer"]["lr"] == float(LRS[num])  # the resolved job config
         if num == 1:
