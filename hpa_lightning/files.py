@@ -7,6 +7,7 @@ Kept free of heavy imports: the synthetic generator's fresh worker interpreters 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -83,3 +84,20 @@ def publish_folder(tmp: Path, target: Path, marker: str) -> None:
         if not (target / marker).is_file():
             raise
 
+
+
+@contextlib.contextmanager
+def exclusive(target: Path) -> Iterator[None]:
+    """Held while this process builds `target`: other processes that need the same folder (parallel sweep jobs on a
+    fresh cache) wait here for the builder, then find it complete instead of each building it at once. A `flock` on
+    `<target>.lock`, dropped by the kernel if the holder dies, so a killed builder never blocks the next one. The
+    holder removes the lock file before releasing it: a process arriving later finds the folder complete (or, after a
+    failed build, builds it again), so nothing is left next to the folder."""
+    path = target.with_name(target.name + ".lock")
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -33,9 +33,22 @@ from numpy.lib.format import open_memmap
 
 from hpa_lightning.classes import CHANNELS, NUM_CLASSES
 from hpa_lightning.data.duplicates import DUPLICATE_POLICIES, find_duplicates, green_hash
-from hpa_lightning.data.sources import SIXTEEN_BIT_RULES, DataSource, load_sample, parse_sources, read_sources
+from hpa_lightning.data.sources import (
+    SIXTEEN_BIT_RULES,
+    DataSource,
+    LabelTable,
+    load_sample,
+    parse_sources,
+    read_sources,
+)
 from hpa_lightning.errors import DataError
-from hpa_lightning.files import publish_folder, remove_stale_temporaries, temporary_sibling, write_json_atomic
+from hpa_lightning.files import (
+    exclusive,
+    publish_folder,
+    remove_stale_temporaries,
+    temporary_sibling,
+    write_json_atomic,
+)
 from hpa_lightning.resources import available_cpus
 
 log = logging.getLogger(__name__)
@@ -251,9 +264,20 @@ def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str =
             raise DataError(f"{source.image_dir}: image folder not found")
     fingerprint = sources_fingerprint(sources)
     target = store_path(root, size, cache_dir, image_dir, on_bad_sample, fingerprint, sixteen_bit, duplicates)
-    if (target / "meta.json").is_file():
-        return PackedStore.open(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not (target / "meta.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(target):
+            if not (target / "meta.json").is_file():  # else packed by the job we waited for
+                _pack(sources, table, source_of, target, size, fingerprint, workers=workers, progress=progress,
+                      on_bad_sample=on_bad_sample, max_bad_fraction=max_bad_fraction, sixteen_bit=sixteen_bit,
+                      duplicates=duplicates, duplicate_distance=duplicate_distance, image_dir=image_dir)
+    return PackedStore.open(target)
+
+
+def _pack(sources: list[DataSource], table: LabelTable, source_of: np.ndarray, target: Path, size: int,
+          fingerprint: str, *, workers: int | None, progress: bool, on_bad_sample: str, max_bad_fraction: float,
+          sixteen_bit: str, duplicates: str, duplicate_distance: int, image_dir: str) -> None:
+    """Decode every sample into `<target>.tmp-...` and publish it as `target` when complete."""
     remove_stale_temporaries(target)
     check_free_space(target.parent, len(table), size)
     tmp = temporary_sibling(target)
@@ -319,7 +343,6 @@ def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str =
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return PackedStore.open(target)
 
 
 def _check_skipped(skipped: list[tuple[str, str]], total: int, max_bad_fraction: float) -> None:

@@ -192,6 +192,36 @@ def test_packing_finishes_when_the_job_ignores_sigterm(kaggle_folder: Path, tmp_
         assert proc.returncode == 0 and proc.stdout.strip() == "40", (attempt, proc.stderr[-2000:])
 
 
+def test_jobs_that_need_the_same_store_at_once_pack_it_once(kaggle_folder: Path, tmp_path: Path) -> None:
+    """Parallel sweep jobs on a fresh cache all need the same store at the same moment: one packs it, the others wait
+    for it and open it, instead of every job decoding the whole dataset at once."""
+    go = tmp_path / "go"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from hpa_lightning.data import store\n"
+        "write_all = store._write_all\n"
+        "def counted(*args, **kwargs):\n"
+        "    print('packing', flush=True)\n"
+        "    return write_all(*args, **kwargs)\n"
+        "store._write_all = counted\n"
+        "print('ready', flush=True)\n"
+        f"while not Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+        f"packed = store.build_store({str(kaggle_folder)!r}, 64, {str(tmp_path / 'stores')!r}, workers=1)\n"
+        "print(packed.path, len(packed), flush=True)\n")
+    jobs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(3)]
+    for job in jobs:
+        assert job.stdout.readline().strip() == "ready", job.stderr.read()[-2000:]
+    go.touch()
+    outputs = [job.communicate(timeout=120) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), [err[-2000:] for _, err in outputs]
+    lines = [out.split() for out, _ in outputs]
+    assert sum(words.count("packing") for words in lines) == 1, lines
+    assert len({tuple(words[-2:]) for words in lines}) == 1  # the same store, whole, for every job
+    assert lines[0][-1] == "40"
+
+
 def test_available_cpus_follow_the_affinity_mask_and_the_slurm_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
     from hpa_lightning.resources import available_cpus
 

@@ -102,6 +102,27 @@ def test_generate_refuses_existing_root(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hpa"]
 
 
+def test_a_concurrent_generator_finishing_first_is_a_file_exists_error(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parallel jobs (or test workers) sharing a cache: the other generator renames its folder into place between our
+    last check and our rename. The kernel refuses the rename (ENOTEMPTY); callers expect FileExistsError, and theirs
+    stays whole."""
+    root = tmp_path / "hpa"
+    real_rename = synth_dataset.os.rename
+
+    def other_generator_first(src: str | Path, dst: str | Path) -> None:
+        monkeypatch.setattr(synth_dataset.os, "rename", real_rename)
+        synth.generate(tmp_path / "theirs", n=2, size=32, workers=1)
+        real_rename(tmp_path / "theirs", root)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(synth_dataset.os, "rename", other_generator_first)
+    with pytest.raises(FileExistsError, match="appeared while generating"):
+        synth.generate(root, n=3, size=32, workers=1)
+    assert len(read_csv(root)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hpa"]
+
+
 def test_interrupted_generate_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     real = synth.render_sample

@@ -200,9 +200,12 @@ def generate(
             writer.writerow(["Id", "Target"])
             for sample_id, lab in sorted(zip(ids, labels, strict=True)):  # Kaggle's train.csv is sorted by Id
                 writer.writerow([sample_id, " ".join(map(str, lab))])
-        if root.exists():
-            raise FileExistsError(f"{root} appeared while generating; synth never overwrites")
-        os.rename(tmp, root)
+        try:
+            os.rename(tmp, root)  # refused (ENOTEMPTY) when another generator's folder is already there
+        except OSError as error:
+            if root.exists():
+                raise FileExistsError(f"{root} appeared while generating; synth never overwrites") from error
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
