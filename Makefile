@@ -23,11 +23,15 @@ install: $(STAMP)  ## create .venv and install the package with dev tools (idemp
 demo: $(STAMP)  ## train + test focal_g02 on the synthetic data on CPU, print the run folder and test metrics
 	HF_HUB_OFFLINE=1 $(PY) -m hpa_lightning.train $(DEMO_ARGS)
 
+# The suite runs on one pytest-xdist worker per core (at most 4); tests/conftest.py says how tests are grouped.
+# TEST_WORKERS="-p no:xdist" runs it in one process.
+TEST_WORKERS ?= -n logical --maxprocesses=4 --dist loadgroup --no-loadscope-reorder
+
 test: $(STAMP)  ## run the whole test suite (the real-SLURM tests are `make test-slurm`)
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slurm" tests
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slurm" $(TEST_WORKERS) tests
 
 test-fast: $(STAMP)  ## tests without the end-to-end trainings
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow and not slurm" tests
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow and not slurm" $(TEST_WORKERS) tests
 
 # A one-node SLURM cluster (Debian packages, as root) for the launcher tests; stopped again whatever the outcome.
 # Where it cannot be installed or started, the tests skip and say why.

@@ -21,6 +21,34 @@ os.environ.setdefault("WANDB_MODE", "offline")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test`), each worker and the entry points it starts get their share of the cores:
+    two trainings at 2 threads each on 2 cores took 3x as long as at 1 thread each (OpenMP threads spin on busy
+    cores)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        threads = int(os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers))))
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """How `--dist loadgroup` hands tests to the workers: the tests that share a module-scoped fixture (a trained
+    run, a packed store) go to one worker, so it is built once; every other test goes to whichever worker is free.
+    Under xdist the end-to-end tests are handed out first, so that no long one starts last while the other workers
+    wait (plain pytest keeps the file order, which keeps each module's tests together)."""
+    for item in items:
+        fixture_defs = item._fixtureinfo.name2fixturedefs.values()  # type: ignore[attr-defined]
+        if any(defs[-1].scope == "module" for defs in fixture_defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def write_kaggle_folder(root: Path, targets: dict[str, str], size: int = 16, seed: int = 0) -> Path:
     """A minimal Kaggle-layout dataset with random 8-bit grayscale PNGs."""
     rng = np.random.default_rng(seed)
@@ -62,8 +90,15 @@ def kaggle_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache (synthetic data + packed stores) shared by the end-to-end tests of a session."""
-    return tmp_path_factory.mktemp("hpa_cache")
+    """One cache (synthetic data + packed stores) shared by the end-to-end tests of a session, and by all its xdist
+    workers: the cache publishes every folder whole by a rename, so workers that build the same store at once both
+    end up reading one complete copy (as parallel sweep jobs do)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # <basetemp>/popen-gw<N> -> the session's folder, the same for every worker
+    cache = base / "hpa_cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 def assert_metrics_equal_sklearn(run_dir: Path, results: dict,
