@@ -15,12 +15,13 @@ from omegaconf import DictConfig
 
 from hpa_lightning.cli import hydra_task, run_hydra
 from hpa_lightning.errors import UserError
-from hpa_lightning.training.lr_find import lr_find
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lr_find")
 @hydra_task
 def main(cfg: DictConfig) -> float | None:
+    from hpa_lightning.training.lr_find import lr_find  # after Hydra has checked the overrides: it imports Lightning
+
     try:
         return lr_find(cfg)["suggested_lr"]
     except UserError as err:

@@ -19,11 +19,9 @@ from hpa_lightning.errors import (
     RunSetupError,
     UserError,
 )
-from hpa_lightning.reporting.wandb_hooks import WandbHooks
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.status import JobGuard
 from hpa_lightning.training.checks import RunComplete, resume_checkpoint
-from hpa_lightning.training.run import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -39,6 +37,11 @@ def main(cfg: DictConfig) -> float | None:
         return results.get("val", {}).get("macro_f1")
     except RunSetupError:
         pass  # reported inside the job as usual
+    # imported only now (Lightning, timm, W&B: ~7 s on 2 cores), so that a bad override or a run folder with nothing
+    # to resume is reported at once
+    from hpa_lightning.reporting.wandb_hooks import WandbHooks
+    from hpa_lightning.training.run import train
+
     hooks = WandbHooks()
     with JobGuard(cfg, hooks=hooks) as job:
         try:

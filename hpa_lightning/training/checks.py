@@ -5,11 +5,13 @@ from __future__ import annotations
 import shutil
 import uuid
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hpa_lightning.errors import RunSetupError
 from hpa_lightning.runs import layout
+
+if TYPE_CHECKING:  # the train entry point runs these checks before it imports the training stack
+    import torch
 
 
 class RunComplete(Exception):
@@ -65,4 +67,6 @@ def checkpoint_bytes(module: torch.nn.Module) -> int:
 
 
 def all_finite(module: torch.nn.Module) -> bool:
+    import torch
+
     return all(torch.isfinite(p).all() for p in module.parameters())
