@@ -222,6 +222,21 @@ def test_jobs_that_need_the_same_store_at_once_pack_it_once(kaggle_folder: Path,
     assert lines[0][-1] == "40"
 
 
+def test_a_filesystem_without_locks_still_packs(kaggle_folder: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from hpa_lightning import files
+
+    def no_locks(*args: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(files.fcntl, "flock", no_locks)
+    store = build_store(kaggle_folder, 12, tmp_path / "stores", workers=1)
+    assert len(store) == 40
+    assert [p.name for p in (tmp_path / "stores").iterdir()] == [store.path.name]
+
+
 def test_available_cpus_follow_the_affinity_mask_and_the_slurm_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
     from hpa_lightning.resources import available_cpus
 
