@@ -28,18 +28,23 @@ class _DropBenign(logging.Filter):
         return not str(record.msg).startswith(BENIGN_LOG_MESSAGES)
 
 
+def adopt_lightning_loggers() -> None:
+    """Lightning gives its loggers a stderr handler of their own when it is imported (and stops their propagation when
+    logging is not configured yet): hand them back to the root logger and its run-log file, so that each message shows
+    once on screen and lands in the run log. Call after Lightning is imported; setup_run_logging calls it too."""
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            logger.handlers.clear()
+            logger.propagate = True
+
+
 def setup_run_logging() -> None:
     """Call inside a Hydra task (after Hydra configured logging)."""
     for pattern in BENIGN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     logging.captureWarnings(True)  # warnings go to the log file too, and stay on screen
-    if logging.getLogger().handlers:
-        # Lightning gives its loggers a stderr handler of their own and stops propagation when it is imported
-        # before logging is configured (always, here): hand them back to the root logger and its run-log file
-        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-            logger = logging.getLogger(name)
-            logger.handlers.clear()
-            logger.propagate = True
+    adopt_lightning_loggers()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropBenign) for f in logger.filters):
@@ -55,4 +60,4 @@ def summary(text: str) -> None:
             handler.handle(record)
 
 
-__all__ = ["BENIGN_LOG_MESSAGES", "BENIGN_WARNINGS", "setup_run_logging", "summary"]
+__all__ = ["BENIGN_LOG_MESSAGES", "BENIGN_WARNINGS", "adopt_lightning_loggers", "setup_run_logging", "summary"]

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from hpa_lightning.cli import hydra_task, run_hydra
 from hpa_lightning.errors import UserError
+from hpa_lightning.logs import adopt_lightning_loggers
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lr_find")
@@ -22,6 +23,7 @@ from hpa_lightning.errors import UserError
 def main(cfg: DictConfig) -> float | None:
     from hpa_lightning.training.lr_find import lr_find  # after Hydra has checked the overrides: it imports Lightning
 
+    adopt_lightning_loggers()
     try:
         return lr_find(cfg)["suggested_lr"]
     except UserError as err:

@@ -19,6 +19,7 @@ from hpa_lightning.errors import (
     RunSetupError,
     UserError,
 )
+from hpa_lightning.logs import adopt_lightning_loggers
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.status import JobGuard
 from hpa_lightning.training.checks import RunComplete, resume_checkpoint
@@ -42,6 +43,7 @@ def main(cfg: DictConfig) -> float | None:
     from hpa_lightning.reporting.wandb_hooks import WandbHooks
     from hpa_lightning.training.run import train
 
+    adopt_lightning_loggers()
     hooks = WandbHooks()
     with JobGuard(cfg, hooks=hooks) as job:
         try:

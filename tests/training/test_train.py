@@ -66,6 +66,8 @@ def test_a_quiet_honest_console_and_a_full_run_log(tiny_run: Path) -> None:
     assert len(BENIGN_WARNINGS) == 4
     for text in ("an unexpected condition worth a look", "`Trainer.fit` stopped", f"run folder: {tiny_run}"):
         assert text in console and text in log, text  # real warnings stay visible, and the run log is whole
+    # once: Lightning's own stderr handler (added when it is imported) handed back to the run's logging
+    assert console.count("`Trainer.fit` stopped") == 1 and console.count("Seed set to") == 1, console
 
 
 @pytest.mark.slow
