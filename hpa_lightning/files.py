@@ -85,7 +85,6 @@ def publish_folder(tmp: Path, target: Path, marker: str) -> None:
             raise
 
 
-
 @contextlib.contextmanager
 def exclusive(target: Path) -> Iterator[None]:
     """Held while this process builds `target`: other processes that need the same folder (parallel sweep jobs on a
