@@ -5,8 +5,10 @@
 #
 #   bash tests/slurm/cluster.sh install | start | stop | status | up
 #
-# `up` installs what is missing and starts the daemons; `stop` kills exactly the daemons `start` started (by the pids
-# they wrote). Everything lives under $HPA_SLURM_DIR (default /tmp/hpa-slurm); /etc/slurm and /etc/munge are written.
+# `up` installs what is missing and starts the daemons with no jobs (state from an earlier run is cleared); `stop`
+# cancels the jobs still there (a job whose test has its result can still be finishing), waits for their steps to end,
+# then kills exactly the daemons `start` started (by the pids they wrote): a job left behind would otherwise come back
+# with the next `up` and hold the node, so that the next run's jobs pend. Everything lives under $HPA_SLURM_DIR (default /tmp/hpa-slurm); /etc/slurm and /etc/munge are written.
 set -euo pipefail
 BASE=${HPA_SLURM_DIR:-/tmp/hpa-slurm}
 HOST=$(hostname -s)
@@ -77,7 +79,7 @@ CONF
 start() {
   configure
   su -s /bin/sh munge -c "/usr/sbin/munged --pid-file=/run/munge/munged.pid"
-  /usr/sbin/slurmctld -i
+  /usr/sbin/slurmctld -c -i
   for _ in $(seq 30); do scontrol ping >/dev/null 2>&1 && break; sleep 1; done
   /usr/sbin/slurmd
   for _ in $(seq 30); do sinfo -h -o %T 2>/dev/null | grep -qx idle && break; sleep 1; done
@@ -87,6 +89,10 @@ start() {
 
 stop() {
   local f pid
+  if scontrol ping >/dev/null 2>&1; then
+    scancel --full --user "$(id -un)" 2>/dev/null || true
+    for _ in $(seq 30); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 1; done
+  fi
   for f in "$BASE"/run/slurmd.pid "$BASE"/run/slurmctld.pid /run/munge/munged.pid; do
     if [ -s "$f" ]; then
       pid=$(cat "$f")
