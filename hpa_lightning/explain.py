@@ -15,14 +15,14 @@ from __future__ import annotations
 import sys
 
 from hpa_lightning.cli import fail, parse_key_values
-from hpa_lightning.errors import DataError, InferenceError, UsageError
+from hpa_lightning.errors import UserError
 from hpa_lightning.reporting.explain import DEFAULTS, PROG, explain
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         result = explain(parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG))
-    except (UsageError, DataError, InferenceError) as err:
+    except UserError as err:  # bad arguments, data or model files, an untrusted _target_
         fail(err)
     print(f"explained {result['images']} images ({result['maps']} class maps, {', '.join(result['methods'])}) with "
           f"{result['model'].architecture} from {result['model'].source}\nopen {result['index']}")

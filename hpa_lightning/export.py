@@ -16,6 +16,9 @@ An ensemble, `ckpt=RUN1,RUN2,...` or a folder of runs (e.g. a `+sweep=folds` fol
 becomes one folder of `member<i>/` single-model exports and a card.json with the members' weights and the
 ensemble's thresholds (out of fold for folds); `predict ckpt=DIR` predicts with the whole ensemble.
 
+A model built by your own network factory (`model._target_`) is exported with that factory's node in the card;
+exporting it and predicting from the export need `trust=<its _target_>` (the file may be someone else's).
+
 The folder is written under a temporary name and renamed when complete; an existing non-empty `out` is refused.
 """
 
@@ -25,18 +28,20 @@ import sys
 from pathlib import Path
 
 from hpa_lightning.cli import fail, parse_key_values
-from hpa_lightning.errors import DataError, InferenceError, UsageError
+from hpa_lightning.errors import UsageError, UserError
 from hpa_lightning.inference.export import PROG, export_ensemble, export_model
 from hpa_lightning.inference.load import CARD_NAME, WEIGHTS_NAME
 from hpa_lightning.runs.layout import RESULTS
+from hpa_lightning.targets import trust_in_this_process
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        args = parse_key_values(sys.argv[1:] if argv is None else argv, {"ckpt": None, "out": None, "weights": ""},
-                                PROG)
+        args = parse_key_values(sys.argv[1:] if argv is None else argv,
+                                {"ckpt": None, "out": None, "weights": "", "trust": ""}, PROG)
         if not args["ckpt"] or not args["out"]:
             raise UsageError(f"{PROG}: ckpt=RUN_DIR|CKPT and out=DIR are required")
+        trust_in_this_process(str(args["trust"]))
         source = Path(str(args["ckpt"]))
         several = "," in str(source) or (source.is_dir() and not (source / RESULTS).is_file()
                                           and not (source / CARD_NAME).is_file())
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UsageError(f"{PROG}: weights= needs several runs (comma-separated ckpt= or a folder of runs)")
         else:
             out = export_model(str(source), str(args["out"]))
-    except (UsageError, InferenceError, DataError) as err:
+    except UserError as err:  # bad arguments or model files, an untrusted _target_
         fail(err)
     size_mb = sum(path.stat().st_size for path in out.rglob(WEIGHTS_NAME)) / 2**20
     print(f"exported {args['ckpt']} -> {out} ({len(list(out.rglob(WEIGHTS_NAME)))} x {WEIGHTS_NAME}, {size_mb:.1f} "

@@ -1,9 +1,33 @@
-"""Exact multi-label evaluation metrics in numpy: macro F1, ROC AUC over defined classes, per-class thresholds.
+"""Multi-label evaluation metrics: macro F1, ROC AUC over defined classes, per-class thresholds.
 
 Inputs are ``(N, C)`` arrays (numpy, or torch tensors, which are moved to CPU): ``targets`` 0/1 (bool, int or float),
 ``probs`` finite scores (usually sigmoid probabilities), ``preds`` 0/1 decisions. Outputs are Python floats or numpy
-arrays; `summarize` returns only JSON-serialisable Python types. torchmetrics is used elsewhere for on-the-fly
-logging; these functions are the reference numbers for evaluation reports and threshold tuning.
+arrays; `summarize` returns only JSON-serialisable Python types.
+
+The scores are torchmetrics': per-class F1 is ``multilabel_f1_score(average="none", zero_division=0)`` and per-class
+ROC AUC ``multilabel_auroc(average="none")`` (exact, ``thresholds=None``), both in `_f1_per_class` /
+`_roc_auc_per_class`, the one place they are computed: `per_class_f1`, `macro_f1`, `roc_auc_valid_classes` and
+`summarize` call them, and the LightningModule's epoch metrics (hpa_lightning.models.epoch_metrics, a torchmetrics
+`Metric` gathering the epoch over DDP ranks) are `summarize` of the gathered outputs, as is results.json. The
+project's definitions on top of torchmetrics:
+
+- decisions are ``probs >= threshold`` (`decide`, with the optional ``ensure_one`` fallback); torchmetrics receives
+  these 0/1 decisions as integers, so its own ``probs > threshold`` on floating-point input never applies;
+- macro F1 is the plain mean of the per-class F1 over all classes (a class without positives or predictions scores
+  0), as sklearn's ``f1_score(average="macro", zero_division=0)``;
+- ROC AUC is scored only on the classes with both positives and negatives (``multilabel_auroc`` would give the others
+  0 and average them in); their per-class entry is NaN (None in `summarize`) and the macro value is the mean over the
+  defined classes, NaN (None) when there is none.
+
+torchmetrics counts and divides in float32 whatever the input dtype, so the values are within about 1e-7 of sklearn's
+float64 ones (tests/test_metrics.py keeps sklearn as the oracle). Scores outside [0, 1] are read by torchmetrics as
+logits and passed through a sigmoid first, which leaves AUC unchanged (monotone) except where it saturates.
+
+The threshold choices stay numpy: torchmetrics has no per-class F1-optimal cut, no single macro-F1-optimal threshold
+and no thresholds matching label ratios. Their exact search scores every candidate cut of every class at once with a
+vectorised F1 from cumulative integer counts in float64 (`_f1_from_counts`, and the running macro F1 of
+`global_threshold`), so that equal ratios tie exactly; calling torchmetrics once per candidate cut would be O(N) times
+slower and float32 ties would not be exact.
 """
 
 from __future__ import annotations
@@ -12,7 +36,6 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 __all__ = ["THRESHOLD_STRATEGIES", "choose_thresholds", "decide", "global_threshold", "label_ratio_thresholds",
            "macro_f1", "per_class_f1", "roc_auc_valid_classes", "summarize", "threshold_record",
@@ -51,11 +74,50 @@ def _check_same_shape(a: np.ndarray, b: np.ndarray, names: str) -> None:
 
 
 def _f1_from_counts(tp: np.ndarray, n_pred: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
-    # F1 = 2TP / (2TP + FP + FN) = 2TP / (#predicted + #positive); 0/0 -> 0 as sklearn's zero_division=0.
-    # Counts are exact integers in float64 and division is correctly rounded, so equal ratios give equal floats
-    # (exact tie detection in tune_thresholds relies on this).
+    # Threshold search only (the reported F1 is torchmetrics', `_f1_per_class`): F1 of many candidate cuts at once,
+    # 2TP / (2TP + FP + FN) = 2TP / (#predicted + #positive), 0/0 -> 0. Counts are exact integers in float64 and
+    # division is correctly rounded, so equal ratios give equal floats (exact tie detection in tune_thresholds).
     denom = (n_pred + n_pos).astype(np.float64)
     return np.divide(2.0 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+
+
+def _f1_per_class(y: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """torchmetrics' per-class F1 (``zero_division=0``) of checked 0/1 targets ``y`` and decisions ``d``, float64 (C,).
+
+    The decisions go in as integers: torchmetrics thresholds (with ``>``) only floating-point predictions, so the
+    project's ``>=`` decisions are scored as made.
+    """
+    import torch
+    from torchmetrics.functional.classification import multilabel_f1_score
+
+    n, c = y.shape
+    if n == 0 or c == 0:  # torchmetrics cannot reshape empty inputs; no sample: F1 0/0 -> 0, as zero_division=0
+        return np.zeros(c)
+    f1 = multilabel_f1_score(torch.from_numpy(d.astype(np.int64)), torch.from_numpy(y.astype(np.int64)),
+                             num_labels=c, average="none", zero_division=0, validate_args=False)
+    return f1.reshape(c).double().numpy()
+
+
+def _roc_auc_per_class(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """torchmetrics' exact per-class ROC AUC of checked 0/1 targets ``y`` and scores ``s``, float64 (C,), NaN for the
+    classes without both positive and negative samples (they are not passed to torchmetrics, which would score 0)."""
+    import torch
+    from torchmetrics.functional.classification import multilabel_auroc
+
+    n_pos = y.sum(axis=0)
+    valid = (n_pos > 0) & (n_pos < y.shape[0])
+    per_class = np.full(y.shape[1], np.nan)
+    if valid.any():
+        k = int(valid.sum())
+        auc = multilabel_auroc(torch.from_numpy(s[:, valid]), torch.from_numpy(y[:, valid].astype(np.int64)),
+                               num_labels=k, average="none", thresholds=None, validate_args=False)
+        per_class[valid] = auc.reshape(k).double().numpy()
+    return per_class
+
+
+def _macro_auc(per_class_auc: np.ndarray) -> float:
+    defined = per_class_auc[~np.isnan(per_class_auc)]
+    return float(defined.mean()) if defined.size else math.nan
 
 
 def per_class_f1(targets: Any, preds: Any) -> np.ndarray:
@@ -63,8 +125,7 @@ def per_class_f1(targets: Any, preds: Any) -> np.ndarray:
     y = _binary_2d(targets, "targets")
     d = _binary_2d(preds, "preds")
     _check_same_shape(y, d, "targets and preds")
-    tp = (y & d).sum(axis=0)
-    return _f1_from_counts(tp, d.sum(axis=0), y.sum(axis=0))
+    return _f1_per_class(y, d)
 
 
 def macro_f1(targets: Any, preds: Any) -> float:
@@ -77,8 +138,7 @@ def roc_auc_valid_classes(targets: Any, probs: Any) -> tuple[float, np.ndarray]:
 
     A class's AUC is defined only when it has both positive and negative samples; other entries of the per-class
     array are NaN and excluded from the mean (sklearn would raise). The macro value is NaN when no class is valid.
-    Computed as the Mann-Whitney statistic with average ranks, which equals sklearn's trapezoidal ROC AUC including
-    tied scores.
+    Each defined class is torchmetrics' exact (trapezoidal, tie-aware) ROC AUC, as sklearn's ``roc_auc_score``.
 
     Returns:
         ``(macro_auc, per_class_auc)`` with ``per_class_auc`` of shape ``(C,)``.
@@ -86,17 +146,8 @@ def roc_auc_valid_classes(targets: Any, probs: Any) -> tuple[float, np.ndarray]:
     y = _binary_2d(targets, "targets")
     s = _scores_2d(probs, "probs")
     _check_same_shape(y, s, "targets and probs")
-    n_pos = y.sum(axis=0).astype(np.float64)
-    n_neg = y.shape[0] - n_pos
-    valid = (n_pos > 0) & (n_neg > 0)
-    per_class = np.full(y.shape[1], np.nan)
-    if valid.any():
-        ranks = rankdata(s[:, valid], method="average", axis=0)
-        pos_rank_sum = (ranks * y[:, valid]).sum(axis=0)
-        p, n = n_pos[valid], n_neg[valid]
-        per_class[valid] = (pos_rank_sum - p * (p + 1) / 2) / (p * n)
-    macro = float(per_class[valid].mean()) if valid.any() else math.nan
-    return macro, per_class
+    per_class = _roc_auc_per_class(y, s)
+    return _macro_auc(per_class), per_class
 
 
 def _pick_best(f1: np.ndarray, thresholds: np.ndarray) -> float:
@@ -303,13 +354,15 @@ def summarize(targets: Any, probs: Any, thresholds: np.ndarray | float | None = 
     Keys: ``macro_f1`` / ``per_class_f1`` at threshold 0.5, ``roc_auc`` (macro over ``n_auc_classes`` defined
     classes) / ``per_class_roc_auc``, ``n_samples``; with ``thresholds`` also ``macro_f1_tuned`` /
     ``per_class_f1_tuned`` and the ``thresholds`` used. ``ensure_one`` applies to the tuned decisions only: the 0.5
-    figures stay exactly ``sklearn.metrics.f1_score(y, p >= 0.5, average="macro", zero_division=0)``.
+    figures stay plain ``sklearn.metrics.f1_score(y, p >= 0.5, average="macro", zero_division=0)`` (as torchmetrics
+    computes it, in float32: see the module docstring).
     """
     y = _binary_2d(targets, "targets")
     s = _scores_2d(probs, "probs")
     _check_same_shape(y, s, "targets and probs")
-    f1 = per_class_f1(y, decide(s, 0.5))
-    auc, per_class_auc = roc_auc_valid_classes(y, s)
+    f1 = _f1_per_class(y, decide(s, 0.5))
+    per_class_auc = _roc_auc_per_class(y, s)
+    auc = _macro_auc(per_class_auc)
     out: dict[str, Any] = {
         "n_samples": int(y.shape[0]),
         "macro_f1": float(f1.mean()),
@@ -320,7 +373,7 @@ def summarize(targets: Any, probs: Any, thresholds: np.ndarray | float | None = 
     }
     if thresholds is not None:
         t = np.broadcast_to(np.asarray(_to_numpy(thresholds), dtype=np.float64), (y.shape[1],))
-        f1_tuned = per_class_f1(y, decide(s, t, ensure_one=ensure_one))
+        f1_tuned = _f1_per_class(y, decide(s, t, ensure_one=ensure_one))
         out["macro_f1_tuned"] = float(f1_tuned.mean())
         out["per_class_f1_tuned"] = _json_floats(f1_tuned)
         out["thresholds"] = [float(v) for v in t]

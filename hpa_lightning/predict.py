@@ -3,6 +3,7 @@
     python -m hpa_lightning.predict ckpt=RUN_DIR|CKPT|EXPORT_DIR input=DIR [out=submission.csv] [tta=1|2|4|8]
         [batch_size=32] [workers=-1] [image_dir=test] [device=auto|cpu|cuda] [image_size=0]
         [channels_last=true] [progress=true] [sixteen_bit=divide|percentile] [tta_crops=0] [tta_reduce=mean|max]
+        [trust=mymodels.factory,...]
 
 Input is the Kaggle layout: `DIR/sample_submission.csv` (Id,Predicted) fixes the Ids and their order, images are
 `{Id}_{red,green,blue,yellow}.{png,jpg,tif}` in `DIR/test/` (or `DIR/<image_dir>/`), else in DIR itself. Without
@@ -18,6 +19,9 @@ maximum over all views instead of the mean (bestfitting's choice).
 Writes `out` (Id,Predicted: space-separated class ids decided with the run's tuned thresholds and ensure_one, or 0.5
 without a thresholds.json) and `<out stem>_probabilities.csv` (Id + one column per class name). Both are written to
 temporary names and renamed once complete. Bad input is one `error: ...` line on stderr and exit status 2.
+
+Only the network is rebuilt (the checkpoint's loss, optimizer and augmentation are never built, so a loss of your own
+needs nothing); a network of your own factory is rebuilt only with `trust=<its _target_>` (or HPA_TRUST_TARGETS).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import sys
 
 from hpa_lightning.cli import fail, parse_key_values
-from hpa_lightning.errors import DataError, InferenceError, UsageError
+from hpa_lightning.errors import UserError
 from hpa_lightning.inference.load import InferenceModel
 from hpa_lightning.inference.predict import DEFAULTS, PROG, run
 
@@ -33,7 +37,7 @@ from hpa_lightning.inference.predict import DEFAULTS, PROG, run
 def main(argv: list[str] | None = None) -> None:
     try:
         result = run(parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG))
-    except (UsageError, DataError, InferenceError) as err:
+    except UserError as err:  # bad arguments, data or model files, an untrusted _target_
         fail(err)
     model: InferenceModel = result["model"]
     thresholds = (f"thresholds from {model.thresholds_source} (ensure_one={model.ensure_one})"

@@ -4,6 +4,7 @@
     python -m hpa_lightning.rerun_failed SWEEP_DIR --jobs 4              # up to 4 at once (GPU jobs claim a GPU each)
     python -m hpa_lightning.rerun_failed SWEEP_DIR optimizer.lr=0.01     # ... with overrides replacing the originals
     python -m hpa_lightning.rerun_failed SWEEP_DIR --dry-run             # only print the commands
+    python -m hpa_lightning.rerun_failed SWEEP_DIR --trust mylosses.AsymmetricLoss   # jobs that used your own code
 
 Every job of `hpa_lightning.train` (single run or sweep job) keeps `status.json` in its folder: `running` while it
 runs (with pid and host), then `completed` or `failed` (with the error line and traceback); a failed job also gets a
@@ -23,6 +24,9 @@ to the study. A job that ran under the `gpu_pool` launcher claims a GPU of the s
 sweep (`hydra/launcher=slurm`) is resubmitted through that launcher with the sweep's launcher overrides, as a
 one-job multirun whose folder is the new one. A training job that left `checkpoints/last.ckpt` continues from it
 (`ckpt_path=`: weights, optimizer, schedule and epoch) instead of starting over.
+
+The saved overrides are read back from a folder anyone may have written: a rerun builds only the allowlisted
+`_target_`s (hpa_lightning.targets) and those named with `--trust` (or HPA_TRUST_TARGETS).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from hpa_lightning.errors import UnsafeTargetError
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.find import RERUNNABLE, failed_jobs
 from hpa_lightning.runs.rerun import plan_rerun, run_rerun
+from hpa_lightning.targets import trust_in_this_process
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--include-running", action="store_true",
                         help="also rerun jobs still marked running (e.g. killed on another host)")
+    parser.add_argument("--trust", default="", metavar="NAMES",
+                        help="comma-separated _target_s of your own that the saved configurations may name")
     args = parser.parse_intermixed_args(argv)
+    trust_in_this_process(args.trust)  # the reruns inherit it: their saved configuration is checked against it
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir}: no such folder", file=sys.stderr)
         return 2

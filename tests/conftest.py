@@ -74,10 +74,11 @@ def train_config():
     return compose_config()
 
 
-def run_train(args: list[str], cache: Path, cwd: Path, timeout: int = 600,
-              module: str = "hpa_lightning.train") -> subprocess.CompletedProcess:
+def run_train(args: list[str], cache: Path, cwd: Path, timeout: int = 600, module: str = "hpa_lightning.train",
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """An entry point (`python -m module args`) in a subprocess, offline, with the session's data cache."""
-    env = {**os.environ, "HPA_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env = {**os.environ, "HPA_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

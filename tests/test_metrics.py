@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
+from torchmetrics.functional.classification import multilabel_auroc, multilabel_f1_score
 
 from hpa_lightning.classes import NUM_CLASSES
 from hpa_lightning.metrics import (
@@ -22,6 +23,10 @@ from hpa_lightning.metrics import (
 )
 
 SHAPES = [(50, 5), (200, NUM_CLASSES), (7, 3), (1000, NUM_CLASSES)]
+# F1 and ROC AUC are torchmetrics', which counts and divides in float32 whatever the input dtype: against sklearn's
+# float64 they differ by up to ~1e-7 (one float32 ulp near 1 is 6e-8). The threshold search stays float64 numpy and
+# keeps 1e-12.
+FLOAT32_TOL = 1e-6
 
 
 def _data(seed: int, n: int, c: int, quantize: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -49,9 +54,9 @@ def test_f1_matches_sklearn(seed: int, shape: tuple[int, int]) -> None:
     rng = np.random.default_rng(seed + 100)
     for preds in (probs >= 0.5, rng.random(shape) < 0.3, np.zeros(shape, dtype=np.int64), np.ones(shape)):
         expected_per = f1_score(y, preds, average=None, zero_division=0)
-        np.testing.assert_allclose(per_class_f1(y, preds), expected_per, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(per_class_f1(y, preds), expected_per, rtol=0, atol=FLOAT32_TOL)
         expected = f1_score(y, preds, average="macro", zero_division=0)
-        assert math.isclose(macro_f1(y.astype(np.float32), preds), expected, abs_tol=1e-12)
+        assert math.isclose(macro_f1(y.astype(np.float32), preds), expected, abs_tol=FLOAT32_TOL)
         assert isinstance(macro_f1(y, preds), float)
 
 
@@ -85,9 +90,62 @@ def test_roc_auc_matches_sklearn_on_valid_columns(seed: int, shape: tuple[int, i
     assert np.isnan(per_class[~valid]).all() and np.isfinite(per_class[valid]).all()
     assert not valid[0] and (shape[1] < 2 or not valid[1])  # the no-positive / all-positive columns
     expected = roc_auc_score(y[:, valid], probs[:, valid], average="macro")
-    assert math.isclose(macro, expected, abs_tol=1e-12)
+    assert math.isclose(macro, expected, abs_tol=FLOAT32_TOL)
     expected_per = roc_auc_score(y[:, valid], probs[:, valid], average=None)
-    np.testing.assert_allclose(per_class[valid], expected_per, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(per_class[valid], expected_per, rtol=0, atol=FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_scores_are_torchmetrics_own(seed: int) -> None:
+    """Bit for bit torchmetrics.functional's float32 values (a float64 implementation would differ in the last digits):
+    per-class F1 of the `>=` decisions, and exact AUROC on the classes with both labels only."""
+    y, probs = _data(seed, 300, NUM_CLASSES, quantize=seed == 1)
+    t = np.linspace(0.3, 0.6, NUM_CLASSES)
+    out = summarize(y, probs, thresholds=t)
+    yt, pt = torch.from_numpy(y), torch.from_numpy(probs)
+    for key, decisions in (("per_class_f1", probs >= 0.5), ("per_class_f1_tuned", probs >= t)):
+        expected = multilabel_f1_score(torch.from_numpy(decisions).long(), yt, num_labels=NUM_CLASSES, average="none",
+                                       zero_division=0)
+        assert expected.dtype == torch.float32
+        assert out[key] == expected.double().tolist()
+        assert out[key.replace("per_class", "macro")] == float(np.mean(out[key]))
+    np.testing.assert_array_equal(per_class_f1(y, probs >= 0.5), np.asarray(out["per_class_f1"]))
+    valid = (y.sum(0) > 0) & (y.sum(0) < len(y))
+    auc = multilabel_auroc(pt[:, valid], yt[:, valid], num_labels=int(valid.sum()), average="none")
+    per_class = np.asarray([np.nan if v is None else v for v in out["per_class_roc_auc"]])
+    assert per_class[valid].tolist() == auc.double().tolist() and np.isnan(per_class[~valid]).all()
+    assert out["roc_auc"] == float(auc.double().mean())
+    np.testing.assert_array_equal(roc_auc_valid_classes(y, probs)[1], per_class)
+
+
+def test_a_score_equal_to_its_threshold_counts_as_positive() -> None:
+    """`>=`, not torchmetrics' own `>`: ties at 0.5 and at the tuned thresholds are predicted positive."""
+    rng = np.random.default_rng(7)
+    t = np.array([0.5, 0.3, 0.7, 0.25])
+    y = (rng.random((60, 4)) < 0.4).astype(np.int64)
+    probs = np.where(rng.random((60, 4)) < 0.5, rng.choice([0.1, 0.25, 0.3, 0.5, 0.7, 0.9], (60, 4)), t)
+    probs[y.astype(bool) & (rng.random((60, 4)) < 0.6)] = 0.5  # many positives sit exactly at 0.5 (and at t[0])
+    assert ((probs == t) & (y == 1)).sum(axis=0).min() > 0 and (probs == 0.5).any(axis=0).all()
+    out = summarize(y, probs, thresholds=t)
+    for key, threshold in (("per_class_f1", 0.5), ("per_class_f1_tuned", t)):
+        expected = f1_score(y, probs >= threshold, average=None, zero_division=0)
+        np.testing.assert_allclose(out[key], expected, rtol=0, atol=FLOAT32_TOL)
+        strict = f1_score(y, probs > threshold, average=None, zero_division=0)
+        assert np.abs(expected - strict).max() > 0.05  # the case is not vacuous: `>` would score differently
+    assert out["macro_f1_tuned"] == pytest.approx(
+        f1_score(y, probs >= t, average="macro", zero_division=0), abs=FLOAT32_TOL)
+    assert out["macro_f1"] == pytest.approx(f1_score(y, probs >= 0.5, average="macro", zero_division=0),
+                                            abs=FLOAT32_TOL)
+
+
+def test_summarize_with_one_class_and_no_samples() -> None:
+    y, probs = _data(4, 40, 1)
+    out = summarize(y, probs, thresholds=0.4)
+    assert len(out["per_class_f1"]) == len(out["per_class_f1_tuned"]) == len(out["per_class_roc_auc"]) == 1
+    assert out["per_class_f1"][0] == pytest.approx(f1_score(y[:, 0], probs[:, 0] >= 0.5), abs=FLOAT32_TOL)
+    assert out["per_class_roc_auc"] == [None]  # column 0 has no positives
+    empty = summarize(np.zeros((0, 3)), np.zeros((0, 3)))
+    assert empty["n_samples"] == 0 and empty["per_class_f1"] == [0.0, 0.0, 0.0] and empty["roc_auc"] is None
 
 
 def test_roc_auc_nan_when_no_valid_class() -> None:

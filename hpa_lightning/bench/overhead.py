@@ -26,20 +26,22 @@ def project_recipe(model_name: str) -> dict:
     def plain(node):
         return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
-    return {"model": {**plain(cfg.model), "name": model_name, "pretrained": False, "compile": False},
+    return {"model": {**plain(cfg.model), "name": model_name, "pretrained": False},
             "loss": plain(cfg.loss), "optimizer": plain(cfg.optimizer), "augment": plain(cfg.augment),
             "lr_ratios": resolve_recipe(cfg.finetune.frozen_epochs, cfg.finetune.lr_ratios, pretrained=False)[1]}
 
 
-def build_module(recipe: dict, mean: list[float], std: list[float], seed: int, **model_overrides):
+def build_module(recipe: dict, mean: list[float], std: list[float], seed: int, name: str | None = None,
+                 channels_last: bool = False, compile: bool = False):  # noqa: A002 - HPAModule's argument
     import lightning as L
 
     from hpa_lightning.models.module import HPAModule
 
     L.seed_everything(seed, verbose=False)
-    return HPAModule(model={**recipe["model"], **model_overrides}, loss=recipe["loss"],
-                     optimizer=recipe["optimizer"], scheduler=None, lr_ratios=recipe["lr_ratios"],
-                     augment=recipe["augment"], mean=mean, std=std)
+    model = {**recipe["model"], **({"name": name} if name else {})}
+    return HPAModule(model=model, loss=recipe["loss"], optimizer=recipe["optimizer"], scheduler=None,
+                     lr_ratios=recipe["lr_ratios"], augment=recipe["augment"], mean=mean, std=std,
+                     channels_last=channels_last, compile=compile)
 
 
 def _lightning_timer():

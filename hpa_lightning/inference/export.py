@@ -44,6 +44,7 @@ def build_card(model: InferenceModel, weights_sha256: str) -> dict:
     return {
         "format": EXPORT_FORMAT,
         "architecture": model.architecture,
+        "factory": model.factory,  # the user's own network factory (its model node); null: timm's `architecture`
         "global_pool": model.global_pool,  # timm.create_model's global_pool; null: the architecture's default
         "crop": model.crop,  # trained on random crop.size windows: evaluated on the full image or its centre window
         "library": "timm",

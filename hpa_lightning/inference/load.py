@@ -4,7 +4,9 @@ Whatever the source, the result is an `InferenceModel`: the bare timm network, t
 with, the training resolution, the class names and the tuned decision thresholds. Nothing here runs code stored in
 a file: checkpoints are read with `torch.load(weights_only=True)` only (a file that needs more is refused, never
 retried unsafely), exported weights are safetensors, and the network is rebuilt from its timm name alone (the loss,
-optimizer and augmentation nodes of a checkpoint, which name Python callables, are never instantiated).
+optimizer and augmentation nodes of a checkpoint, which name Python callables, are never instantiated). A network
+built by the user's own factory is rebuilt by it only when its `_target_` is trusted (`trust=` on the command, or
+HPA_TRUST_TARGETS): the checkpoint or card may be someone else's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from hpa_lightning.errors import ConfigError, InferenceError
 from hpa_lightning.models.augment import Standardize
 from hpa_lightning.models.net import build_network
 from hpa_lightning.runs import layout
+from hpa_lightning.targets import RENAMED_TARGETS, check_targets, trusted_targets
+
+CREATE_MODEL = "hpa_lightning.models.net.create_model"
 
 CARD_NAME = "card.json"
 
@@ -49,6 +54,7 @@ class InferenceModel:
     extra: dict = field(default_factory=dict)
     global_pool: str | None = None  # timm's global_pool when the run set one (e.g. catavgmax), else the default
     crop: dict | None = None  # {"size": training crop size, "eval": "full" | "center"} when the run trained on crops
+    factory: dict | None = None  # the model node of the user's own network factory; None: timm's `architecture`
 
     @property
     def num_classes(self) -> int:
@@ -58,6 +64,14 @@ class InferenceModel:
         self.net.to(device)
         self.standardize.to(device)
         return self
+
+
+def own_factory(model_node: dict) -> dict | None:
+    """The model node when it names a factory other than the project's timm one (checkpoints from before the node had
+    a `_target_` mean the project's), else None: the network is rebuilt from its timm name alone."""
+    target = model_node.get("_target_", CREATE_MODEL)
+    target = RENAMED_TARGETS.get(target, target) if isinstance(target, str) else target
+    return None if target == CREATE_MODEL else dict(model_node)
 
 
 def _read_json(path: Path) -> dict:
@@ -75,6 +89,16 @@ def _build_net(architecture: str, num_classes: int, global_pool: str | None, whe
         return build_network(architecture, num_classes, in_chans=len(CHANNELS), global_pool=global_pool)
     except ConfigError as err:
         raise InferenceError(f"{where}: {err}") from None
+
+
+def _build_factory_net(factory: dict, num_classes: int, where: Path, key: str) -> nn.Module:
+    """The network of the user's own factory named by a checkpoint or card: built only when its `_target_` is
+    allowlisted or trusted (the file may be someone else's), and never asked for pretrained weights."""
+    from hpa_lightning.models.module import network_from_node
+
+    check_targets(factory, str(where), key, trusted_targets())
+    node = {**factory, **({"pretrained": False} if "pretrained" in factory else {})}
+    return network_from_node(node, num_classes)
 
 
 def _load_weights(net: nn.Module, state: dict[str, Tensor], where: Path) -> None:
@@ -155,14 +179,18 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Inf
         raise InferenceError(f"{path}: not an HPAModule checkpoint (no state_dict / hyper_parameters)")
     hparams = checkpoint["hyper_parameters"]
     model_cfg = hparams.get("model") or {}
-    architecture = model_cfg.get("name")
     class_names = [str(c) for c in hparams.get("class_names") or []]
     if not class_names:
         raise InferenceError(f"{path}: checkpoint has no class_names")
     state = checkpoint["state_dict"]
     net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     global_pool = model_cfg.get("global_pool")
-    net = _build_net(architecture, len(class_names), global_pool, path)
+    factory = own_factory(model_cfg)
+    architecture = model_cfg.get("name") or str(model_cfg.get("_target_"))
+    if factory is None:
+        net = _build_net(architecture, len(class_names), global_pool, path)
+    else:
+        net = _build_factory_net(factory, len(class_names), path, "hyper_parameters.model")
     _load_weights(net, net_state, path)
     # The buffers the module standardised with (set from the train split); hyperparameters as a fallback.
     mean = state.get("transform.standardize.mean", torch.tensor(hparams.get("mean") or [0.0] * len(CHANNELS)))
@@ -170,7 +198,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Inf
     standardize = Standardize(mean.flatten().tolist(), std.flatten().tolist())
     run_dir = path.parent.parent if path.parent.name == layout.CHECKPOINTS else path.parent
     thresholds, ensure_one, thr_source = thresholds_from_file(run_dir / layout.THRESHOLDS, class_names)
-    return InferenceModel(net=net.eval(), standardize=standardize, architecture=architecture,
+    return InferenceModel(net=net.eval(), standardize=standardize, architecture=architecture, factory=factory,
                           global_pool=global_pool, crop=hparams.get("crop"), image_size=_run_image_size(run_dir),
                           class_names=class_names,
                           thresholds=thresholds,
@@ -222,12 +250,16 @@ def load_export(folder: Path, map_location: str | torch.device = "cpu") -> Infer
     except (SafetensorError, OSError, RuntimeError) as err:
         raise InferenceError(f"{weights_path}: not readable safetensors ({str(err).splitlines()[0]})") from None
     global_pool = card.get("global_pool")
-    net = _build_net(architecture, len(class_names), global_pool, card_path)
+    factory = card.get("factory")
+    if factory is None:
+        net = _build_net(architecture, len(class_names), global_pool, card_path)
+    else:
+        net = _build_factory_net(factory, len(class_names), card_path, "factory")
     _load_weights(net, state, weights_path)
     default = float(card.get("threshold_default", 0.5))
     thresholds = np.array([float(table.get(name, default)) for name in class_names], dtype=np.float64)
     return InferenceModel(net=net.eval(), standardize=Standardize(mean, std), architecture=architecture,
-                          global_pool=global_pool, crop=card.get("crop"), image_size=image_size,
+                          factory=factory, global_pool=global_pool, crop=card.get("crop"), image_size=image_size,
                           class_names=class_names,
                           thresholds=thresholds,
                           ensure_one=bool(card.get("ensure_one", False)),

@@ -36,6 +36,7 @@ from hpa_lightning.models.augment import center_crop
 from hpa_lightning.resources import available_cpus
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.ensemble import ensemble_evaluation, member_runs, member_weights
+from hpa_lightning.targets import trust_in_this_process
 
 PROG = "hpa_lightning.predict"
 
@@ -46,7 +47,7 @@ SAMPLE_SUBMISSION = "sample_submission.csv"
 DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "submission.csv", "tta": 1, "batch_size": 32,
                                "workers": -1, "image_dir": "test", "device": "auto", "image_size": 0,
                                "channels_last": True, "progress": True, "sixteen_bit": "", "tta_crops": 0,
-                               "tta_reduce": "mean", "weights": ""}
+                               "tta_reduce": "mean", "weights": "", "trust": ""}
 
 
 _FILE_PATTERN = re.compile(rf"^(?P<id>.+)_(?P<channel>{'|'.join(CHANNELS)})"
@@ -335,6 +336,7 @@ def run(args: dict[str, object]) -> dict[str, object]:
     device = resolve_device(str(args["device"]))
     workers = int(args["workers"]) if int(args["workers"]) >= 0 else default_workers()
     data = resolve_input(str(args["input"]), str(args["image_dir"]))  # cheap checks before loading the model
+    trust_in_this_process(str(args.get("trust", "")))
     members, model = load_members(str(args["ckpt"]), str(args["weights"]))
     image_size = int(args["image_size"]) or model.image_size
     if not image_size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,62 +10,93 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from torch import Tensor
+from torch import Tensor, nn
 
-from hpa_lightning import metrics
 from hpa_lightning.checkpoints import safe_torch_load  # the one reader of checkpoint files
-from hpa_lightning.classes import CLASS_NAMES, NUM_CLASSES
-from hpa_lightning.errors import NonFiniteLossError
+from hpa_lightning.classes import CLASS_NAMES
+from hpa_lightning.errors import ConfigError, NonFiniteLossError
 from hpa_lightning.models.augment import DeviceTransform
-from hpa_lightning.models.net import parameter_groups
-from hpa_lightning.targets import canonical_targets, check_targets
+from hpa_lightning.models.epoch_metrics import EpochOutputs
+from hpa_lightning.models.net import is_pretrained, parameter_groups
+from hpa_lightning.targets import canonical_targets, check_targets, trusted_targets
+
+# Keys that nodes of checkpoints written before the nodes became constructor arguments carry beside them: a display
+# `name` in the loss and scheduler, the module's and the trainer's switches in the model node.
+_OLD_DISPLAY_KEY = "name"
+_OLD_MODEL_SWITCHES = ("channels_last", "compile", "sync_batchnorm")
 
 
-def without_name(node: dict) -> dict:
-    """Config nodes carry a display `name` (for results and reports) that their `_target_` does not take."""
-    return {k: v for k, v in node.items() if k != "name"}
+def current_nodes(model: dict, loss: dict, scheduler: dict | None) -> tuple[dict, dict, dict | None, dict]:
+    """Nodes of any checkpoint of this project as constructor arguments: the old keys taken out (the model's
+    switches returned apart, {key: value}), the model node given the factory it always meant when it had none."""
+    model = {"_target_": "hpa_lightning.models.net.create_model", **model}
+    switches = {key: model.pop(key) for key in _OLD_MODEL_SWITCHES if key in model}
+    loss = {k: v for k, v in loss.items() if k != _OLD_DISPLAY_KEY} if str(loss.get("_target_", "")).startswith(
+        "hpa_lightning.") else loss
+    if scheduler and str(scheduler.get("_target_", "")).startswith("hpa_lightning."):
+        scheduler = {k: v for k, v in scheduler.items() if k != _OLD_DISPLAY_KEY}
+    return model, loss, scheduler, switches
+
+
+def network_from_node(model: dict, num_classes: int) -> nn.Module:
+    """The network of a model node: its `_target_` (timm through `create_model`, or the user's own factory) called
+    with the node's arguments and `num_classes`; it must return a timm-style `nn.Module`."""
+    net = instantiate(model, num_classes=num_classes)
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"model._target_={model.get('_target_')}: returned {type(net).__name__}, expected a "
+                          f"torch.nn.Module (a timm model: forward_features, forward_head, get_classifier)")
+    return net
 
 
 class HPAModule(L.LightningModule):
     """All constructor arguments are plain containers (saved as hyperparameters; safe for `weights_only` loading).
 
+    The nodes are built as written: the user's own configuration is trusted. What is read back from a checkpoint is
+    not: `load_from_checkpoint` / `from_checkpoint` check every `_target_` first (hpa_lightning.targets).
+
     Args:
-        model: Hydra node of the network (`_target_: hpa_lightning.models.net.create_model`, name, pretrained,
-            drop_rate; checkpoints from before the node had a `_target_` mean that same factory) plus `channels_last`,
-            `compile` and `sync_batchnorm`, which are the module's and the trainer's.
-        loss: Hydra node of the loss (`_target_` ...).
+        model: Hydra node of the network factory (`_target_: hpa_lightning.models.net.create_model`, name,
+            pretrained, drop_rate, global_pool; or the user's own factory), called with `num_classes`.
+        loss: Hydra node of the loss (`_target_` and its arguments), called as `loss(logits, targets)`.
         optimizer: Hydra node of the optimizer, `_partial_`; its `lr` is the head's LR, `weight_decay` its decay.
-        scheduler: Hydra node of a `hpa_lightning.models.schedulers` factory, `_partial_`, or None.
+        scheduler: Hydra node of a schedule, `_partial_`, called with the optimizer (plus `total_steps` and
+            `steps_per_epoch` when it takes them, as hpa_lightning.models.schedulers do), or None.
+        scheduler_interval: `step` or `epoch`: how often Lightning steps the schedule.
         lr_ratios: LR of each depth group (early body, late body, head) relative to `optimizer.lr`.
-        augment: kwargs of `hpa_lightning.models.augment.build_augmentation`, or None for no augmentation.
+        augment: the device-side augmentation steps (`hpa_lightning.models.augment`), or None for no augmentation.
         crop: {"size": random training crops of this size, "eval": "full" | "center"} (`models.augment.Crop`), or
             None: the images as packed.
         mean, std: per-channel train statistics in [0, 1] units; taken from the DataModule when it has them.
+        channels_last: NHWC memory layout for the network and its inputs.
+        compile: `torch.compile` the network in place.
     """
 
     def __init__(self, model: dict, loss: dict, optimizer: dict, scheduler: dict | None = None,
-                 lr_ratios: Sequence[float] = (1 / 9, 1 / 3, 1.0), augment: dict | None = None,
+                 lr_ratios: Sequence[float] = (1 / 9, 1 / 3, 1.0), augment: dict | list | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 class_names: Sequence[str] = CLASS_NAMES, crop: dict | None = None):
+                 class_names: Sequence[str] = CLASS_NAMES, crop: dict | None = None,
+                 scheduler_interval: str = "step", channels_last: bool = False, compile: bool = False):  # noqa: A002
         super().__init__()
-        # the nodes below are instantiated; from a checkpoint they are data written by someone else, maybe under the
-        # names of an older layout (saved again under the current names)
+        # checkpoints of older layouts: saved again under the current names and shapes
         model, loss, optimizer, scheduler = (canonical_targets(node) for node in (model, loss, optimizer, scheduler))
-        check_targets({"model": model, "loss": loss, "optimizer": optimizer, "scheduler": scheduler},
-                      "hyperparameters")
+        model, loss, scheduler, switches = current_nodes(model, loss, scheduler)
+        channels_last = bool(switches.get("channels_last", channels_last))
+        compile = bool(switches.get("compile", compile))  # noqa: A001
+        if scheduler_interval not in ("step", "epoch"):
+            raise ConfigError(f"scheduler_interval={scheduler_interval!r}: expected step or epoch")
         self.save_hyperparameters()
-        net_node = {"_target_": "hpa_lightning.models.net.create_model",
-                    **{k: v for k, v in model.items() if k not in ("channels_last", "compile", "sync_batchnorm")}}
-        self.net, self.pretrained_loaded = instantiate(net_node, num_classes=len(class_names))
-        self.channels_last = bool(model.get("channels_last", False))
+        self.net = network_from_node(model, len(class_names))
+        self.pretrained_loaded = is_pretrained(model.get("pretrained"))  # the factory raises when it cannot load them
+        self.channels_last = channels_last
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.compile_net = bool(model.get("compile", False))
-        self.criterion = instantiate(without_name(loss))
+        self.compile_net = compile
+        self.criterion = instantiate(loss)
         self.transform = DeviceTransform(mean or [0.0] * 4, std or [1.0] * 4, augment, crop)
         self._stats_given = mean is not None
         self.body_frozen = False  # set by `FreezeBackbone` during the poster's frozen first stage
-        self._outputs: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {"val": [], "test": [], "predict": []}
+        # children, so that Lightning moves their states to the module's device; not persistent, so not in checkpoints
+        self.epoch_outputs = nn.ModuleDict({stage: EpochOutputs(len(class_names)) for stage in ("val", "test")})
         self.epoch_results: dict[str, dict[str, np.ndarray]] = {}
 
     # ---- data on the device -------------------------------------------------------------------------------------
@@ -110,8 +142,7 @@ class HPAModule(L.LightningModule):
         logits = self(batch["image"])
         loss = self.criterion(logits, batch["target"])
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(batch["image"]))
-        self._outputs[stage].append((torch.sigmoid(logits.float()).detach(), batch["target"].detach(),
-                                     batch["index"].detach()))
+        self.epoch_outputs[stage].update(torch.sigmoid(logits.float()), batch["target"], batch["index"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -120,26 +151,17 @@ class HPAModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     # ---- epoch metrics ------------------------------------------------------------------------------------------
-    def _gather(self, stage: str) -> dict[str, np.ndarray]:
-        """All outputs of the epoch from every rank, each store row exactly once (DDP pads with repeats)."""
-        outputs = self._outputs[stage]
-        self._outputs[stage] = []
-        if not outputs:
-            empty = np.zeros((0, NUM_CLASSES), dtype=np.float32)
-            return {"probs": empty, "targets": empty, "rows": np.zeros(0, dtype=np.int64)}
-        probs, targets, rows = (torch.cat(parts) for parts in zip(*outputs, strict=True))
-        if self.trainer.world_size > 1:
-            probs, targets, rows = (self.all_gather(t).flatten(0, 1) for t in (probs, targets, rows))
-        rows_np = rows.cpu().numpy()
-        _, first = np.unique(rows_np, return_index=True)
-        return {"probs": probs.cpu().numpy()[first], "targets": targets.cpu().numpy()[first], "rows": rows_np[first]}
-
     def _epoch_end(self, stage: str) -> None:
-        result = self._gather(stage)
-        if self.trainer.sanity_checking or len(result["rows"]) == 0:
+        outputs = self.epoch_outputs[stage]
+        if self.trainer.sanity_checking:  # every rank sanity-checks, so none waits in a gather the others skip
+            outputs.reset()
             return
-        self.epoch_results[stage] = result
-        summary = metrics.summarize(result["targets"], result["probs"])
+        result = outputs.compute()  # gathers over the ranks: each of them gets here
+        outputs.reset()
+        if result["summary"] is None:
+            return
+        self.epoch_results[stage] = result["outputs"]
+        summary = result["summary"]
         roc_auc = float("nan") if summary["roc_auc"] is None else float(summary["roc_auc"])
         # every rank computed the same value from the gathered outputs, so the sync's mean changes nothing; it is there
         # so that callbacks monitoring these metrics see them on every rank without Lightning's DDP warning
@@ -160,33 +182,39 @@ class HPAModule(L.LightningModule):
         optimizer = instantiate(opt_cfg)(groups)
         if not self.hparams.scheduler:
             return optimizer
+        schedule = instantiate(self.hparams.scheduler)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        steps_per_epoch = max(1, total_steps // max_epochs)
-        scheduler = instantiate(without_name(self.hparams.scheduler))(optimizer, total_steps=total_steps,
-                                                              steps_per_epoch=steps_per_epoch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        run_length = {"total_steps": total_steps, "steps_per_epoch": max(1, total_steps // max_epochs)}
+        # the project's schedules are told the run's length; torch's lr_scheduler classes take their own arguments
+        taken = inspect.signature(schedule).parameters
+        scheduler = schedule(optimizer, **{key: value for key, value in run_length.items() if key in taken})
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> HPAModule:
-        """Load for inference: weights only (no pickled code), only allowlisted `_target_`s, and never re-fetch
-        pretrained weights."""
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu",
+                        trust: Sequence[str] = ()) -> HPAModule:
+        """Load for evaluation: weights only (no pickled code), only allowlisted or trusted (`trust`, or
+        HPA_TRUST_TARGETS) `_target_`s, and never re-fetch pretrained weights."""
         checkpoint = safe_torch_load(Path(path), map_location)
         hparams = dict(checkpoint["hyper_parameters"])
-        check_targets(hparams, str(path), "hyper_parameters")
+        check_targets(hparams, str(path), "hyper_parameters", trusted_targets(trust))
         hparams["model"] = {**hparams["model"], "pretrained": False}
         module = cls(**hparams)
         module.load_state_dict(checkpoint["state_dict"])
         return module.eval()
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             trust: Sequence[str] = (), **kwargs):
         """Lightning's loader, after the same checks as `from_checkpoint`: the file must load with
-        `weights_only=True` and name only allowlisted `_target_`s (Lightning itself instantiates whatever it holds)."""
+        `weights_only=True` and name only allowlisted or trusted `_target_`s (Lightning instantiates whatever it
+        holds). `kwargs` are the caller's own and are not checked."""
         if hparams_file is not None:
             raise ValueError(f"{hparams_file}: hparams_file is not supported; checkpoints carry their hyperparameters")
         checkpoint = safe_torch_load(Path(checkpoint_path))
-        check_targets(checkpoint.get("hyper_parameters", {}), str(checkpoint_path), "hyper_parameters")
-        check_targets(kwargs, "load_from_checkpoint arguments")
+        check_targets(checkpoint.get("hyper_parameters", {}), str(checkpoint_path), "hyper_parameters",
+                      trusted_targets(trust))
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
                                             weights_only=True, **kwargs)

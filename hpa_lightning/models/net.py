@@ -16,6 +16,9 @@ from hpa_lightning.errors import ConfigError, PretrainedUnavailable
 log = logging.getLogger(__name__)
 
 
+def is_pretrained(value: bool | str | None) -> bool:
+    """Whether `model.pretrained` asks for weights: true, or a path; false, null and "" (also as strings) do not."""
+    return value not in (False, None, "", "false", "False")
 
 
 def rgb_stem_to_rgby(weight: torch.Tensor) -> torch.Tensor:
@@ -64,16 +67,16 @@ def build_network(name: str, num_classes: int, in_chans: int = 4, global_pool: s
 
 
 def create_model(name: str = "resnet50", pretrained: bool | str = False, num_classes: int = NUM_CLASSES,
-                 drop_rate: float = 0.0, global_pool: str | None = None) -> tuple[nn.Module, bool]:
-    """Build the 4-channel `name`; returns (model, whether pretrained weights were loaded).
+                 drop_rate: float = 0.0, global_pool: str | None = None) -> nn.Module:
+    """The 4-channel `name`, with pretrained weights when `pretrained` asks for them (else `PretrainedUnavailable`).
 
     Pretrained weights are those of the 3-channel model with its first convolution (timm's `first_conv` of the
     architecture, whatever its name) widened to R, G, B, Y: the RGB filters kept, Y's a copy of R's (the poster's
     rule); the classifier is new (28 classes, and twice the features with `global_pool=catavgmax`).
     """
     model = build_network(name, num_classes, global_pool=global_pool, drop_rate=drop_rate)
-    if pretrained in (False, None, "", "false", "False"):
-        return model, False
+    if not is_pretrained(pretrained):
+        return model
     state = pretrained_rgb_state(name, True if pretrained in (True, "true", "True") else str(pretrained))
     stem_key = f"{model.pretrained_cfg['first_conv']}.weight"
     classifier = model.pretrained_cfg["classifier"]
@@ -86,7 +89,7 @@ def create_model(name: str = "resnet50", pretrained: bool | str = False, num_cla
     if missing or unexpected:
         raise PretrainedUnavailable(f"model.pretrained: weights do not fit timm's {name}: "
                                     f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model, True
+    return model
 
 
 def head_module(model: nn.Module) -> nn.Module:

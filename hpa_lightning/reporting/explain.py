@@ -122,7 +122,7 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
 PROG = "hpa_lightning.explain"
 DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "explain", "ids": "", "classes": "predicted",
                                "method": "auto", "limit": 16, "image_dir": "test", "device": "auto",
-                               "sixteen_bit": ""}
+                               "sixteen_bit": "", "trust": ""}
 
 
 def explain(args: dict[str, object]) -> dict[str, object]:
@@ -136,6 +136,7 @@ def explain(args: dict[str, object]) -> dict[str, object]:
     from hpa_lightning.inference.load import load_model
     from hpa_lightning.inference.predict import ImageFolderDataset, resolve_device, resolve_input
     from hpa_lightning.models.augment import center_crop
+    from hpa_lightning.targets import trust_in_this_process
 
     if not args["ckpt"] or not args["input"]:
         raise InferenceError("ckpt=RUN_DIR|CKPT|EXPORT_DIR and input=DIR are required")
@@ -152,6 +153,7 @@ def explain(args: dict[str, object]) -> dict[str, object]:
     if unknown:
         raise InferenceError(f"ids={args['ids']}: {', '.join(unknown[:3])} not found in {data.image_dir}")
     ids = wanted or data.ids[: max(1, int(args["limit"]))]
+    trust_in_this_process(str(args.get("trust", "")))
     model = load_model(str(args["ckpt"]))
     device = resolve_device(str(args["device"]))
     model.to(device).net.eval()

@@ -3,6 +3,7 @@ and config it used, val/test summaries, results.json (last: its presence marks a
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,19 @@ from hpa_lightning.runs import layout
 
 def plain(node) -> object:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def target_name(node) -> str | None:
+    """A short name for results and reports, from a node's `_target_` (config nodes carry no display name):
+    `FocalLoss` -> focal, `bce_loss` -> bce, `LovaszHingeLoss` -> lovasz_hinge, `sgdr` -> sgdr, `MultiStepLR` ->
+    multi_step_lr; a sum of losses joins its terms' names with `+`."""
+    if not node or "_target_" not in node:
+        return None
+    if str(node["_target_"]).endswith(".WeightedLossSum") and node.get("losses"):
+        return "+".join(str(target_name(term)) for term in node["losses"])
+    last = str(node["_target_"]).rsplit(".", 1)[-1]
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", last).lower()
+    return snake.removesuffix("_loss") or snake
 
 
 def write_predictions(path: Path, ids: list[str], probs: np.ndarray, targets: np.ndarray,

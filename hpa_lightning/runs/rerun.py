@@ -69,11 +69,30 @@ class Rerun:
     env: dict[str, str]
 
 
+def config_dir_overrides(hydra_cfg) -> list[str]:
+    """`hydra.searchpath=[...]` for the config dirs a job composed from beyond conf/ (`--config-dir`,
+    `hydra.searchpath`), as its saved hydra.yaml lists them: a relaunched job finds the user's own options again."""
+    from omegaconf import OmegaConf
+
+    sources = OmegaConf.select(hydra_cfg, "runtime.config_sources") or []
+    extra = [f"{source.schema}://{source.path}" for source in sources
+             if source.get("provider") not in ("hydra", "main", "schema") and source.get("path")]
+    return [f"hydra.searchpath=[{','.join(_quote_value(path) for path in extra)}]"] if extra else []
+
+
+def read_hydra_config(run_dir: Path):
+    """The `hydra` node a job saved in .hydra/hydra.yaml; empty when there is none."""
+    from omegaconf import OmegaConf
+
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    return OmegaConf.load(hydra_yaml).hydra if hydra_yaml.is_file() else OmegaConf.create()
+
+
 def plan_rerun(job: Job, extra: list[str]) -> Rerun:
     from omegaconf import OmegaConf
 
     hydra_yaml = job.dir / ".hydra" / "hydra.yaml"
-    hydra_cfg = OmegaConf.load(hydra_yaml).hydra if hydra_yaml.is_file() else OmegaConf.create()
+    hydra_cfg = read_hydra_config(job.dir)
     job_name = OmegaConf.select(hydra_cfg, "job.name") or "train"
     if job_name not in RERUNNABLE_ENTRY_POINTS:  # the file picks the module that runs: only ours
         raise UnsafeTargetError(f"{hydra_yaml}: hydra.job.name {job_name!r} is not one of "
@@ -98,6 +117,7 @@ def plan_rerun(job: Job, extra: list[str]) -> Rerun:
         placement = ["hydra/launcher=gpu_pool", *pool_size, f"hydra.run.dir={target}"]
     else:
         mode, placement = [], [f"hydra.run.dir={target}"]
+    placement += config_dir_overrides(hydra_cfg)
     last = layout.checkpoint(job.dir)
     resume = ([f"ckpt_path={_quote_value(str(last.resolve()))}"]
               if job_name == "train" and last.is_file() and not any(o.startswith("ckpt_path=") for o in extra) else [])

@@ -18,13 +18,14 @@ from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES
 from hpa_lightning.data.datamodule import HPADataModule
 from hpa_lightning.errors import ConfigError
-from hpa_lightning.models.augment import check_crop
+from hpa_lightning.models.augment import build_augmentation, check_crop
 from hpa_lightning.models.losses import positive_class_weights
 from hpa_lightning.models.module import HPAModule
+from hpa_lightning.models.net import is_pretrained
 from hpa_lightning.runs.attempts import AttemptLog
-from hpa_lightning.runs.outputs import check_thresholds, plain, write_evaluation, write_results
+from hpa_lightning.runs.outputs import check_thresholds, plain, target_name, write_evaluation, write_results
 from hpa_lightning.runs.status import JobHooks
-from hpa_lightning.targets import check_targets
+from hpa_lightning.targets import check_targets, trusted_targets
 from hpa_lightning.training.callbacks import InterruptCheckpoint
 from hpa_lightning.training.checks import check_output_dir, checkpoint_bytes, resume_checkpoint
 from hpa_lightning.training.ddp import end_ddp_job, keep_ddp_children_in_this_job
@@ -53,9 +54,10 @@ def loss_config(cfg: DictConfig, datamodule: HPADataModule) -> dict:
 def build_module(cfg: DictConfig, datamodule: HPADataModule) -> HPAModule:
     mean, std = datamodule.stats
     return HPAModule(model=plain(cfg.model), loss=loss_config(cfg, datamodule), optimizer=plain(cfg.optimizer),
-                     scheduler=plain(cfg.scheduler), lr_ratios=list(cfg.finetune.lr_ratios),
-                     augment=plain(cfg.augment), mean=mean, std=std, class_names=list(CLASS_NAMES),
-                     crop=plain(cfg.get("crop")))
+                     scheduler=plain(cfg.scheduler), scheduler_interval=str(cfg.get("scheduler_interval", "step")),
+                     lr_ratios=list(cfg.finetune.lr_ratios), augment=plain(cfg.augment), mean=mean, std=std,
+                     class_names=list(CLASS_NAMES), crop=plain(cfg.get("crop")),
+                     channels_last=bool(cfg.get("channels_last", False)), compile=bool(cfg.get("compile", False)))
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -77,17 +79,17 @@ def device_description(trainer: L.Trainer) -> str:
 
 def check_saved_config(cfg: DictConfig) -> None:
     """A job relaunched by `resume` or `rerun_failed` has its configuration read back from a run folder that anyone
-    may have written: it may name only the allowlisted `_target_`s. A command line typed by the user is their own
-    and is not restricted."""
+    may have written: it may name only the allowlisted `_target_`s and those the user trusts (`trust=` of those
+    commands, HPA_TRUST_TARGETS). A command line typed by the user is their own and is not restricted."""
     saved = os.environ.get(ENV_SAVED_OVERRIDES)
     if saved:
-        check_targets(cfg, saved)
+        check_targets(cfg, saved, trust=trusted_targets())
 
 
 def resolve_finetune(cfg: DictConfig) -> list[str]:
     """Replace `auto` in cfg.finetune (see hpa_lightning.training.finetune.resolve_recipe) before anything reads
     it; returns the keys that were auto, for results.json."""
-    pretrained = cfg.model.get("pretrained") not in (False, None, "", "false", "False")
+    pretrained = is_pretrained(cfg.model.get("pretrained"))
     frozen, ratios, auto = resolve_recipe(cfg.finetune.frozen_epochs, cfg.finetune.lr_ratios, pretrained)
     with open_dict(cfg):
         cfg.finetune.frozen_epochs, cfg.finetune.lr_ratios = frozen, ratios
@@ -106,6 +108,7 @@ def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
         check_crop(plain(cfg.get("crop")), int(cfg.data.image_size))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    build_augmentation(plain(cfg.get("augment")))  # a step that cannot take 4 channels: refused before data prep
     finetune_auto = resolve_finetune(cfg)
     resume_from = resume_checkpoint(run_dir, cfg.get("resume", False), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
@@ -164,10 +167,10 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
     results = {
         "status": "completed",
         "experiment": cfg.experiment_name,
-        "model": cfg.model.name,
-        "loss": cfg.loss.get("name", str(cfg.loss._target_).rsplit(".", 1)[-1]),
+        "model": cfg.model.get("name") or target_name(plain(cfg.model)),
+        "loss": target_name(plain(cfg.loss)),
         "gamma": float(cfg.loss.get("gamma", 0.0)),
-        "scheduler": cfg.scheduler.get("name") if cfg.scheduler else "none",
+        "scheduler": target_name(plain(cfg.scheduler)) or "none",
         "weight_averaging": weight_averaging(cfg),  # None, or the EMA/SWA callback's method and settings
         "base_lr": float(cfg.optimizer.lr),
         "lr_ratios": list(cfg.finetune.lr_ratios),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from hydra.utils import instantiate
 from safetensors.torch import save_file
 
 from hpa_lightning.errors import ConfigError, PretrainedUnavailable
@@ -28,8 +29,7 @@ def test_stem_rule_rgb_kept_and_y_from_r(rgb_resnet18: torch.nn.Module, tmp_path
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     else:
         torch.save(state, path)
-    model, loaded = create_model("resnet18", pretrained=str(path))
-    assert loaded
+    model = create_model("resnet18", pretrained=str(path))
     stem = model.conv1.weight.detach()
     source = state["conv1.weight"]
     assert stem.shape == (64, 4, 7, 7)
@@ -64,14 +64,14 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
         create_model("resnet18", pretrained=str(tmp_path / "r34.pth"))
 
 
-def test_scratch_model_reports_not_pretrained() -> None:
-    model, loaded = create_model("resnet18", pretrained=False)
-    assert not loaded and model.conv1.in_channels == 4
+def test_scratch_model_has_four_input_channels() -> None:
+    model = create_model("resnet18", pretrained=False)
+    assert model.conv1.in_channels == 4
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_parameter_groups_rise_toward_the_head(name: str) -> None:
-    model, _ = create_model(name, pretrained=False)
+    model = create_model(name, pretrained=False)
     groups = parameter_groups(model, lr=0.09, lr_ratios=(1 / 9, 1 / 3, 1.0), weight_decay=1e-4)
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"early", "early_no_decay", "late", "late_no_decay", "head", "head_no_decay"}
@@ -111,8 +111,7 @@ def test_each_backbone_config_gets_the_stem_rule_and_its_lr_groups(tmp_path: Pat
     rgb = timm.create_model(name, pretrained=False, in_chans=3, num_classes=1000)
     path = tmp_path / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(path))
-    model, loaded = create_model(name, pretrained=str(path), global_pool=global_pool)
-    assert loaded
+    model = create_model(name, pretrained=str(path), global_pool=global_pool)
     first_conv = rgb.pretrained_cfg["first_conv"]
     source, stem = module_of(rgb, first_conv).weight.detach(), module_of(model, first_conv).weight.detach()
     assert stem.shape[1] == 4 and source.shape[1] == 3
@@ -151,5 +150,5 @@ def test_any_timm_name_works_with_the_stem_rule(tmp_path: Path) -> None:
     rgb = timm.create_model("resnet34", pretrained=False, in_chans=3)
     torch.save(rgb.state_dict(), tmp_path / "r34.pth")
     cfg = compose_config(["model.name=resnet34", f"model.pretrained={tmp_path / 'r34.pth'}"])
-    model, loaded = create_model(cfg.model.name, pretrained=cfg.model.pretrained, global_pool=cfg.model.global_pool)
-    assert loaded and torch.equal(model.conv1.weight[:, 3], rgb.conv1.weight[:, 0])
+    model = instantiate(cfg.model, num_classes=7)  # the node is the factory's arguments, nothing stripped
+    assert torch.equal(model.conv1.weight[:, 3], rgb.conv1.weight[:, 0]) and model.get_classifier().out_features == 7

@@ -55,7 +55,7 @@ def test_optuna_sweep_maximises_val_f1_over_lr_and_gamma(monkeypatch) -> None:
     assert set(sweeper.params) == {"optimizer.lr", "loss.gamma"}
     assert "log" in sweeper.params["optimizer.lr"] and "interval" in sweeper.params["loss.gamma"]
     assert sweeper.n_jobs == 3 and sweeper.max_failure_rate > 0  # trials per batch = GPUs; a diverged trial is ok
-    assert cfg.loss.name == "focal"
+    assert cfg.loss._target_ == "hpa_lightning.models.losses.FocalLoss"
 
 
 def test_launchers(monkeypatch) -> None:
