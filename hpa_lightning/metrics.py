@@ -115,7 +115,24 @@ def _roc_auc_per_class(y: np.ndarray, s: np.ndarray) -> np.ndarray:
     return per_class
 
 
-def _macro_auc(per_class_auc: np.ndarray) -> float:
+def _average_precision_per_class(y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """torchmetrics' per-class average precision (the area under the step precision-recall curve, sklearn's
+    ``average_precision_score``), float64 (C,), NaN for classes without positives (AP is undefined there)."""
+    import torch
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    valid = y.sum(axis=0) > 0
+    per_class = np.full(y.shape[1], np.nan)
+    if valid.any():
+        k = int(valid.sum())
+        ap = multilabel_average_precision(torch.from_numpy(s[:, valid]),
+                                          torch.from_numpy(y[:, valid].astype(np.int64)), num_labels=k,
+                                          average="none", thresholds=None, validate_args=False)
+        per_class[valid] = ap.reshape(k).double().numpy()
+    return per_class
+
+
+def _macro_over_defined(per_class_auc: np.ndarray) -> float:
     defined = per_class_auc[~np.isnan(per_class_auc)]
     return float(defined.mean()) if defined.size else math.nan
 
@@ -147,7 +164,7 @@ def roc_auc_valid_classes(targets: Any, probs: Any) -> tuple[float, np.ndarray]:
     s = _scores_2d(probs, "probs")
     _check_same_shape(y, s, "targets and probs")
     per_class = _roc_auc_per_class(y, s)
-    return _macro_auc(per_class), per_class
+    return _macro_over_defined(per_class), per_class
 
 
 def _pick_best(f1: np.ndarray, thresholds: np.ndarray) -> float:
@@ -352,7 +369,9 @@ def summarize(targets: Any, probs: Any, thresholds: np.ndarray | float | None = 
     """Evaluation summary with plain Python values only (``json.dumps`` works; undefined values are ``None``).
 
     Keys: ``macro_f1`` / ``per_class_f1`` at threshold 0.5, ``roc_auc`` (macro over ``n_auc_classes`` defined
-    classes) / ``per_class_roc_auc``, ``n_samples``; with ``thresholds`` also ``macro_f1_tuned`` /
+    classes) / ``per_class_roc_auc``, ``mean_average_precision`` (macro over the ``n_ap_classes`` classes with
+    positives: the HPA 2021 image-level measure) / ``per_class_average_precision``, ``n_samples``; with
+    ``thresholds`` also ``macro_f1_tuned`` /
     ``per_class_f1_tuned`` and the ``thresholds`` used. ``ensure_one`` applies to the tuned decisions only: the 0.5
     figures stay plain ``sklearn.metrics.f1_score(y, p >= 0.5, average="macro", zero_division=0)`` (as torchmetrics
     computes it, in float32: see the module docstring).
@@ -362,7 +381,9 @@ def summarize(targets: Any, probs: Any, thresholds: np.ndarray | float | None = 
     _check_same_shape(y, s, "targets and probs")
     f1 = _f1_per_class(y, decide(s, 0.5))
     per_class_auc = _roc_auc_per_class(y, s)
-    auc = _macro_auc(per_class_auc)
+    auc = _macro_over_defined(per_class_auc)
+    per_class_ap = _average_precision_per_class(y, s) if y.shape[0] else np.full(y.shape[1], np.nan)
+    mean_ap = _macro_over_defined(per_class_ap)  # the same mean over the classes where it is defined
     out: dict[str, Any] = {
         "n_samples": int(y.shape[0]),
         "macro_f1": float(f1.mean()),
@@ -370,6 +391,9 @@ def summarize(targets: Any, probs: Any, thresholds: np.ndarray | float | None = 
         "roc_auc": None if math.isnan(auc) else auc,
         "per_class_roc_auc": _json_floats(per_class_auc),
         "n_auc_classes": int(np.isfinite(per_class_auc).sum()),
+        "mean_average_precision": None if math.isnan(mean_ap) else mean_ap,
+        "per_class_average_precision": _json_floats(per_class_ap),
+        "n_ap_classes": int(np.isfinite(per_class_ap).sum()),
     }
     if thresholds is not None:
         t = np.broadcast_to(np.asarray(_to_numpy(thresholds), dtype=np.float64), (y.shape[1],))

@@ -3,11 +3,13 @@
     python -m hpa_lightning.predict ckpt=RUN_DIR|CKPT|EXPORT_DIR input=DIR [out=submission.csv] [tta=1|2|4|8]
         [batch_size=32] [workers=-1] [image_dir=test] [device=auto|cpu|cuda] [image_size=0]
         [channels_last=true] [progress=true] [sixteen_bit=divide|percentile] [tta_crops=0] [tta_reduce=mean|max]
-        [trust=mymodels.factory,...]
+        [trust=mymodels.factory,...] [classes=hpa2018|hpa2021|CSV]
 
-Input is the Kaggle layout: `DIR/sample_submission.csv` (Id,Predicted) fixes the Ids and their order, images are
-`{Id}_{red,green,blue,yellow}.{png,jpg,tif}` in `DIR/test/` (or `DIR/<image_dir>/`), else in DIR itself. Without
-sample_submission.csv every Id whose files are found is predicted, in sorted order.
+Input is the Kaggle layout: `DIR/sample_submission.csv` (Id,Predicted; HPA 2021's has ID) fixes the Ids and their
+order, images are `{Id}_{red,green,blue,yellow}.{png,jpg,tif}` in `DIR/test/` (or `DIR/<image_dir>/`), else in DIR
+itself. Without sample_submission.csv every Id whose files are found is predicted, in sorted order. The classes are
+the model's (its checkpoint or card names them); `classes=` states which set you expect, and a model of another is
+refused.
 
 Images are resized to the training resolution exactly as the training store was packed (`image_size` from the run's
 results.json or the export card; `image_size=N` overrides), decoded by DataLoader worker processes, standardised

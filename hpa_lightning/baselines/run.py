@@ -149,7 +149,7 @@ def run_baseline(cfg: DictConfig) -> dict:
 
     tick = time.perf_counter()
     ids = {name: datamodule.ids(rows[name]) for name in ("val", "test")}
-    evaluation = write_evaluation(cfg, run_dir, val, test, ids, split.path, targets["train"])
+    evaluation = write_evaluation(cfg, run_dir, val, test, ids, split.path, targets["train"], datamodule.class_names)
     timings["evaluate_s"] = time.perf_counter() - tick
 
     estimator_cfg = dict(plain(cfg.model.estimator))

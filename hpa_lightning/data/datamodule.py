@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from hpa_lightning.classes import DEFAULT_CLASSES, NUM_CLASSES, class_set
 from hpa_lightning.data.loader import PackedDataset, ThreadedDataLoader, collate_batch
 from hpa_lightning.data.sources import parse_sources
 from hpa_lightning.data.split import Split, prepare_split
@@ -47,6 +48,8 @@ class HPADataModule(L.LightningDataModule):
             threads of this process) or DataLoader worker processes (worker_type=process) that read batches.
         oversample: draw training samples with replacement in proportion to `repeat_factors(oversample_threshold)`,
             so an epoch holds about sum(r_i) samples and rare classes are seen r_c times as often.
+        classes: the label space (`hpa2018`, `hpa2021` or a CSV `id,name`; hpa_lightning.classes): the labels are
+            its ids, and the model's head, metrics and outputs take their size and names from it.
     """
 
     def __init__(self, root: object, image_size: int = 512, cache_dir: str = ".cache/stores", image_dir: str = "train",
@@ -55,8 +58,12 @@ class HPADataModule(L.LightningDataModule):
                  pin_memory: bool = True, persistent_workers: bool = True, pack_workers: int | None = None,
                  max_samples: int | None = None, oversample: bool = False, oversample_threshold: float = 0.05,
                  on_bad_sample: str = "error", max_bad_fraction: float = 0.01, sixteen_bit: str = "divide",
-                 duplicates: str = "drop", duplicate_distance: int = 3):
+                 duplicates: str = "drop", duplicate_distance: int = 3, classes: str = DEFAULT_CLASSES):
         super().__init__()
+        self.class_set = class_set(classes)
+        if synthetic and self.class_set.name != DEFAULT_CLASSES:
+            raise DataError(f"data.classes={classes}: the synthetic generator paints the {NUM_CLASSES} classes of "
+                            f"{DEFAULT_CLASSES}; use real data (data.root) for another class set")
         if not isinstance(root, (str, Path)):  # several sources (a Hydra ListConfig): plain containers
             from omegaconf import OmegaConf
 
@@ -104,7 +111,8 @@ class HPADataModule(L.LightningDataModule):
         store = build_store(self.root_spec, self.image_size, self.cache_dir, self.image_dir,
                             workers=self.pack_workers, progress=True, on_bad_sample=self.on_bad_sample,
                             max_bad_fraction=self.max_bad_fraction, sixteen_bit=self.sixteen_bit,
-                            duplicates=self.duplicates, duplicate_distance=self.duplicate_distance)
+                            duplicates=self.duplicates, duplicate_distance=self.duplicate_distance,
+                            classes=self.class_set)
         prepare_split(store, **self.split_cfg)
 
     def setup(self, stage: str | None = None) -> None:
@@ -112,7 +120,7 @@ class HPADataModule(L.LightningDataModule):
             return
         self.store = PackedStore.open(store_path(self.root_spec, self.image_size, self.cache_dir, self.image_dir,
                                                  self.on_bad_sample, sixteen_bit=self.sixteen_bit,
-                                                 duplicates=self.duplicates))
+                                                 duplicates=self.duplicates, classes=self.class_set))
         self.split = prepare_split(self.store, **self.split_cfg)
         for name in ("train", "val", "test"):
             indices = self.split.indices(name)
@@ -129,6 +137,10 @@ class HPADataModule(L.LightningDataModule):
                                                  "kept": len(self.store)}]),
                 "duplicates": {key: meta.get("duplicates", {}).get(key, 0 if key == "pairs" else self.duplicates)
                                for key in ("policy", "pairs")}}
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.class_set.names)
 
     @property
     def stats(self) -> tuple[list[float], list[float]]:

@@ -1,4 +1,7 @@
-"""Reading a dataset in the Kaggle HPA 2018 layout: `train.csv` (Id,Target) plus `{Id}_{red,green,blue,yellow}.*`.
+"""Reading a dataset in a Kaggle HPA layout: `train.csv` plus `{Id}_{red,green,blue,yellow}.*`.
+
+Label CSVs come in two layouts: Kaggle 2018's `Id,Target` (space-separated class ids) and HPA 2021's `ID,Label`
+(`|`-separated); either holds ids of the run's class set (`data.classes`, hpa_lightning.classes).
 
 Every problem is reported as a `DataError` whose message is one line naming the file, row or key at fault.
 """
@@ -12,38 +15,71 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from hpa_lightning.classes import CHANNELS, NUM_CLASSES
+from hpa_lightning.classes import CHANNELS, HPA2018, ClassSet
 from hpa_lightning.errors import DataError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-REQUIRED_COLUMNS = ("Id", "Target")
 
 
+@dataclass(frozen=True)
+class LabelLayout:
+    """The columns of a label CSV and how its labels are separated."""
+
+    name: str
+    id_column: str
+    label_column: str
+    separator: str | None  # None: whitespace
+
+    def describe(self) -> str:
+        return f"{self.id_column},{self.label_column}"
+
+
+LABEL_LAYOUTS = (LabelLayout("Kaggle 2018", "Id", "Target", None), LabelLayout("HPA 2021", "ID", "Label", "|"))
 
 
 @dataclass(frozen=True)
 class LabelTable:
     ids: list[str]
-    targets: list[str]  # the original Target strings, kept for round-tripping
-    labels: np.ndarray  # (N, NUM_CLASSES) uint8 multi-hot
+    targets: list[str]  # the original label strings, kept for round-tripping
+    labels: np.ndarray  # (N, number of classes) uint8 multi-hot
+    layout: LabelLayout = LABEL_LAYOUTS[0]
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def parse_target(target: object, where: str) -> list[int]:
+def parse_target(target: object, where: str, num_classes: int = len(HPA2018),
+                 layout: LabelLayout = LABEL_LAYOUTS[0]) -> list[int]:
+    column = layout.label_column
     if not isinstance(target, str) or not target.strip():
-        raise DataError(f"{where}: empty Target")
+        raise DataError(f"{where}: empty {column}")
+    other = "|" if layout.separator is None else " "
+    tokens = target.split(layout.separator)
+    if other in target.strip() and any(other in token.strip() or not token.strip() for token in tokens):
+        wanted = "spaces" if layout.separator is None else f"'{layout.separator}'"
+        raise DataError(f"{where}: {column} {target!r} is separated by {other!r}; {layout.describe()} CSVs "
+                        f"separate labels with {wanted}")
     classes = []
-    for token in target.split():
+    for token in tokens:
         try:
             value = int(token)
         except ValueError:
-            raise DataError(f"{where}: label {token!r} is not an integer in 0..{NUM_CLASSES - 1}") from None
-        if not 0 <= value < NUM_CLASSES:
-            raise DataError(f"{where}: label {value} out of range 0..{NUM_CLASSES - 1}")
+            raise DataError(f"{where}: label {token!r} is not an integer in 0..{num_classes - 1}") from None
+        if not 0 <= value < num_classes:
+            raise DataError(f"{where}: label {value} out of range 0..{num_classes - 1} (the class set has "
+                            f"{num_classes} classes)")
         classes.append(value)
     return classes
+
+
+def label_layout(columns: object, csv_path: Path) -> LabelLayout:
+    """The layout whose two columns the CSV has; one line naming the file and the columns found otherwise."""
+    found = [str(c) for c in columns]
+    for layout in LABEL_LAYOUTS:
+        if {layout.id_column, layout.label_column} <= set(found):
+            return layout
+    expected = " or ".join(layout.describe() for layout in LABEL_LAYOUTS)
+    raise DataError(f"{csv_path}: missing columns {expected} (found {', '.join(found)})")
 
 
 def check_id(sample_id: object, where: str) -> str:
@@ -65,27 +101,33 @@ def read_csv_strings(csv_path: Path, expected_columns: str) -> pd.DataFrame:
         raise DataError(f"{csv_path}: not a readable CSV ({str(err).splitlines()[0]})") from None
 
 
-def read_label_table(csv_path: str | Path) -> LabelTable:
-    """Read and validate `train.csv`; row numbers in messages are file line numbers (header = line 1)."""
+def _header(csv_path: Path) -> list[str]:
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: file not found")
+    try:
+        return [str(c) for c in pd.read_csv(csv_path, nrows=0, encoding="utf-8-sig").columns]
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        return []  # read_label_table says what is wrong with it
+
+
+def read_label_table(csv_path: str | Path, classes: ClassSet = HPA2018) -> LabelTable:
+    """Read and validate a label CSV (either layout) against `classes`; row numbers in messages are file line numbers
+    (header = line 1)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: file not found")
-    frame = read_csv_strings(csv_path, "Id,Target")
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-    if {"ID", "Label"} <= set(frame.columns) and missing:
-        raise DataError(f"{csv_path}: an HPA 2021 single-cell competition CSV (ID,Label: '|'-separated labels over "
-                        f"its 19 classes), not the Kaggle 2018 layout this trains on (Id,Target: space-separated "
-                        f"labels over 28 classes); the class sets differ, so map the labels to the 2018 classes "
-                        f"and write Id,Target")
-    if missing:
-        found = ", ".join(map(str, frame.columns))
-        raise DataError(f"{csv_path}: missing column(s) {', '.join(missing)} (found {found})")
+    frame = read_csv_strings(csv_path, " or ".join(layout.describe() for layout in LABEL_LAYOUTS))
+    layout = label_layout(frame.columns, csv_path)
+    if layout.name == "HPA 2021" and classes.name == HPA2018.name:
+        raise DataError(f"{csv_path}: an HPA 2021 CSV (ID,Label: '|'-separated labels over its 19 classes) read with "
+                        f"data.classes=hpa2018 (Kaggle 2018's 28 classes); train on it with data=hpa2021 (or "
+                        f"data.classes=hpa2021)")
     if frame.empty:
         raise DataError(f"{csv_path}: no samples (header only)")
-    labels = np.zeros((len(frame), NUM_CLASSES), dtype=np.uint8)
+    labels = np.zeros((len(frame), len(classes)), dtype=np.uint8)
     first_line: dict[str, int] = {}
-    ids = frame["Id"].tolist()
-    targets = frame["Target"].tolist()
+    ids = frame[layout.id_column].tolist()
+    targets = frame[layout.label_column].tolist()
     for row, (sample_id, target) in enumerate(zip(ids, targets, strict=True)):
         line = row + 2
         where = f"{csv_path} row {line}"
@@ -93,8 +135,8 @@ def read_label_table(csv_path: str | Path) -> LabelTable:
         if sample_id in first_line:
             raise DataError(f"{where}: duplicate Id {sample_id} (first at row {first_line[sample_id]})")
         first_line[sample_id] = line
-        labels[row, parse_target(target, f"{where} (Id {sample_id})")] = 1
-    return LabelTable(ids=ids, targets=targets, labels=labels)
+        labels[row, parse_target(target, f"{where} (Id {sample_id})", len(classes), layout)] = 1
+    return LabelTable(ids=ids, targets=targets, labels=labels, layout=layout)
 
 
 def channel_path(image_dir: Path, sample_id: str, channel: str) -> Path:
@@ -235,10 +277,17 @@ def parse_sources(root: object, image_dir: str = "train") -> list[DataSource]:
     return sources
 
 
-def read_sources(sources: list[DataSource]) -> tuple[LabelTable, np.ndarray]:
-    """The label tables of all sources, concatenated, and each row's source index; an Id in two sources is refused
-    with one line naming both places."""
-    tables = [read_label_table(source.csv) for source in sources]
+def read_sources(sources: list[DataSource], classes: ClassSet = HPA2018) -> tuple[LabelTable, np.ndarray]:
+    """The label tables of all sources, concatenated, and each row's source index; an Id in two sources, or sources
+    whose CSVs are of different competitions (other class sets), are refused with one line naming both places."""
+    if len(sources) > 1:  # before any label is read: a 2018 CSV's ids are out of range of 2021's classes
+        layouts = [label_layout(_header(source.csv), source.csv) for source in sources]
+        for source, layout in zip(sources[1:], layouts[1:], strict=True):
+            if layout != layouts[0]:
+                raise DataError(f"{source.csv}: a {layout.name} CSV ({layout.describe()}) beside the {layouts[0].name} "
+                                f"CSV {sources[0].csv} ({layouts[0].describe()}); sources of different class sets "
+                                f"cannot be mixed in one data.root")
+    tables = [read_label_table(source.csv, classes) for source in sources]
     first_seen: dict[str, tuple[int, int]] = {}
     for index, table in enumerate(tables):
         for row, sample_id in enumerate(table.ids):
@@ -248,6 +297,6 @@ def read_sources(sources: list[DataSource]) -> tuple[LabelTable, np.ndarray]:
                                 f"row {other_row + 2}; Ids must be unique across the sources of data.root")
             first_seen[sample_id] = (index, row)
     merged = LabelTable(ids=[i for t in tables for i in t.ids], targets=[g for t in tables for g in t.targets],
-                        labels=np.concatenate([t.labels for t in tables]))
+                        labels=np.concatenate([t.labels for t in tables]), layout=tables[0].layout)
     return merged, np.concatenate([np.full(len(t), index) for index, t in enumerate(tables)])
 

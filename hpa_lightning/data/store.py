@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from numpy.lib.format import open_memmap
 
-from hpa_lightning.classes import CHANNELS, NUM_CLASSES
+from hpa_lightning.classes import CHANNELS, HPA2018, ClassSet
 from hpa_lightning.data.duplicates import DUPLICATE_POLICIES, find_duplicates, green_hash
 from hpa_lightning.data.sources import (
     SIXTEEN_BIT_RULES,
@@ -132,12 +132,13 @@ def sources_fingerprint(sources: list[DataSource]) -> str:
 
 def store_path(root: object, size: int, cache_dir: str | Path, image_dir: str = "train",
                on_bad_sample: str = "error", fingerprint: str | None = None, sixteen_bit: str = "divide",
-               duplicates: str = "drop") -> Path:
+               duplicates: str = "drop", classes: ClassSet = HPA2018) -> Path:
     sources = parse_sources(root, image_dir)
     fingerprint = fingerprint or sources_fingerprint(sources)
     # a store that skipped bad samples holds fewer rows: never reuse it for a strict run, or the other way round
     policy = "-skipbad" if on_bad_sample == "skip" else ""
     policy += "" if sixteen_bit == "divide" else f"-16bit{sixteen_bit}"  # another 8-bit mapping, other pixels
+    policy += classes.store_tag  # other label columns
     name = sources[0].name
     if len(sources) > 1:
         name += f"+{len(sources) - 1}"
@@ -238,8 +239,9 @@ def _compact_rows(path: Path, header_bytes: int, row_bytes: int, kept: list[int]
 def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str = "train",
                 workers: int | None = None, progress: bool = False, on_bad_sample: str = "error",
                 max_bad_fraction: float = 0.01, sixteen_bit: str = "divide", duplicates: str = "drop",
-                duplicate_distance: int = 3) -> PackedStore:
-    """Pack `root` at `size` px unless a complete store for it exists; returns the opened store.
+                duplicate_distance: int = 3, classes: ClassSet = HPA2018) -> PackedStore:
+    """Pack `root` at `size` px unless a complete store for it exists; returns the opened store. Labels are read as
+    ids of `classes` (hpa_lightning.classes).
 
     `root` is a Kaggle-layout folder or several (`sources.parse_sources`: e.g. Kaggle train + HPAv18), packed into
     one store in that order; Ids must be unique across them. Between sources, copies of one image (perceptual hash
@@ -258,25 +260,26 @@ def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str =
     if duplicates not in DUPLICATE_POLICIES:
         raise DataError(f"data.duplicates={duplicates!r}: expected one of {', '.join(DUPLICATE_POLICIES)}")
     sources = parse_sources(root, image_dir)
-    table, source_of = read_sources(sources)
+    table, source_of = read_sources(sources, classes)
     for source in sources:
         if not source.image_dir.is_dir():
             raise DataError(f"{source.image_dir}: image folder not found")
     fingerprint = sources_fingerprint(sources)
-    target = store_path(root, size, cache_dir, image_dir, on_bad_sample, fingerprint, sixteen_bit, duplicates)
+    target = store_path(root, size, cache_dir, image_dir, on_bad_sample, fingerprint, sixteen_bit, duplicates, classes)
     if not (target / "meta.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with exclusive(target):
             if not (target / "meta.json").is_file():  # else packed by the job we waited for
-                _pack(sources, table, source_of, target, size, fingerprint, workers=workers, progress=progress,
-                      on_bad_sample=on_bad_sample, max_bad_fraction=max_bad_fraction, sixteen_bit=sixteen_bit,
-                      duplicates=duplicates, duplicate_distance=duplicate_distance, image_dir=image_dir)
+                _pack(sources, table, source_of, target, size, fingerprint, classes, workers=workers,
+                      progress=progress, on_bad_sample=on_bad_sample, max_bad_fraction=max_bad_fraction,
+                      sixteen_bit=sixteen_bit, duplicates=duplicates, duplicate_distance=duplicate_distance,
+                      image_dir=image_dir)
     return PackedStore.open(target)
 
 
 def _pack(sources: list[DataSource], table: LabelTable, source_of: np.ndarray, target: Path, size: int,
-          fingerprint: str, *, workers: int | None, progress: bool, on_bad_sample: str, max_bad_fraction: float,
-          sixteen_bit: str, duplicates: str, duplicate_distance: int, image_dir: str) -> None:
+          fingerprint: str, classes: ClassSet, *, workers: int | None, progress: bool, on_bad_sample: str,
+          max_bad_fraction: float, sixteen_bit: str, duplicates: str, duplicate_distance: int, image_dir: str) -> None:
     """Decode every sample into `<target>.tmp-...` and publish it as `target` when complete."""
     remove_stale_temporaries(target)
     check_free_space(target.parent, len(table), size)
@@ -337,7 +340,8 @@ def _pack(sources: list[DataSource], table: LabelTable, source_of: np.ndarray, t
                              "image_dir": str(s.image_dir.resolve()), "samples": int((source_of == i).sum()),
                              "kept": int(kept_per_source[i])} for i, s in enumerate(sources)],
                 "duplicates": {"policy": duplicates, "pairs": len(pairs), "max_hash_distance": duplicate_distance},
-                "channels": list(CHANNELS), "num_classes": NUM_CLASSES, "fingerprint": fingerprint}
+                "channels": list(CHANNELS), "num_classes": len(classes), "classes": classes.name,
+                "class_names": list(classes.names), "fingerprint": fingerprint}
         write_json_atomic(tmp / "meta.json", meta)
         publish_folder(tmp, target, "meta.json")
     finally:

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from hpa_lightning import metrics
-from hpa_lightning.classes import CHANNELS
+from hpa_lightning.classes import CHANNELS, class_set
 from hpa_lightning.data.sources import (
     IMAGE_EXTENSIONS,
     SIXTEEN_BIT_RULES,
@@ -47,7 +47,8 @@ SAMPLE_SUBMISSION = "sample_submission.csv"
 DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "submission.csv", "tta": 1, "batch_size": 32,
                                "workers": -1, "image_dir": "test", "device": "auto", "image_size": 0,
                                "channels_last": True, "progress": True, "sixteen_bit": "", "tta_crops": 0,
-                               "tta_reduce": "mean", "weights": "", "trust": ""}
+                               "tta_reduce": "mean", "weights": "", "trust": "",
+                               "classes": ""}
 
 
 _FILE_PATTERN = re.compile(rf"^(?P<id>.+)_(?P<channel>{'|'.join(CHANNELS)})"
@@ -74,10 +75,12 @@ def _image_folder(root: Path, image_dir: str) -> Path:
 
 
 def _read_sample_submission(csv_path: Path) -> list[str]:
+    """The Ids of a Kaggle sample submission: `Id` (HPA 2018, Id,Predicted) or `ID` (HPA 2021)."""
     frame = read_csv_strings(csv_path, "Id,Predicted")
-    if "Id" not in frame.columns:
-        raise DataError(f"{csv_path}: missing column Id (found {', '.join(map(str, frame.columns))})")
-    ids = frame["Id"].tolist()
+    column = next((c for c in ("Id", "ID") if c in frame.columns), None)
+    if column is None:
+        raise DataError(f"{csv_path}: missing column Id or ID (found {', '.join(map(str, frame.columns))})")
+    ids = frame[column].tolist()
     if not ids:
         raise DataError(f"{csv_path}: no samples (header only)")
     first_line: dict[str, int] = {}
@@ -318,6 +321,16 @@ def _exported_ensemble(folder: Path, card: dict, weights: str) -> tuple[list[tup
     return members, decider
 
 
+def check_classes(model: InferenceModel, classes: str) -> None:
+    """`classes=` names the class set the caller expects; a model trained on another is one line naming both."""
+    if not classes:
+        return
+    expected = class_set(classes)
+    if list(expected.names) != list(model.class_names):
+        raise InferenceError(f"classes={classes}: {len(expected)} classes ({expected.names[0]}, ...), but "
+                             f"{model.source} was trained on {model.num_classes} ({model.class_names[0]}, ...)")
+
+
 def run(args: dict[str, object]) -> dict[str, object]:
     if not args["ckpt"] or not args["input"]:
         raise InferenceError("ckpt=RUN_DIR|CKPT|EXPORT_DIR and input=DIR are required")
@@ -338,6 +351,7 @@ def run(args: dict[str, object]) -> dict[str, object]:
     data = resolve_input(str(args["input"]), str(args["image_dir"]))  # cheap checks before loading the model
     trust_in_this_process(str(args.get("trust", "")))
     members, model = load_members(str(args["ckpt"]), str(args["weights"]))
+    check_classes(model, str(args.get("classes", "")))
     image_size = int(args["image_size"]) or model.image_size
     if not image_size:
         raise InferenceError(f"{model.source}: training image size unknown (no results.json or config.yaml in its "

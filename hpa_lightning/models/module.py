@@ -162,11 +162,12 @@ class HPAModule(L.LightningModule):
             return
         self.epoch_results[stage] = result["outputs"]
         summary = result["summary"]
-        roc_auc = float("nan") if summary["roc_auc"] is None else float(summary["roc_auc"])
         # every rank computed the same value from the gathered outputs, so the sync's mean changes nothing; it is there
         # so that callbacks monitoring these metrics see them on every rank without Lightning's DDP warning
         self.log(f"{stage}/macro_f1", float(summary["macro_f1"]), prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/roc_auc", roc_auc, prog_bar=stage == "val", sync_dist=True)
+        for key, name in (("roc_auc", "roc_auc"), ("mean_average_precision", "mAP")):
+            value = float("nan") if summary[key] is None else float(summary[key])
+            self.log(f"{stage}/{name}", value, prog_bar=stage == "val" and key == "roc_auc", sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")

@@ -36,15 +36,16 @@ from hpa_lightning.runs.find import Job, find_jobs, natural_key
 log = logging.getLogger(__name__)
 
 COLUMNS = ["label", "status", "experiment", "model", "loss", "gamma", "scheduler", "averaging", "base_lr",
-           "val_macro_f1", "val_macro_f1_tuned", "test_macro_f1", "test_macro_f1_tuned", "test_roc_auc", "epochs",
-           "wall_time_s", "device", "gpu", "run", "overrides", "error", "rerun"]
+           "val_macro_f1", "val_macro_f1_tuned", "test_macro_f1", "test_macro_f1_tuned", "test_roc_auc", "test_map",
+           "epochs", "wall_time_s", "device", "gpu", "run", "overrides", "error", "rerun"]
 
 
 MARKDOWN_COLUMNS = [("label", "experiment"), ("model", "model"), ("loss", "loss"), ("gamma", "gamma"),
                     ("scheduler", "scheduler"), ("averaging", "weights"), ("base_lr", "base LR"),
                     ("val_macro_f1", "val F1 @0.5"), ("val_macro_f1_tuned", "val F1 tuned"),
                     ("test_macro_f1", "test F1 @0.5"), ("test_macro_f1_tuned", "test F1 tuned"),
-                    ("test_roc_auc", "test ROC AUC"), ("epochs", "epochs"), ("wall_time_s", "time (s)"),
+                    ("test_roc_auc", "test ROC AUC"), ("test_map", "test mAP"), ("epochs", "epochs"),
+                    ("wall_time_s", "time (s)"),
                     ("run", "run folder")]
 
 
@@ -77,7 +78,8 @@ def completed_row(job: Job, roots: list[Path]) -> dict:
         "val_macro_f1": _get(results, "val", "macro_f1"), "val_macro_f1_tuned": _get(results, "val", "macro_f1_tuned"),
         "test_macro_f1": _get(results, "test", "macro_f1"),
         "test_macro_f1_tuned": _get(results, "test", "macro_f1_tuned"),
-        "test_roc_auc": _get(results, "test", "roc_auc"), "epochs": results.get("epochs"),
+        "test_roc_auc": _get(results, "test", "roc_auc"),
+        "test_map": _get(results, "test", "mean_average_precision"), "epochs": results.get("epochs"),
         "wall_time_s": results.get("wall_time_s"), "device": results.get("device"),
         "gpu": gpu.get("device") if gpu else None, "run": _relative(job.dir, roots),
         "overrides": " ".join(job.overrides), "error": None,
@@ -161,7 +163,8 @@ def fold_ensembles(completed: list[dict], roots: list[Path]) -> list[dict]:
             "val_macro_f1_tuned": _get(evaluation, "val", "macro_f1_tuned"),
             "test_macro_f1": _get(evaluation, "test", "macro_f1"),
             "test_macro_f1_tuned": _get(evaluation, "test", "macro_f1_tuned"),
-            "test_roc_auc": _get(evaluation, "test", "roc_auc"), "epochs": None,
+            "test_roc_auc": _get(evaluation, "test", "roc_auc"),
+            "test_map": _get(evaluation, "test", "mean_average_precision"), "epochs": None,
             "wall_time_s": sum(row.get("wall_time_s") or 0 for row in members), "run": _relative(parent, roots),
             "overrides": "", "error": None, "rerun": None, "_dir": parent, "_overrides": [], "_rerun_of": None})
     return rows
@@ -300,10 +303,12 @@ def write_report(roots: list[Path], out: Path) -> dict:
         scored = [row for row in completed if row.get("val_macro_f1") is not None]
         if scored:
             best = max(scored, key=lambda row: row["val_macro_f1"])
-            test = {key: format_score(best.get(f"test_{key}")) for key in ("macro_f1", "macro_f1_tuned", "roc_auc")}
+            test = {key: format_score(best.get(f"test_{key}"))
+                    for key in ("macro_f1", "macro_f1_tuned", "roc_auc", "map")}
             md += [f"Best on validation (val macro F1 @0.5 {best['val_macro_f1']:.4f}): **{best['label']}**; its test "
                    f"macro F1: {test['macro_f1']} @0.5, {test['macro_f1_tuned']} with tuned thresholds, ROC AUC "
-                   f"{test['roc_auc']}.", ""]
+                   f"{test['roc_auc']}" + (f", mAP {test['map']}" if best.get("test_map") is not None else "")
+                   + ".", ""]
         averaged = any(row.get("averaging") for row in completed)  # the weights column only where EMA/SWA ran
         columns = [c for c in MARKDOWN_COLUMNS if c[0] != "averaging" or averaged]
         columns += [("rerun", "note")] if any(row.get("rerun") for row in completed) else []

@@ -101,12 +101,13 @@ def per_class_rows(results: dict) -> list[list]:
         return list(values) if values is not None else [None] * len(names)
 
     columns = [col(val, "per_class_f1"), col(val, "per_class_f1_tuned"), col(test, "per_class_f1"),
-               col(test, "per_class_f1_tuned"), col(test, "per_class_roc_auc"), col(test, "positives_per_class")]
+               col(test, "per_class_f1_tuned"), col(test, "per_class_roc_auc"),
+               col(test, "per_class_average_precision"), col(test, "positives_per_class")]
     return [[c, name, *(column[c] for column in columns), thresholds[c]] for c, name in enumerate(names)]
 
 
 PER_CLASS_COLUMNS = ["class_id", "class", "val_f1", "val_f1_tuned", "test_f1", "test_f1_tuned", "test_roc_auc",
-                     "test_positives", "threshold"]
+                     "test_ap", "test_positives", "threshold"]
 
 
 def log_results(cfg: DictConfig, results: dict, run_dir: Path) -> None:
@@ -130,7 +131,7 @@ def log_result_panels(run, results: dict, run_dir: Path, panels: dict | None = N
     summary = {"experiment": results.get("experiment"), "device": results.get("device"),
                "wall_time_s": results.get("wall_time_s"), "epochs": results.get("epochs")}
     for split in ("val", "test"):
-        for key in ("macro_f1", "macro_f1_tuned", "roc_auc"):
+        for key in ("macro_f1", "macro_f1_tuned", "roc_auc", "mean_average_precision"):
             value = results.get(split, {}).get(key)
             if value is not None:
                 summary[f"{split}/{key}"] = value

@@ -12,7 +12,6 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from hpa_lightning import metrics
-from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.errors import ConfigError
 from hpa_lightning.files import atomic_path, write_json_atomic
 from hpa_lightning.logs import summary
@@ -77,7 +76,8 @@ def check_thresholds(cfg: DictConfig) -> dict:
 
 
 def write_evaluation(cfg: DictConfig, run_dir: Path, val: dict[str, np.ndarray], test: dict[str, np.ndarray],
-                     ids: dict[str, list[str]], split_dir: Path, train_targets: np.ndarray) -> dict:
+                     ids: dict[str, list[str]], split_dir: Path, train_targets: np.ndarray,
+                     class_names: list[str]) -> dict:
     """thresholds.json (chosen on `val` as cfg.thresholds says; `label_ratio` matches the ratios of
     `train_targets`), val_predictions.csv and test_predictions.csv (`ids` of each), split.csv and config.yaml;
     returns the results.json entries they give:
@@ -88,14 +88,14 @@ def write_evaluation(cfg: DictConfig, run_dir: Path, val: dict[str, np.ndarray],
                                            min_positives=min_positives,
                                            train_ratios=np.asarray(train_targets, dtype=np.float64).mean(axis=0))
     write_json_atomic(run_dir / layout.THRESHOLDS, metrics.threshold_record(
-        thresholds, val["targets"], list(CLASS_NAMES), default, min_positives, ensure_one, settings["strategy"]))
+        thresholds, val["targets"], list(class_names), default, min_positives, ensure_one, settings["strategy"]))
     for name, result, path in (("val", val, layout.VAL_PREDICTIONS), ("test", test, layout.TEST_PREDICTIONS)):
         write_predictions(run_dir / path, ids[name], result["probs"], result["targets"],
                           metrics.decide(result["probs"], thresholds, ensure_one=ensure_one))
     shutil.copyfile(split_dir / layout.SPLIT, run_dir / layout.SPLIT)
     (run_dir / layout.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     min_pos = int(cfg.get("report_min_positives", 20))
-    return {"class_names": list(CLASS_NAMES), "thresholds": thresholds.tolist(),
+    return {"class_names": list(class_names), "thresholds": thresholds.tolist(),
             "thresholds_strategy": settings["strategy"],
             "val": split_summary(val, thresholds, ensure_one, min_pos),
             "test": split_summary(test, thresholds, ensure_one, min_pos)}
@@ -108,7 +108,8 @@ def write_results(run_dir: Path, results: dict, min_positives: int, time_line: s
     common_f1 = test[f"macro_f1_classes_ge{min_positives}"]
     summary(f"\nrun folder: {run_dir}\n"
             f"test macro F1 @0.5: {test['macro_f1']:.4f}   tuned thresholds: {test['macro_f1_tuned']:.4f}"
-            f"   macro ROC AUC: {metrics.format_score(test['roc_auc'])}   "
+            f"   macro ROC AUC: {metrics.format_score(test['roc_auc'])}"
+            f"   mAP: {metrics.format_score(test.get('mean_average_precision'))}   "
             f"macro F1 over classes with >= {min_positives} test positives: {metrics.format_score(common_f1)}"
             + (f"\ntime: {time_line}" if time_line else ""))
     return results

@@ -14,7 +14,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from hpa_lightning.checkpoints import safe_torch_load
-from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES
 from hpa_lightning.data.datamodule import HPADataModule
 from hpa_lightning.errors import ConfigError
@@ -56,8 +55,17 @@ def build_module(cfg: DictConfig, datamodule: HPADataModule) -> HPAModule:
     return HPAModule(model=plain(cfg.model), loss=loss_config(cfg, datamodule), optimizer=plain(cfg.optimizer),
                      scheduler=plain(cfg.scheduler), scheduler_interval=str(cfg.get("scheduler_interval", "step")),
                      lr_ratios=list(cfg.finetune.lr_ratios), augment=plain(cfg.augment), mean=mean, std=std,
-                     class_names=list(CLASS_NAMES), crop=plain(cfg.get("crop")),
+                     class_names=datamodule.class_names, crop=plain(cfg.get("crop")),
                      channels_last=bool(cfg.get("channels_last", False)), compile=bool(cfg.get("compile", False)))
+
+
+def check_same_classes(checkpoint: dict, path: str, datamodule: HPADataModule) -> None:
+    """Resuming (or starting from `ckpt_path`) with another class set than the checkpoint's is one line naming both."""
+    saved = list((checkpoint.get("hyper_parameters") or {}).get("class_names") or [])
+    if saved and saved != datamodule.class_names:
+        raise ConfigError(f"{path}: trained on {len(saved)} classes ({saved[0]}, ...), but data.classes="
+                          f"{datamodule.class_set.name} has {len(datamodule.class_names)} "
+                          f"({datamodule.class_names[0]}, ...); resume with the checkpoint's class set")
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -121,7 +129,9 @@ def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
     interrupt = next((c for c in callbacks if isinstance(c, InterruptCheckpoint)), None)
     loggers = build_loggers(cfg, hooks or JobHooks())
     if resume_from:
-        continue_csv_logs(loggers, int(safe_torch_load(Path(resume_from))["global_step"]))
+        checkpoint = safe_torch_load(Path(resume_from))
+        check_same_classes(checkpoint, resume_from, datamodule)
+        continue_csv_logs(loggers, int(checkpoint["global_step"]))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     environ_before = dict(os.environ)
@@ -161,7 +171,8 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
                       attempts: list[dict] | None = None, finetune_auto: list[str] | None = None) -> dict:
     val, test = module.epoch_results["val"], module.epoch_results["test"]
     ids = {"val": datamodule.ids(val["rows"]), "test": datamodule.ids(test["rows"])}
-    evaluation = write_evaluation(cfg, run_dir, val, test, ids, datamodule.split.path, datamodule.train_labels())
+    evaluation = write_evaluation(cfg, run_dir, val, test, ids, datamodule.split.path, datamodule.train_labels(),
+                                  datamodule.class_names)
     min_pos = int(cfg.get("report_min_positives", 20))
     epochs_done = trainer.current_epoch
     results = {

@@ -112,5 +112,5 @@ def test_the_hpa_2021_csv_is_recognised(tmp_path: Path) -> None:
     csv.write_text("ID,Label\n5c27f04c-bb99-11e8-b2b9-ac1f6b6435d0,8|5|0\n5fb643ee-bb99-11e8-b2b9-ac1f6b6435d0,14|0\n")
     with pytest.raises(DataError) as raised:
         read_label_table(csv)
-    assert str(raised.value).startswith(f"{csv}: an HPA 2021 single-cell competition CSV")
+    assert str(raised.value).startswith(f"{csv}: an HPA 2021 CSV") and "data=hpa2021" in str(raised.value)
     assert "\n" not in str(raised.value)

@@ -20,7 +20,7 @@ def write_csv(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("Id,Label\na,1\n", "missing column(s) Target"),
+    ("Id,Label\na,1\n", "missing columns Id,Target or ID,Label (found Id, Label)"),
     ("Id,Target\na,1\nb,2\na,3\n", "row 4: duplicate Id a (first at row 2)"),
     ("Id,Target\na,1 x\n", "row 2 (Id a): label 'x' is not an integer"),
     ("Id,Target\na,28\n", "row 2 (Id a): label 28 out of range 0..27"),

@@ -40,7 +40,8 @@ def run_folder(folder: Path, experiment: str, test_f1: float, overrides: list[st
                "device": "cpu",
                "val": {"macro_f1": test_f1 + 0.01 if val_f1 is None else val_f1, "macro_f1_tuned": test_f1 + 0.05,
                        "roc_auc": 0.8},
-               "test": {"macro_f1": test_f1, "macro_f1_tuned": test_f1 + 0.04, "roc_auc": 0.7 + test_f1 / 10}}
+               "test": {"macro_f1": test_f1, "macro_f1_tuned": test_f1 + 0.04, "roc_auc": 0.7 + test_f1 / 10,
+                        "mean_average_precision": 0.5 + test_f1 / 10}}
     (folder / "results.json").write_text(json.dumps(results))
     if lr_trace:
         write_png(folder / "lr_trace.png")
@@ -88,6 +89,7 @@ def test_report_table_figures_plots_and_failed_jobs(runs: Path) -> None:
     assert row["test_macro_f1"] == pytest.approx(0.30) and row["test_macro_f1_tuned"] == pytest.approx(0.34)
     assert row["val_macro_f1"] == pytest.approx(0.31) and row["val_macro_f1_tuned"] == pytest.approx(0.35)
     assert row["test_roc_auc"] == pytest.approx(0.73) and row["epochs"] == 3 and row["wall_time_s"] == 12.5
+    assert row["test_map"] == pytest.approx(0.53)
     assert completed.loc["baseline_logreg", "model"] == "logreg"
 
     problems = frame[frame["status"] != "completed"].set_index("run")

@@ -37,7 +37,7 @@ def test_thresholds_follow_the_strategy_and_predict_reads_them(tmp_path: Path, s
     with open_dict(cfg):
         del cfg["hydra"]
     ids = {"val": [f"v{i}" for i in range(120)], "test": [f"t{i}" for i in range(80)]}
-    results = write_evaluation(cfg, tmp_path, val, test, ids, tmp_path / "split", train)
+    results = write_evaluation(cfg, tmp_path, val, test, ids, tmp_path / "split", train, list(CLASS_NAMES))
 
     expected = {"per_class_f1": lambda: tune_thresholds(val["targets"], val["probs"], min_positives=5),
                 "label_ratio": lambda: label_ratio_thresholds(val["probs"], train.mean(axis=0)),
