@@ -102,7 +102,7 @@ def test_report_table_figures_plots_and_failed_jobs(runs: Path) -> None:
     assert "| focal_g02_sgdr | resnet18 | focal | 0.2 | sgdr | 0.02 | 0.3100 | 0.3500 | 0.3000 | 0.3400 |" in md
     assert "## Failed or unfinished jobs" in md and "NonFiniteLossError" in md and "sweep/3_focal_g2" in md
     assert ("Best on validation (val macro F1 @0.5 0.4000): **bce**; its test macro F1: 0.2000 @0.5, 0.2400 with "
-            "tuned thresholds, ROC AUC 0.7200.") in md
+            "tuned thresholds, ROC AUC 0.7200, mAP 0.5200.") in md
     assert "focal_g02_sgdr" not in md.split("## Results")[0]
     for figure in ("test_macro_f1.png", "test_roc_auc.png"):
         assert (out / figure).read_bytes().startswith(PNG) and f"]({figure})" in md
