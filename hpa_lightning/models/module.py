@@ -95,6 +95,7 @@ class HPAModule(L.LightningModule):
         self.transform = DeviceTransform(mean or [0.0] * 4, std or [1.0] * 4, augment, crop)
         self._stats_given = mean is not None
         self.body_frozen = False  # set by `FreezeBackbone` during the poster's frozen first stage
+        self._nonfinite_seen: Tensor | None = None  # on the device: a training loss since the last check was not finite
         # children, so that Lightning moves their states to the module's device; not persistent, so not in checkpoints
         self.epoch_outputs = nn.ModuleDict({stage: EpochOutputs(len(class_names)) for stage in ("val", "test")})
         self.epoch_results: dict[str, dict[str, np.ndarray]] = {}
@@ -130,13 +131,33 @@ class HPAModule(L.LightningModule):
         return self.net(x)
 
     # ---- steps --------------------------------------------------------------------------------------------------
+    # A GPU runs ahead of the Python that queues its kernels only while nothing reads a value back: every `.item()`,
+    # `if tensor:` or progress-bar step metric makes the host wait for the whole queue. So a step reads nothing: the
+    # non-finite check is read at the trainer's logging steps, when Lightning reads the logged values anyway, and at
+    # the epoch's end (tests/training/test_host_reads.py counts the reads).
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.criterion(self(batch["image"]), batch["target"])
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, "
-                                     f"step {self.global_step}; lower optimizer.lr or check the data")
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        finite = torch.isfinite(loss.detach())
+        self._nonfinite_seen = finite.logical_not() if self._nonfinite_seen is None else (
+            self._nonfinite_seen | finite.logical_not())
+        batch_size = len(batch["image"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=batch_size)
+        # Lightning turns every step value shown on the progress bar into a number at every step (a read), even one
+        # logged only at some steps; an epoch value it reads at the epoch's end only
+        self.log("loss", loss, on_step=False, on_epoch=True, prog_bar=True, logger=False, batch_size=batch_size)
+        if self.global_step % max(1, int(self.trainer.log_every_n_steps or 1)) == 0:
+            self.check_finite_loss()
         return loss
+
+    def check_finite_loss(self) -> None:
+        """Raise `NonFiniteLossError` when a training loss since the last check was NaN or infinite (one read)."""
+        seen, self._nonfinite_seen = self._nonfinite_seen, None
+        if seen is not None and bool(seen):
+            raise NonFiniteLossError(f"non-finite training loss at epoch {self.current_epoch}, by step "
+                                     f"{self.global_step}; lower optimizer.lr or check the data")
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite_loss()
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         logits = self(batch["image"])

@@ -69,4 +69,6 @@ def checkpoint_bytes(module: torch.nn.Module) -> int:
 def all_finite(module: torch.nn.Module) -> bool:
     import torch
 
-    return all(torch.isfinite(p).all() for p in module.parameters())
+    # one read for the whole module, not one per parameter (each is a device synchronisation on a GPU)
+    flags = [torch.isfinite(p).all() for p in module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True

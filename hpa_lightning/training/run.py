@@ -30,6 +30,7 @@ from hpa_lightning.training.checks import check_output_dir, checkpoint_bytes, re
 from hpa_lightning.training.ddp import end_ddp_job, keep_ddp_children_in_this_job
 from hpa_lightning.training.finetune import resolve_recipe
 from hpa_lightning.training.resume import continue_csv_logs, interrupt_exit_codes
+from hpa_lightning.training.speed import resolve_speed_defaults
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def loss_config(cfg: DictConfig, datamodule: HPADataModule) -> dict:
 
 
 def build_module(cfg: DictConfig, datamodule: HPADataModule) -> HPAModule:
+    resolve_speed_defaults(cfg)  # channels_last: auto (the trainer's precision too, before it is built)
     mean, std = datamodule.stats
     return HPAModule(model=plain(cfg.model), loss=loss_config(cfg, datamodule), optimizer=plain(cfg.optimizer),
                      scheduler=plain(cfg.scheduler), scheduler_interval=str(cfg.get("scheduler_interval", "step")),
@@ -118,6 +120,7 @@ def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
         raise ConfigError(str(err)) from None
     build_augmentation(plain(cfg.get("augment")))  # a step that cannot take 4 channels: refused before data prep
     finetune_auto = resolve_finetune(cfg)
+    speed_auto = resolve_speed_defaults(cfg)
     resume_from = resume_checkpoint(run_dir, cfg.get("resume", False), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
 
@@ -151,7 +154,7 @@ def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
     results: dict = {}
     if trainer.is_global_zero:
         results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started, timings,
-                                    attempts.finished, finetune_auto)
+                                    attempts.finished, finetune_auto, speed_auto)
     end_ddp_job(environ_before)
     return results
 
@@ -168,7 +171,8 @@ def weight_averaging(cfg: DictConfig) -> dict | None:
 
 def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,
                       best: str | None, wall_time: float, timings: dict[str, float] | None = None,
-                      attempts: list[dict] | None = None, finetune_auto: list[str] | None = None) -> dict:
+                      attempts: list[dict] | None = None, finetune_auto: list[str] | None = None,
+                      speed_auto: dict | None = None) -> dict:
     val, test = module.epoch_results["val"], module.epoch_results["test"]
     ids = {"val": datamodule.ids(val["rows"]), "test": datamodule.ids(test["rows"])}
     evaluation = write_evaluation(cfg, run_dir, val, test, ids, datamodule.split.path, datamodule.train_labels(),
@@ -194,6 +198,11 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         "pretrained_loaded": bool(module.pretrained_loaded),
         "device": device_description(trainer),
         "precision": str(trainer.precision),
+        "channels_last": bool(module.channels_last),
+        "speed_auto": sorted(speed_auto or {}),  # which of precision / channels_last were chosen by `auto`
+        # the run's processes: a multi-node run is more than `device` says
+        "world_size": int(trainer.world_size), "num_nodes": int(trainer.num_nodes),
+        "devices_per_node": int(trainer.num_devices),
         "seed": int(cfg.seed),
         "epochs": int(epochs_done),
         "best_checkpoint": str(best) if best else None,

@@ -276,6 +276,20 @@ def test_quarter_turns_are_uniform_and_exact() -> None:
     assert counts.min() > 850, counts
 
 
+def test_quarter_turns_are_torch_rot90_of_each_sample_never_a_reflection() -> None:
+    """An asymmetric image tells a turn from a reflection (a corner marker cannot): every sample is exactly
+    torch.rot90 of its input by some k, and all four k occur."""
+    x = torch.arange(64 * 4 * 5 * 5, dtype=torch.float32).view(64, 4, 5, 5)
+    torch.manual_seed(3)
+    out = RandomRot90()(x)
+    found = []
+    for sample, turned in zip(x, out, strict=True):
+        matches = [k for k in range(4) if torch.equal(turned, torch.rot90(sample, k, dims=(-2, -1)))]
+        assert len(matches) == 1
+        found += matches
+    assert set(found) == {0, 1, 2, 3}
+
+
 # ------------------------------------------------------------------------------ crops from a higher resolution
 
 
