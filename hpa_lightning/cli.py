@@ -27,16 +27,38 @@ EXIT_TERMINATED = 143
 ENV_SAVED_OVERRIDES = "HPA_SAVED_OVERRIDES"
 
 
-
-
 def fail(message: object, status: int = EXIT_BAD_INPUT) -> NoReturn:
     """One `error: ...` line on stderr and exit `status` (2: bad input; 1: the job itself could not be done)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
 
 
+def command_doc(module: str) -> str:
+    """The docstring of the command module `module`, read from its source (importing it could take seconds)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is not None and spec.submodule_search_locations:  # a package: its __main__ is the command
+        spec = importlib.util.find_spec(f"{module}.__main__")
+    if spec is None or not spec.origin:
+        return ""
+    with open(spec.origin, encoding="utf-8") as handle:
+        return ast.get_docstring(ast.parse(handle.read())) or ""
+
+
+def print_help(prog: str, defaults: dict[str, object]) -> NoReturn:
+    """`--help` of a key=value command: its module's docstring and every key with its default; exit 0."""
+    keys = "\n".join(f"  {key}={'' if value is None else value}" for key, value in defaults.items())
+    print(f"{command_doc(prog)}\n\narguments (key=value; defaults shown, empty: required or none):\n{keys}")
+    sys.exit(0)
+
+
 def parse_key_values(argv: list[str], defaults: dict[str, object], prog: str) -> dict[str, object]:
-    """`key=value` command-line arguments, typed like their defaults; `UsageError` on unknown keys or bad values."""
+    """`key=value` command-line arguments, typed like their defaults; `UsageError` on unknown keys or bad values;
+    `-h` / `--help` prints the command's help and exits 0."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print_help(prog, defaults)
     values = dict(defaults)
     for arg in argv:
         key, sep, raw = arg.partition("=")

@@ -240,7 +240,6 @@ def tune_thresholds(targets: Any, probs: Any, default: float = 0.5, grid: np.nda
     return thresholds
 
 
-
 def global_threshold(targets: Any, probs: Any) -> float:
     """The one threshold for every class that maximises macro F1 on these (validation) samples, searched exactly.
 

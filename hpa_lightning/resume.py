@@ -39,6 +39,9 @@ def resume_command(run_dir: Path, extra: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0)
     if not args or args[0].startswith("-"):
         fail("usage: python -m hpa_lightning.resume RUN_DIR [trust=NAMES] [overrides...]")
     trust = [a for a in args[1:] if a.startswith("trust=")]

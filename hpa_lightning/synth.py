@@ -1,57 +1,37 @@
 """Write a synthetic dataset in the Kaggle layout (see hpa_lightning/data/synth/).
 
-    python -m hpa_lightning.synth out=DIR n=500 seed=0 size=128 [texture_noise=0.0] [zoom=1.0] [workers=N]
+    python -m hpa_lightning.synth out=DIR [n=500] [seed=0] [size=128] [texture_noise=0.0] [zoom=1.0] [workers=N]
+
+Prints the dataset's folder. The samples are byte-identical for given n, seed, size and texture_noise, whatever
+`workers` is (default: every CPU available). An existing `out` is refused: the data are written under a temporary
+name and renamed when complete.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 
-from hpa_lightning.data.synth.dataset import generate
+from hpa_lightning.cli import fail, parse_key_values
+from hpa_lightning.errors import UsageError
 
-_CLI_TYPES: dict[str, Callable[[str], object]] = {
-    "out": str,
-    "n": int,
-    "seed": int,
-    "size": int,
-    "workers": int,
-    "texture_noise": float,
-    "zoom": float,
-}
-
-
-_USAGE = ("usage: python -m hpa_lightning.synth out=DIR [n=500] [seed=0] [size=128] [texture_noise=0.0] [zoom=1.0] "
-          "[workers=N]")
+PROG = "hpa_lightning.synth"
+DEFAULTS: dict[str, object] = {"out": None, "n": 500, "seed": 0, "size": 128, "texture_noise": 0.0, "zoom": 1.0,
+                               "workers": 0}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry point; prints the dataset path. Exit code 2 for bad arguments or an existing ``out``."""
-    args = sys.argv[1:] if argv is None else argv
-    kwargs: dict[str, object] = {"n": 500}
-    for arg in args:
-        if arg in ("-h", "--help"):
-            print(_USAGE)
-            raise SystemExit(0)
-        key, sep, value = arg.partition("=")
-        if not sep or key not in _CLI_TYPES:
-            print(
-                f"synth: bad argument {arg!r}; expected key=value with key in {', '.join(_CLI_TYPES)}", file=sys.stderr
-            )
-            raise SystemExit(2)
-        try:
-            kwargs[key] = _CLI_TYPES[key](value)
-        except ValueError:
-            print(f"synth: bad value for {key}: {value!r}", file=sys.stderr)
-            raise SystemExit(2) from None
-    if "out" not in kwargs:
-        print(f"synth: missing out=DIR; {_USAGE}", file=sys.stderr)
-        raise SystemExit(2)
+    """CLI entry point; prints the dataset path. Exit status 2 for bad arguments or an existing ``out``."""
+    from hpa_lightning.data.synth.dataset import generate
+
     try:
-        path = generate(**kwargs)  # type: ignore[arg-type]
-    except (FileExistsError, ValueError) as e:
-        print(f"synth: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        args = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG)
+        if not args["out"]:
+            raise UsageError(f"{PROG}: out=DIR is required")
+        path = generate(str(args["out"]), n=int(args["n"]), seed=int(args["seed"]), size=int(args["size"]),
+                        workers=int(args["workers"]) or None, texture_noise=float(args["texture_noise"]),
+                        zoom=float(args["zoom"]))
+    except (UsageError, FileExistsError, ValueError) as err:
+        fail(err)
     print(path)
 
 

@@ -1,6 +1,6 @@
 """One exit-status convention for every entry point (hpa_lightning.cli): 2 for bad input or configuration, with an
 `error:` line and no traceback; 130 for Ctrl-C and 143 for SIGTERM are checked on real trainings in
-tests/reliability/test_resume.py."""
+tests/training/test_resume.py."""
 
 from __future__ import annotations
 

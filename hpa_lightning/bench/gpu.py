@@ -74,8 +74,6 @@ def gpu_run(root: Path, cache: Path, prof: Profile, workers: int, recipe: dict, 
     return {**result, "augment": augment}
 
 
-
-
 def bench_gpu(root: Path, cache: Path, prof: Profile, workers: int, recipe: dict, seed: int,
               device: torch.device | None = None) -> dict:
     device = device or torch.device("cuda", 0)

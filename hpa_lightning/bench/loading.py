@@ -129,7 +129,6 @@ class TimedIterable:
             yield batch
 
 
-
 def dm_loader_of(trainer) -> DataLoader | None:
     combined = trainer.fit_loop._combined_loader
     if combined is None:

@@ -17,8 +17,6 @@ from hpa_lightning.runs import layout
 log = logging.getLogger(__name__)
 
 
-
-
 def _labels(names: list[str], ids: list[int]) -> str:
     return ", ".join(f"{i} {names[i]}" for i in ids) or "-"
 

@@ -119,7 +119,6 @@ def test_constant_classes_need_no_model() -> None:
     assert result.fit_s > 0 and result.predict_s > 0
 
 
-
 @pytest.mark.parametrize("model", ["logreg", "random_forest"])
 def test_model_override_composes(model: str) -> None:
     cfg = compose_config([f"model={model}"], "baseline")

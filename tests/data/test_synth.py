@@ -211,5 +211,5 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             synth_cli.main(argv)
         assert exc.value.code == code, argv
         err = capsys.readouterr().err
-        assert err.startswith("synth: ") and err.count("\n") == 1, err
+        assert err.startswith("error: ") and err.count("\n") == 1, err  # the commands' one error convention
     assert not (tmp_path / "x").exists()

@@ -1,6 +1,6 @@
 """W&B (offline): per-job logger settings, the result panels of a run, failed runs, reading an offline run back.
 
-The two-jobs-two-runs check of a real multirun is in tests/test_sweeps.py (`test_every_job_has_its_own_wandb_run`).
+The two-jobs-two-runs check of a real multirun is in tests/runs/test_sweeps.py (`test_every_job_has_its_own_wandb_run`).
 """
 
 from __future__ import annotations

@@ -28,7 +28,6 @@ from tests.conftest import REPO, compose_config
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
 
-
 # ------------------------------------------------------------------------------------------ sweep definitions
 
 

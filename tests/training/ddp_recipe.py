@@ -1,5 +1,5 @@
-"""The poster's recipe on fixed data, run by tests/test_ddp.py as a script so that Lightning's real DDP launcher can
-re-launch it: frozen first epoch, unfreeze, differential LRs, SGDR, focal loss, momentum and weight decay.
+"""The poster's recipe on fixed data, run by tests/training/test_ddp.py as a script so that Lightning's real DDP
+launcher can re-launch it: frozen first epoch, unfreeze, differential LRs, SGDR, focal loss, momentum and weight decay.
 
     python tests/training/ddp_recipe.py OUT ddp      two gloo processes, 8 samples per rank and step
     python tests/training/ddp_recipe.py OUT single   one process, the same 16 samples per step

@@ -14,7 +14,6 @@ from tests.conftest import REPO, assert_metrics_equal_sklearn, compose_config, r
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
 
-
 def test_every_poster_arm_exists() -> None:
     expected = {"bce", "focal_g02", "focal_g05", "focal_g1", "focal_g2"}
     assert expected | {f"{e}_sgdr" for e in expected} <= set(EXPERIMENTS)
@@ -42,7 +41,6 @@ def test_defaults_are_the_poster_recipe_on_synthetic_data() -> None:
 def test_real_data_config_requires_root() -> None:
     cfg = compose_config(["+experiment=focal_g02", "data=hpa", "data.root=/data/hpa"])
     assert cfg.data.root == "/data/hpa" and cfg.data.synthetic is None and cfg.data.image_size == 512
-
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +121,6 @@ def test_auto_recipe_follows_the_pretrained_weights(pretrained: bool, frozen: in
                               "finetune.lr_ratios=[0.5,1,1]"])
     assert resolve_finetune(explicit) == [] and explicit.finetune.frozen_epochs == 2  # explicit values win
     assert list(explicit.finetune.lr_ratios) == [0.5, 1, 1]
-
 
 
 def test_every_callback_comes_from_the_config_group_and_can_be_removed(tmp_path: Path) -> None:
