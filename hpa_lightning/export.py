@@ -6,8 +6,7 @@ The folder holds
                        size, normalisation mean/std, tuned thresholds + ensure_one, source checkpoint, versions
 and `python -m hpa_lightning.predict ckpt=DIR ...` runs from it without the training config. To use it elsewhere:
 
-    net = timm.create_model(card["architecture"], pretrained=False, in_chans=4, num_classes=card["num_classes"],
-                            **({"global_pool": card["global_pool"]} if card.get("global_pool") else {}))
+    net = timm.create_model(card["architecture"], pretrained=False, **card["timm_args"])
     net.load_state_dict(safetensors.torch.load_file("model.safetensors"))
     x = (uint8_rgby / 255 - mean[:, None, None]) / std[:, None, None]   # (4, S, S), R,G,B,Y, S = card image_size
     probs = sigmoid(net(x[None]))

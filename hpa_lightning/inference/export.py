@@ -38,6 +38,24 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _json_ready(value: object) -> object:
+    """Tuples (timm's sizes and windows) as lists, so the card is plain JSON."""
+    if isinstance(value, (tuple, list)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def timm_arguments(model: InferenceModel) -> dict | None:
+    """The arguments that rebuild the network with timm alone (`timm.create_model(architecture, **timm_args)`:
+    channels, classes, pooling, and a fixed-size architecture's size with what depends on it, such as Swin's
+    windows); None for a network of the user's own factory."""
+    if model.factory is not None:
+        return None
+    from timm.models import get_model_args
+
+    return {key: _json_ready(value) for key, value in get_model_args(model.net).items()}
+
+
 def build_card(model: InferenceModel, weights_sha256: str) -> dict:
     mean = model.standardize.mean.flatten().tolist()
     std = model.standardize.std.flatten().tolist()
@@ -46,6 +64,10 @@ def build_card(model: InferenceModel, weights_sha256: str) -> dict:
         "architecture": model.architecture,
         "factory": model.factory,  # the user's own network factory (its model node); null: timm's `architecture`
         "global_pool": model.global_pool,  # timm.create_model's global_pool; null: the architecture's default
+        # the size a fixed-size architecture (ViT, Swin, ...) was built for, null for CNNs; dynamic: any input size
+        "img_size": model.img_size,
+        "dynamic_img_size": bool(model.dynamic_img_size),
+        "timm_args": timm_arguments(model),  # timm.create_model(architecture, **timm_args) rebuilds it
         "crop": model.crop,  # trained on random crop.size windows: evaluated on the full image or its centre window
         "library": "timm",
         "in_chans": len(CHANNELS),

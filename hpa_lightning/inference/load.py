@@ -55,6 +55,10 @@ class InferenceModel:
     global_pool: str | None = None  # timm's global_pool when the run set one (e.g. catavgmax), else the default
     crop: dict | None = None  # {"size": training crop size, "eval": "full" | "center"} when the run trained on crops
     factory: dict | None = None  # the model node of the user's own network factory; None: timm's `architecture`
+    # the size a fixed-size architecture (ViT, Swin, ...) was built for, and whether it takes any size at run time;
+    # None and False for CNNs and for checkpoints and exports from before these were recorded
+    img_size: int | None = None
+    dynamic_img_size: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -84,9 +88,13 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _build_net(architecture: str, num_classes: int, global_pool: str | None, where: Path) -> nn.Module:
+def _build_net(architecture: str, num_classes: int, global_pool: str | None, where: Path, img_size: int | None = None,
+               dynamic_img_size: bool = False) -> nn.Module:
+    """timm's network as trained: its pooling, and for a fixed-size architecture the size it was built for (with
+    what depends on it: Swin's windows, MaxViT's partitions), so the weights fit."""
     try:
-        return build_network(architecture, num_classes, in_chans=len(CHANNELS), global_pool=global_pool)
+        return build_network(architecture, num_classes, in_chans=len(CHANNELS), global_pool=global_pool,
+                             img_size=img_size, dynamic_img_size=dynamic_img_size)
     except ConfigError as err:
         raise InferenceError(f"{where}: {err}") from None
 
@@ -99,6 +107,11 @@ def _build_factory_net(factory: dict, num_classes: int, where: Path, key: str) -
     check_targets(factory, str(where), key, trusted_targets())
     node = {**factory, **({"pretrained": False} if "pretrained" in factory else {})}
     return network_from_node(node, num_classes)
+
+
+def _size_of(value: object) -> int | None:
+    """A recorded network size: a number, or None (`auto` never reaches a checkpoint from a training run)."""
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _load_weights(net: nn.Module, state: dict[str, Tensor], where: Path) -> None:
@@ -187,8 +200,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Inf
     global_pool = model_cfg.get("global_pool")
     factory = own_factory(model_cfg)
     architecture = model_cfg.get("name") or str(model_cfg.get("_target_"))
+    img_size, dynamic = _size_of(model_cfg.get("img_size")), model_cfg.get("dynamic_img_size") is True
     if factory is None:
-        net = _build_net(architecture, len(class_names), global_pool, path)
+        net = _build_net(architecture, len(class_names), global_pool, path, img_size, dynamic)
     else:
         net = _build_factory_net(factory, len(class_names), path, "hyper_parameters.model")
     _load_weights(net, net_state, path)
@@ -200,6 +214,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Inf
     thresholds, ensure_one, thr_source = thresholds_from_file(run_dir / layout.THRESHOLDS, class_names)
     return InferenceModel(net=net.eval(), standardize=standardize, architecture=architecture, factory=factory,
                           global_pool=global_pool, crop=hparams.get("crop"), image_size=_run_image_size(run_dir),
+                          img_size=img_size if factory is None else None, dynamic_img_size=dynamic,
                           class_names=class_names,
                           thresholds=thresholds,
                           ensure_one=ensure_one, thresholds_source=thr_source, source=str(path),
@@ -251,8 +266,9 @@ def load_export(folder: Path, map_location: str | torch.device = "cpu") -> Infer
         raise InferenceError(f"{weights_path}: not readable safetensors ({str(err).splitlines()[0]})") from None
     global_pool = card.get("global_pool")
     factory = card.get("factory")
+    img_size, dynamic = _size_of(card.get("img_size")), card.get("dynamic_img_size") is True
     if factory is None:
-        net = _build_net(architecture, len(class_names), global_pool, card_path)
+        net = _build_net(architecture, len(class_names), global_pool, card_path, img_size, dynamic)
     else:
         net = _build_factory_net(factory, len(class_names), card_path, "factory")
     _load_weights(net, state, weights_path)
@@ -260,6 +276,7 @@ def load_export(folder: Path, map_location: str | torch.device = "cpu") -> Infer
     thresholds = np.array([float(table.get(name, default)) for name in class_names], dtype=np.float64)
     return InferenceModel(net=net.eval(), standardize=Standardize(mean, std), architecture=architecture,
                           factory=factory, global_pool=global_pool, crop=card.get("crop"), image_size=image_size,
+                          img_size=img_size, dynamic_img_size=dynamic,
                           class_names=class_names,
                           thresholds=thresholds,
                           ensure_one=bool(card.get("ensure_one", False)),

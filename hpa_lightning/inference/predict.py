@@ -33,6 +33,7 @@ from hpa_lightning.files import atomic_path
 from hpa_lightning.inference.load import CARD_NAME, ENSEMBLE_FORMAT, InferenceModel, load_model
 from hpa_lightning.inference.tta import TTA_REDUCTIONS, crop_windows, tta_probabilities, tta_views
 from hpa_lightning.models.augment import center_crop
+from hpa_lightning.models.net import cannot_take
 from hpa_lightning.resources import available_cpus
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.ensemble import ensemble_evaluation, member_runs, member_weights
@@ -331,6 +332,19 @@ def check_classes(model: InferenceModel, classes: str) -> None:
                              f"{model.source} was trained on {model.num_classes} ({model.class_names[0]}, ...)")
 
 
+def check_network_size(model: InferenceModel, image_size: int, tta_crops: int) -> None:
+    """The network takes the size it will see (a fixed-size ViT or Swin without dynamic image size takes only the
+    size it was built for), or one line says so before any image is read."""
+    crop_size, crop_eval = (model.crop or {}).get("size"), (model.crop or {}).get("eval", "full")
+    seen = crop_size if crop_size and (tta_crops or crop_eval == "center") else image_size
+    why = cannot_take(model.net, seen)
+    validated = crop_size if crop_size and crop_eval == "center" else model.image_size
+    # a network the meta device cannot run even at the size it was validated at (one of the user's own) is not judged
+    if why and (not validated or cannot_take(model.net, validated) is None):
+        raise InferenceError(f"image_size={image_size}: {model.source} ({model.architecture}) cannot take {seen} px "
+                             f"inputs ({why}); predict at its training resolution (leave image_size unset)")
+
+
 def run(args: dict[str, object]) -> dict[str, object]:
     if not args["ckpt"] or not args["input"]:
         raise InferenceError("ckpt=RUN_DIR|CKPT|EXPORT_DIR and input=DIR are required")
@@ -360,6 +374,8 @@ def run(args: dict[str, object]) -> dict[str, object]:
         raise InferenceError(f"image_size={image_size}: must be at least 8")
     if model.image_size and image_size != model.image_size:
         print(f"note: image_size={image_size} overrides the training resolution {model.image_size}", file=sys.stderr)
+    for member, _ in members:
+        check_network_size(member, image_size, tta_crops)
     started = time.perf_counter()
     probs = predict_probabilities(members, data, image_size, tta=tta, batch_size=batch_size, workers=workers,
                                   device=device, progress=bool(args["progress"]),

@@ -17,7 +17,7 @@ from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.errors import ConfigError, NonFiniteLossError
 from hpa_lightning.models.augment import DeviceTransform
 from hpa_lightning.models.epoch_metrics import EpochOutputs
-from hpa_lightning.models.net import is_pretrained, parameter_groups
+from hpa_lightning.models.net import head_parameter_names, is_pretrained, parameter_groups
 from hpa_lightning.targets import canonical_targets, check_targets, trusted_targets
 
 # Keys that nodes of checkpoints written before the nodes became constructor arguments carry beside them: a display
@@ -63,6 +63,8 @@ class HPAModule(L.LightningModule):
             `steps_per_epoch` when it takes them, as hpa_lightning.models.schedulers do), or None.
         scheduler_interval: `step` or `epoch`: how often Lightning steps the schedule.
         lr_ratios: LR of each depth group (early body, late body, head) relative to `optimizer.lr`.
+        layer_decay: layer-wise LR decay instead of the depth groups (each layer's LR the next one's times it), or
+            None.
         augment: the device-side augmentation steps (`hpa_lightning.models.augment`), or None for no augmentation.
         crop: {"size": random training crops of this size, "eval": "full" | "center"} (`models.augment.Crop`), or
             None: the images as packed.
@@ -72,7 +74,8 @@ class HPAModule(L.LightningModule):
     """
 
     def __init__(self, model: dict, loss: dict, optimizer: dict, scheduler: dict | None = None,
-                 lr_ratios: Sequence[float] = (1 / 9, 1 / 3, 1.0), augment: dict | list | None = None,
+                 lr_ratios: Sequence[float] = (1 / 9, 1 / 3, 1.0), layer_decay: float | None = None,
+                 augment: dict | list | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  class_names: Sequence[str] = CLASS_NAMES, crop: dict | None = None,
                  scheduler_interval: str = "step", channels_last: bool = False, compile: bool = False):  # noqa: A002
@@ -87,6 +90,8 @@ class HPAModule(L.LightningModule):
         self.save_hyperparameters()
         self.net = network_from_node(model, len(class_names))
         self.pretrained_loaded = is_pretrained(model.get("pretrained"))  # the factory raises when it cannot load them
+        # everything forward_head runs (classifier, head norm, pre-logits): the frozen stage's and the last LR group
+        self.head_names = head_parameter_names(self.net)
         self.channels_last = channels_last
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -199,8 +204,10 @@ class HPAModule(L.LightningModule):
     # ---- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         opt_cfg = dict(self.hparams.optimizer)
+        layer_decay = self.hparams.get("layer_decay")
         groups = parameter_groups(self.net, lr=float(opt_cfg["lr"]), lr_ratios=self.hparams.lr_ratios,
-                                  weight_decay=float(opt_cfg.get("weight_decay", 0.0)))
+                                  weight_decay=float(opt_cfg.get("weight_decay", 0.0)), head=self.head_names,
+                                  layer_decay=None if layer_decay is None else float(layer_decay))
         optimizer = instantiate(opt_cfg)(groups)
         if not self.hparams.scheduler:
             return optimizer

@@ -1,7 +1,7 @@
 """Every callback of a training run; conf/callbacks/default.yaml names them all, so each can be removed or
 replaced from the command line (`~callbacks.lr_trace`).
 
-- `FreezeBackbone`: the poster's first stage, only the classifier head trains for `frozen_epochs`, then everything.
+- `FreezeBackbone`: the poster's first stage, only the head trains for `frozen_epochs`, then everything.
 - `LRTrace`: the per-iteration learning rate of every parameter group (the poster's figure 4).
 - `RNGState`: the random generators' states in checkpoints, so a resumed run draws what an uninterrupted one would.
 - `FiniteCheckpointGuard`: never a checkpoint with NaN or infinite weights.
@@ -127,13 +127,16 @@ def exit_code_for(exception: BaseException) -> int:
     return EXIT_TERMINATED if isinstance(exception, SIGTERMException) else 1
 
 
-def body_modules(model: nn.Module) -> list[nn.Module]:
-    head = model.get_classifier()
-    return [m for m in model.children() if m is not head]
+def body_batchnorms(model: nn.Module, head: frozenset[str]) -> list[_BatchNorm]:
+    """The BatchNorm layers outside the head (`head`: the names of the head's parameters)."""
+    return [layer for name, layer in model.named_modules() if isinstance(layer, _BatchNorm)
+            and not any(f"{name}.{p}" in head for p, _ in layer.named_parameters(recurse=False))]
 
 
 class FreezeBackbone(L.Callback):
-    """Everything but the head is frozen for the first `frozen_epochs` epochs.
+    """Everything but the head is frozen for the first `frozen_epochs` epochs. The head is the architecture's whole
+    head, everything `forward_head` runs (`HPAModule.head_names`: the classifier, and ConvNeXt's or MaxViT's head
+    norm and pre-logits, a ViT's fc_norm); the rest is the body.
 
     Frozen means: the body's forward pass runs without autograd (`HPAModule.body_frozen`), so its parameters get no
     gradient, and its BatchNorm layers are held in eval mode, so they normalise with their (pretrained) running
@@ -150,11 +153,13 @@ class FreezeBackbone(L.Callback):
     def __init__(self, frozen_epochs: int = 1):
         super().__init__()
         self.frozen_epochs = frozen_epochs
+        self._batchnorms: list[_BatchNorm] = []
 
     def _frozen(self, epoch: int) -> bool:
         return epoch < self.frozen_epochs
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._batchnorms = body_batchnorms(pl_module.net, pl_module.head_names)  # the network is fixed during fit
         strategy = trainer.strategy
         if (self.frozen_epochs > 0 and trainer.world_size > 1 and isinstance(strategy, DDPStrategy)
                 and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)):
@@ -169,28 +174,26 @@ class FreezeBackbone(L.Callback):
         if not pl_module.body_frozen:
             # Lightning keeps each submodule's mode across epochs: the BatchNorm layers held in eval mode while
             # frozen resume updating their statistics
-            for module in body_modules(pl_module.net):
-                module.train()
+            for layer in self._batchnorms:
+                layer.train()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         # Lightning puts the whole model in train mode at every epoch start; frozen BatchNorm stays in eval mode
         if self._frozen(trainer.current_epoch):
-            for module in body_modules(pl_module.net):
-                for layer in module.modules():
-                    if isinstance(layer, _BatchNorm) and layer.training:
-                        layer.eval()
+            for layer in self._batchnorms:
+                if layer.training:
+                    layer.eval()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.body_frozen = False
 
 
 def group_lrs(optimizer) -> dict[str, float]:
-    """LR per named group; the `_no_decay` twin of a group always shares its LR, so it is left out."""
+    """LR per named group; the `_no_decay` twin of a group always shares its LR, so both count once, under the
+    group's name (a layer of norms and biases alone has only the twin)."""
     lrs = {}
     for i, group in enumerate(optimizer.param_groups):
-        name = group.get("name", f"group{i}")
-        if not name.endswith("_no_decay"):
-            lrs[name] = float(group["lr"])
+        lrs[group.get("name", f"group{i}").removesuffix("_no_decay")] = float(group["lr"])
     return lrs
 
 

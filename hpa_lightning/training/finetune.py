@@ -1,6 +1,10 @@
-"""The poster's first stage: train only the classifier head for `frozen_epochs`, then unfreeze everything."""
+"""The fine-tuning recipe's `auto` values: the poster's first stage (train only the head for `frozen_epochs`, then
+everything) and LR ratios for pretrained weights, equal LRs and no freeze from scratch, and layer-wise LR decay for
+pretrained transformers."""
 
 from __future__ import annotations
+
+import math
 
 from hpa_lightning.errors import FrozenStageError
 
@@ -29,3 +33,26 @@ def resolve_recipe(frozen_epochs: object, lr_ratios: object, pretrained: bool) -
     if frozen < 0 or not ratios or min(ratios) <= 0:
         raise FrozenStageError(f"finetune: frozen_epochs={frozen} must be >= 0 and lr_ratios={ratios} positive")
     return frozen, ratios, auto
+
+
+# BEiT, MAE and DINOv2 fine-tune transformers with layer-wise LR decay (0.65-0.75 for base models); the frozen stage
+# and the head's LR stay the poster's.
+TRANSFORMER_LAYER_DECAY = 0.75
+
+
+def resolve_layer_decay(layer_decay: object, pretrained: bool, transformer: bool) -> tuple[float | None, bool]:
+    """`finetune.layer_decay` with `auto` replaced: 0.75 for pretrained transformers (architectures that fix their
+    input size: ViT, DeiT, EVA, DINOv2, Swin, MaxViT), none (the depth groups of `lr_ratios`) otherwise, CNNs
+    included. Returns (layer_decay or None, whether it was auto)."""
+    if layer_decay == "auto":
+        return (TRANSFORMER_LAYER_DECAY if pretrained and transformer else None), True
+    if layer_decay in (None, "null", "none"):
+        return None, False
+    try:
+        value = float(layer_decay)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value <= 1:
+        raise FrozenStageError(f"finetune.layer_decay={layer_decay!r}: expected auto, null or a factor in (0, 1] "
+                               f"(each layer's LR is the next one's times it)")
+    return value, False

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from hpa_lightning.files import write_json_atomic
 from hpa_lightning.runs import layout
-from hpa_lightning.training.run import build_module, prepare_datamodule, resolve_finetune
+from hpa_lightning.training.run import build_module, prepare_datamodule, resolve_finetune, resolve_model
 
 
 def plot_lr_curve(frame: pd.DataFrame, suggestion: float | None, path: Path, title: str) -> None:
@@ -42,7 +42,8 @@ def lr_find(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    resolve_finetune(cfg)  # the LR groups of the run this range test is for
+    resolve_model(cfg)  # the network of the run this range test is for, at its size
+    resolve_finetune(cfg)  # and its LR groups
     datamodule = prepare_datamodule(cfg)
     module = build_module(cfg, datamodule)
     # The sweep lasts num_training steps, however many epochs of a small dataset that takes.

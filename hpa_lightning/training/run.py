@@ -17,10 +17,17 @@ from hpa_lightning.checkpoints import safe_torch_load
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES
 from hpa_lightning.data.datamodule import HPADataModule
 from hpa_lightning.errors import ConfigError
+from hpa_lightning.inference.load import own_factory
 from hpa_lightning.models.augment import build_augmentation, check_crop
 from hpa_lightning.models.losses import positive_class_weights
 from hpa_lightning.models.module import HPAModule
-from hpa_lightning.models.net import is_pretrained
+from hpa_lightning.models.net import (
+    check_image_size,
+    check_pretrained_channels,
+    is_pretrained,
+    offers_dynamic_image_size,
+    takes_image_size,
+)
 from hpa_lightning.runs.attempts import AttemptLog
 from hpa_lightning.runs.outputs import check_thresholds, plain, target_name, write_evaluation, write_results
 from hpa_lightning.runs.status import JobHooks
@@ -28,7 +35,7 @@ from hpa_lightning.targets import check_targets, trusted_targets
 from hpa_lightning.training.callbacks import InterruptCheckpoint
 from hpa_lightning.training.checks import check_output_dir, checkpoint_bytes, resume_checkpoint
 from hpa_lightning.training.ddp import end_ddp_job, keep_ddp_children_in_this_job
-from hpa_lightning.training.finetune import resolve_recipe
+from hpa_lightning.training.finetune import resolve_layer_decay, resolve_recipe
 from hpa_lightning.training.resume import continue_csv_logs, interrupt_exit_codes
 from hpa_lightning.training.speed import resolve_speed_defaults
 
@@ -56,7 +63,8 @@ def build_module(cfg: DictConfig, datamodule: HPADataModule) -> HPAModule:
     mean, std = datamodule.stats
     return HPAModule(model=plain(cfg.model), loss=loss_config(cfg, datamodule), optimizer=plain(cfg.optimizer),
                      scheduler=plain(cfg.scheduler), scheduler_interval=str(cfg.get("scheduler_interval", "step")),
-                     lr_ratios=list(cfg.finetune.lr_ratios), augment=plain(cfg.augment), mean=mean, std=std,
+                     lr_ratios=list(cfg.finetune.lr_ratios), layer_decay=cfg.finetune.get("layer_decay"),
+                     augment=plain(cfg.augment), mean=mean, std=std,
                      class_names=datamodule.class_names, crop=plain(cfg.get("crop")),
                      channels_last=bool(cfg.get("channels_last", False)), compile=bool(cfg.get("compile", False)))
 
@@ -96,17 +104,69 @@ def check_saved_config(cfg: DictConfig) -> None:
         check_targets(cfg, saved, trust=trusted_targets())
 
 
+def timm_node(cfg: DictConfig) -> bool:
+    """Whether the model node is the project's timm factory (not the user's own `_target_`)."""
+    return own_factory(plain(cfg.model)) is None and isinstance(cfg.model.get("name"), str)
+
+
+def resolve_model(cfg: DictConfig) -> None:
+    """Replace `auto` in the model node (`img_size`: the size the network trains on, crop.size or data.image_size;
+    `dynamic_img_size`: true when a fixed-size architecture is evaluated on full images after training on crops and
+    timm offers it), then check the node before any data is prepared: the weights' channel names, and the
+    architecture run at those sizes on the meta device (one line naming the nearest size that works)."""
+    crop_size, crop_eval = check_crop(plain(cfg.get("crop")), int(cfg.data.image_size))
+    train_size = crop_size or int(cfg.data.image_size)
+    size_key = "crop.size" if crop_size else "data.image_size"
+    eval_size = int(cfg.data.image_size) if crop_size and crop_eval == "full" else None
+    node, ours = cfg.model, timm_node(cfg)
+    fixed = ours and takes_image_size(node.name)
+    with open_dict(cfg):
+        if node.get("img_size") == "auto":  # CNNs take any size: nothing to record
+            node.img_size = train_size if fixed or not ours else None
+        if node.get("dynamic_img_size") == "auto":
+            node.dynamic_img_size = bool(eval_size and fixed and offers_dynamic_image_size(node.name))
+    if not ours:
+        return
+    check_pretrained_channels(plain(node.get("pretrained_channels")))
+    if fixed and node.get("img_size") not in (None, train_size):
+        raise ConfigError(f"model.img_size={node.img_size}: {node.name} trains on {size_key}={train_size} px; leave "
+                          f"model.img_size=auto")
+    check_image_size(node.name, train_size, size_key, node.get("global_pool"), bool(node.get("dynamic_img_size")),
+                     eval_size)
+
+
 def resolve_finetune(cfg: DictConfig) -> list[str]:
-    """Replace `auto` in cfg.finetune (see hpa_lightning.training.finetune.resolve_recipe) before anything reads
-    it; returns the keys that were auto, for results.json."""
+    """Replace `auto` in cfg.finetune (see hpa_lightning.training.finetune) before anything reads it; returns the
+    keys that were auto, for results.json."""
     pretrained = is_pretrained(cfg.model.get("pretrained"))
     frozen, ratios, auto = resolve_recipe(cfg.finetune.frozen_epochs, cfg.finetune.lr_ratios, pretrained)
+    transformer = timm_node(cfg) and takes_image_size(cfg.model.name)
+    layer_decay, decay_auto = resolve_layer_decay(cfg.finetune.get("layer_decay"), pretrained, transformer)
     with open_dict(cfg):
         cfg.finetune.frozen_epochs, cfg.finetune.lr_ratios = frozen, ratios
+        cfg.finetune.layer_decay = layer_decay
+    auto = [*auto, *(["layer_decay"] if decay_auto else [])]
     if auto:
         source = "pretrained weights" if pretrained else "no pretrained weights"
-        log.info("finetune (auto, %s): frozen_epochs=%d, lr_ratios=%s", source, frozen, [round(r, 4) for r in ratios])
+        groups = f"layer_decay={layer_decay}" if layer_decay else f"lr_ratios={[round(r, 4) for r in ratios]}"
+        log.info("finetune (auto, %s): frozen_epochs=%d, %s", source, frozen, groups)
     return auto
+
+
+def log_recipe(cfg: DictConfig) -> None:
+    """One line saying which recipe runs (+preset=scratch or the poster's), and a warning when the poster's
+    fine-tuning recipe meets a network without pretrained weights."""
+    pretrained = is_pretrained(cfg.model.get("pretrained"))
+    groups = (f"layer-wise LR decay {cfg.finetune.layer_decay}" if cfg.finetune.get("layer_decay")
+              else f"LR ratios {[round(r, 4) for r in cfg.finetune.lr_ratios]}")
+    log.info("recipe: %s (%s; %s lr=%g, schedule %s, frozen_epochs=%d, %s)", cfg.get("recipe", "poster"),
+             "pretrained weights" if pretrained else "no pretrained weights",
+             str(cfg.optimizer.get("_target_", "?")).rsplit(".", 1)[-1],
+             float(cfg.optimizer.lr), target_name(plain(cfg.scheduler)) or "none", int(cfg.finetune.frozen_epochs),
+             groups)
+    if not pretrained and cfg.get("recipe", "poster") == "poster" and "SGD" in str(cfg.optimizer.get("_target_")):
+        log.warning("training from scratch with the poster's fine-tuning recipe (SGD lr=%g): it learns slowly "
+                    "without pretrained weights; +preset=scratch is the recipe for it", float(cfg.optimizer.lr))
 
 
 def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
@@ -119,8 +179,10 @@ def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     build_augmentation(plain(cfg.get("augment")))  # a step that cannot take 4 channels: refused before data prep
+    resolve_model(cfg)  # an architecture that cannot run at the size: refused before data prep
     finetune_auto = resolve_finetune(cfg)
     speed_auto = resolve_speed_defaults(cfg)
+    log_recipe(cfg)
     resume_from = resume_checkpoint(run_dir, cfg.get("resume", False), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
 
@@ -188,10 +250,13 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         "scheduler": target_name(plain(cfg.scheduler)) or "none",
         "weight_averaging": weight_averaging(cfg),  # None, or the EMA/SWA callback's method and settings
         "base_lr": float(cfg.optimizer.lr),
+        "recipe": str(cfg.get("recipe", "poster")),
         "lr_ratios": list(cfg.finetune.lr_ratios),
+        "layer_decay": cfg.finetune.get("layer_decay"),  # null: the lr_ratios depth groups
         "frozen_epochs": int(cfg.finetune.frozen_epochs),
-        "finetune_auto": list(finetune_auto or []),  # which of the two were chosen by `auto`
+        "finetune_auto": list(finetune_auto or []),  # which of them were chosen by `auto`
         "image_size": datamodule.image_size,
+        "model_img_size": cfg.model.get("img_size"),  # the size a fixed-size architecture was built for
         "imbalance": {"pos_weight": module.hparams.loss.get("pos_weight"), "oversample": datamodule.oversample,
                       "oversample_threshold": datamodule.oversample_threshold if datamodule.oversample else None,
                       "train_samples_per_epoch": len(datamodule.train_dataloader().sampler)},

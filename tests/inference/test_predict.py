@@ -180,8 +180,32 @@ def test_export_card_and_weights(fake_run: Path, fake_export: Path) -> None:
     assert card["source_checkpoint"].endswith("checkpoints/best.ckpt") and "torch" in card["versions"]
     weights = load_file(str(fake_export / "model.safetensors"))
     assert weights["conv1.weight"].shape == (64, 4, 7, 7) and weights["fc.weight"].shape == (28, 512)
+    # a checkpoint from before networks recorded their size (a CNN takes any): none, and timm alone rebuilds it
+    assert card["img_size"] is None and card["dynamic_img_size"] is False
+    assert card["timm_args"] == {"in_chans": 4, "num_classes": 28, "global_pool": "avg"}
     with pytest.raises(InferenceError, match="already exists"):
         export_model(fake_run, fake_export)
+
+
+def test_a_fixed_size_transformer_predicts_at_its_size_and_refuses_another_in_one_line(
+        held_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    module = HPAModule(model={"name": "vit_tiny_patch16_224", "pretrained": False, "img_size": FAKE_SIZE},
+                       loss={"_target_": "hpa_lightning.models.losses.FocalLoss", "gamma": 0.2},
+                       optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.02})
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}, ckpt)
+    (run_dir / "results.json").write_text(json.dumps({"status": "completed", "image_size": FAKE_SIZE,
+                                                      "best_checkpoint": str(ckpt)}))
+    code, _, err = predict(capsys, f"ckpt={run_dir}", f"input={held_out}", "workers=0", f"out={tmp_path / 'a.csv'}")
+    assert code == 0, err
+    code, _, err = predict(capsys, f"ckpt={run_dir}", f"input={held_out}", "image_size=48",
+                           f"out={tmp_path / 'b.csv'}")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        f"error: image_size=48: {ckpt} (vit_tiny_patch16_224) cannot take 48 px inputs (AssertionError: Input height "
+        f"(48) doesn't match model ({FAKE_SIZE})")
+    assert not (tmp_path / "b.csv").exists()
 
 
 def test_ids_without_sample_submission_are_sorted_from_the_files(held_out: Path, tmp_path: Path) -> None:

@@ -1,17 +1,29 @@
-"""The 4-channel stem rule, pretrained-weight loading and its errors, depth-wise parameter groups."""
+"""The 4-channel stem rule on any first layer, pretrained-weight loading at any size and its errors, 4-channel weights,
+the whole head, depth-wise parameter groups and layer-wise LR decay."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from hydra.utils import instantiate
 from safetensors.torch import save_file
 
+from hpa_lightning.classes import CHANNELS
 from hpa_lightning.errors import ConfigError, PretrainedUnavailable
-from hpa_lightning.models.net import create_model, parameter_groups, rgb_stem_to_rgby
+from hpa_lightning.models.net import (
+    build_network,
+    check_image_size,
+    check_pretrained_channels,
+    create_model,
+    head_parameter_names,
+    image_size_arguments,
+    parameter_groups,
+    rgb_stem_to_rgby,
+)
 from tests.conftest import compose_config
 
 
@@ -152,3 +164,148 @@ def test_any_timm_name_works_with_the_stem_rule(tmp_path: Path) -> None:
     cfg = compose_config(["model.name=resnet34", f"model.pretrained={tmp_path / 'r34.pth'}"])
     model = instantiate(cfg.model, num_classes=7)  # the node is the factory's arguments, nothing stripped
     assert torch.equal(model.conv1.weight[:, 3], rgb.conv1.weight[:, 0]) and model.get_classifier().out_features == 7
+
+
+# ------------------------------------------------------------------ transformers, any size, any channel order
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_a_patch_embedding_gets_the_stem_rule_and_position_embeddings_are_resampled_for_the_size(
+        tmp_path: Path) -> None:
+    """The issue's failure (a 224 px ViT checkpoint at data.image_size=64): built at 64 px, the patch embedding
+    widened by the poster's rule, the 14 x 14 position embeddings resampled to 4 x 4 as timm's own loader does."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    rgb = timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=3)
+    model = create_model("vit_tiny_patch16_224", pretrained=str(save_weights(rgb, tmp_path / "vit.safetensors")),
+                         img_size=64)
+    stem, source = model.patch_embed.proj.weight.detach(), rgb.patch_embed.proj.weight.detach()
+    assert stem.shape == (192, 4, 16, 16)
+    torch.testing.assert_close(stem[:, :3], source, rtol=0, atol=0)
+    torch.testing.assert_close(stem[:, 3], source[:, 0], rtol=0, atol=0)
+    expected = resample_abs_pos_embed(rgb.pos_embed.detach(), new_size=[4, 4], num_prefix_tokens=1)
+    torch.testing.assert_close(model.pos_embed.detach(), expected)
+    assert torch.equal(model.blocks[5].attn.qkv.weight, rgb.blocks[5].attn.qkv.weight)
+    with torch.no_grad():
+        assert model.eval()(torch.rand(2, 4, 64, 64)).shape == (2, 28)
+
+
+def test_windows_and_partitions_follow_the_size_as_timm_derives_them() -> None:
+    """Swin's windows scale with the patch grid (the last stage one window, as 7 at 224 px), MaxViT's partitions
+    too; CNNs take any size and get no size arguments."""
+    assert image_size_arguments("swin_tiny_patch4_window7_224", 64) == {"img_size": (64, 64),
+                                                                        "window_size": ((2, 2),) * 4}
+    assert image_size_arguments("swin_tiny_patch4_window7_224", 512)["window_size"] == ((16, 16),) * 4
+    assert image_size_arguments("maxvit_tiny_tf_224", 64)["transformer_window_size"] == (2, 2)
+    assert image_size_arguments("vit_tiny_patch16_224", 64, dynamic_img_size=True) == {
+        "img_size": (64, 64), "dynamic_img_size": True}
+    assert image_size_arguments("resnet18", 64, dynamic_img_size=True) == {}
+
+
+def test_four_channel_weights_are_reordered_not_widened(tmp_path: Path) -> None:
+    """HPA-pretrained weights (SubCell: red, yellow, blue, green) already see the four channels: the first layer is
+    put in the project's R, G, B, Y order; a fifth channel the project has not is left out."""
+    torch.manual_seed(0)
+    order = ["red", "yellow", "blue", "green"]
+    hpa = timm.create_model("resnet18", pretrained=False, in_chans=4)
+    model = create_model("resnet18", pretrained=str(save_weights(hpa, tmp_path / "subcell.safetensors")),
+                         pretrained_channels=order)
+    for i, channel in enumerate(CHANNELS):
+        assert torch.equal(model.conv1.weight[:, i], hpa.conv1.weight[:, order.index(channel)]), channel
+    assert torch.equal(model.layer2[0].conv1.weight, hpa.layer2[0].conv1.weight)
+    five = ["blue", "green", "red", "yellow", "brightfield"]
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=5)
+    model = create_model("vit_tiny_patch16_224", pretrained=str(save_weights(vit, tmp_path / "five.safetensors")),
+                         pretrained_channels=five, img_size=32)
+    for i, channel in enumerate(CHANNELS):
+        assert torch.equal(model.patch_embed.proj.weight[:, i], vit.patch_embed.proj.weight[:, five.index(channel)])
+
+
+@pytest.mark.parametrize(("channels", "message"), [
+    (["red", "green"], r"2 channels fit no rule: 3 \(red, green, blue: Y = R is added\) or 4 and more"),
+    (["red", "yellow", "blue"], "3-channel weights must be red, green and blue"),
+    (["red", "green", "blue", "blue"], "a channel named twice"),
+    (["red", "green", "blue", "brightfield"], r"missing yellow"),
+    ("red,green,blue", "expected a list of channel names"),
+])
+def test_channel_orders_that_fit_no_rule_are_one_line(channels: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as raised:
+        check_pretrained_channels(channels)
+    assert str(raised.value).startswith("model.pretrained_channels") and "\n" not in str(raised.value)
+
+
+def test_weights_whose_channel_count_is_not_named_are_one_line(tmp_path: Path) -> None:
+    path = save_weights(timm.create_model("resnet18", pretrained=False, in_chans=4), tmp_path / "four.safetensors")
+    with pytest.raises(ConfigError, match=r"conv1.weight\) takes 4 channels; name their order with "
+                                          r"model.pretrained_channels"):
+        create_model("resnet18", pretrained=str(path))
+    with pytest.raises(ConfigError, match=r"has 3 names, the weights' first layer \(conv1.weight\) takes 4"):
+        create_model("resnet18", pretrained=str(path), pretrained_channels=["blue", "green", "red"])
+
+
+@pytest.mark.parametrize(("name", "size", "nearest", "why"), [
+    ("maxvit_pico_rw_256", 72, 64, "must be divisible by window"),  # fixed window and grid partitions
+    ("vit_tiny_patch16_224", 60, 64, "not a multiple of its 16 px patches"),
+    ("vit_small_patch14_dinov2", 64, 70, "not a multiple of its 14 px patches"),
+    ("inception_v3", 64, 80, "Kernel size can't be greater than actual input size"),
+])
+def test_a_size_an_architecture_cannot_run_at_is_one_line_with_the_nearest_that_works(
+        name: str, size: int, nearest: int, why: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        check_image_size(name, size, "data.image_size")
+    message = str(raised.value)
+    assert message.startswith(f"model.name={name} cannot run at data.image_size={size} (") and why in message
+    assert message.endswith(f"the nearest size that works is data.image_size={nearest}") and "\n" not in message
+
+
+def test_names_tags_and_hub_sources_are_checked_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"model.name=resnet18.nosuchtag: timm has no such pretrained tag \(it has"):
+        create_model("resnet18.nosuchtag")
+    with pytest.raises(ConfigError, match=r"name the architecture .* and the weights with "
+                                          r"model.pretrained=hf-hub:timm/vit_tiny_patch16_224"):
+        create_model("hf-hub:timm/vit_tiny_patch16_224")
+    with pytest.raises(PretrainedUnavailable, match=r"cannot fetch pretrained weights for vit_tiny_patch16_224 .*"
+                                                    r"\+preset=scratch"):
+        create_model("vit_tiny_patch16_224", pretrained="hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", img_size=32)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "head"), [
+    ("convnext_atto", {}, {"head.norm", "head.fc"}),  # head.norm: outside get_classifier()
+    ("vit_tiny_patch16_224", {"global_pool": "avg", "img_size": 32}, {"fc_norm", "head"}),  # MAE-style pooling
+    ("deit_tiny_distilled_patch16_224", {"img_size": 32}, {"head", "head_dist"}),
+    ("densenet121", {}, {"classifier"}),  # features.norm5 is the body's last layer, whatever timm's matcher says
+    ("caformer_s18", {}, {"head.norm", "head.fc.fc1", "head.fc.norm", "head.fc.fc2"}),  # no group matcher
+])
+def test_the_head_is_everything_forward_head_runs_and_the_last_lr_group(name: str, kwargs: dict,
+                                                                         head: set[str]) -> None:
+    model = build_network(name, 28, **kwargs)
+    expected = {f"{m}.{w}" for m in head for w in ("weight", "bias")}
+    assert head_parameter_names(model) == expected
+    groups = parameter_groups(model, lr=0.1)
+    assert {n for g in groups if g["name"].startswith("head") for n, p in model.named_parameters()
+            if any(p is q for q in g["params"])} == expected
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_layer_decay_gives_each_layer_the_next_ones_lr_times_the_factor() -> None:
+    from hpa_lightning.training.callbacks import group_lrs
+
+    model = build_network("vit_tiny_patch16_224", 28, img_size=32)
+    groups = parameter_groups(model, lr=0.01, layer_decay=0.75, weight_decay=0.05)
+    lrs = group_lrs(torch.optim.AdamW(groups))  # what the LR trace records: each layer once, by name
+    assert list(lrs) == ["stem", *[f"blocks.{i}" for i in range(11)], "blocks.11+norm", "head"]
+    values = np.array(list(lrs.values()))
+    np.testing.assert_allclose(values[:-1] / values[1:], 0.75)
+    assert values[-1] == pytest.approx(0.01) and values[0] == pytest.approx(0.01 * 0.75 ** 13)
+    by_name = {g["name"]: g for g in groups}
+    ids = {id(p) for p in by_name["stem_no_decay"]["params"]}
+    assert id(model.pos_embed) in ids and id(model.cls_token) in ids  # timm's no_weight_decay list
+    assert [p is model.patch_embed.proj.weight for p in by_name["stem"]["params"]] == [True]
+    assert by_name["stem"]["weight_decay"] == 0.05 and by_name["stem_no_decay"]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from hpa_lightning.classes import CLASS_NAMES
 from tests.conftest import REPO, assert_metrics_equal_sklearn, compose_config, run_train
@@ -115,10 +116,11 @@ def test_auto_recipe_follows_the_pretrained_weights(pretrained: bool, frozen: in
     from hpa_lightning.training.run import resolve_finetune
 
     cfg = compose_config(["+experiment=focal_g02", f"model.pretrained={str(pretrained).lower()}"])
-    assert resolve_finetune(cfg) == ["frozen_epochs", "lr_ratios"]
+    assert resolve_finetune(cfg) == ["frozen_epochs", "lr_ratios", "layer_decay"]
     assert cfg.finetune.frozen_epochs == frozen and list(cfg.finetune.lr_ratios) == pytest.approx(ratios)
+    assert cfg.finetune.layer_decay is None  # a CNN: the depth groups
     explicit = compose_config(["+experiment=focal_g02", "model.pretrained=false", "finetune.frozen_epochs=2",
-                              "finetune.lr_ratios=[0.5,1,1]"])
+                              "finetune.lr_ratios=[0.5,1,1]", "finetune.layer_decay=null"])
     assert resolve_finetune(explicit) == [] and explicit.finetune.frozen_epochs == 2  # explicit values win
     assert list(explicit.finetune.lr_ratios) == [0.5, 1, 1]
 
@@ -150,3 +152,126 @@ def test_the_demo_preset_keeps_every_swept_arms_schedule(arm: str, schedule: str
     assert swept.scheduler._target_.endswith(f".{schedule}") and swept.model.name == "resnet10t"
     demo = compose_config(["+experiment=focal_g02", "+preset=demo", "scheduler=cosine"])  # make demo
     assert demo.scheduler._target_ == "hpa_lightning.models.schedulers.cosine"
+
+
+@pytest.mark.parametrize(("overrides", "layer_decay"), [
+    (["model.name=vit_tiny_patch16_224"], 0.75),  # a pretrained transformer: BEiT/MAE/DINOv2's layer-wise decay
+    (["model.name=swin_tiny_patch4_window7_224"], 0.75),
+    (["model.name=convnext_atto"], None),  # CNNs keep the poster's three depth groups
+    (["model.name=vit_tiny_patch16_224", "model.pretrained=false"], None),  # from scratch: equal LRs
+    (["model.name=vit_tiny_patch16_224", "finetune.layer_decay=0.65"], 0.65),  # explicit values win
+    (["model.name=resnet18", "finetune.layer_decay=0.8"], 0.8),
+])
+def test_layer_decay_auto_is_for_pretrained_transformers(overrides: list[str], layer_decay: float | None) -> None:
+    from hpa_lightning.training.run import resolve_finetune
+
+    cfg = compose_config(overrides)
+    resolve_finetune(cfg)
+    assert cfg.finetune.layer_decay == layer_decay
+
+
+def test_a_layer_decay_outside_0_1_is_one_line() -> None:
+    from hpa_lightning.errors import FrozenStageError
+    from hpa_lightning.training.run import resolve_finetune
+
+    with pytest.raises(FrozenStageError, match=r"finetune.layer_decay=1.5: expected auto, null or a factor in \(0, 1"):
+        resolve_finetune(compose_config(["finetune.layer_decay=1.5"]))
+
+
+@pytest.mark.parametrize(("overrides", "img_size", "dynamic"), [
+    (["model.name=vit_tiny_patch16_224", "data.image_size=64"], 64, False),
+    # trained on crops, evaluated on the full images: dynamic image size where timm offers it
+    (["model.name=vit_tiny_patch16_224", "data.image_size=64", "crop.size=48"], 48, True),
+    (["model.name=vit_tiny_patch16_224", "data.image_size=64", "crop.size=48", "crop.eval=center"], 48, False),
+    (["model.name=maxvit_pico_rw_256", "data.image_size=128", "crop.size=64"], 64, False),  # no dynamic size in timm
+    (["model.name=resnet18", "data.image_size=64", "crop.size=48"], None, False),  # CNNs take any size
+])
+def test_the_model_node_gets_the_size_it_trains_on(overrides: list[str], img_size: int | None,
+                                                   dynamic: bool) -> None:
+    from hpa_lightning.training.run import resolve_model
+
+    cfg = compose_config(overrides)
+    assert cfg.model.img_size == "auto" and cfg.model.dynamic_img_size == "auto"
+    resolve_model(cfg)
+    assert cfg.model.img_size == img_size and cfg.model.dynamic_img_size is dynamic
+
+
+def test_an_explicit_network_size_other_than_the_training_size_is_one_line() -> None:
+    from hpa_lightning.errors import ConfigError
+    from hpa_lightning.training.run import resolve_model
+
+    cfg = compose_config(["model.name=vit_tiny_patch16_224", "data.image_size=64", "model.img_size=224"])
+    with pytest.raises(ConfigError, match=r"model.img_size=224: vit_tiny_patch16_224 trains on data.image_size=64 px"):
+        resolve_model(cfg)
+
+
+def test_scratch_is_one_switch_and_the_demo_shares_it() -> None:
+    """+preset=scratch: AdamW 0.002, cosine, no frozen epoch, equal LRs, no pretrained weights; the demo preset
+    includes the same shared part (conf/preset/scratch_base.yaml) and adds its sizes, never a schedule."""
+    scratch = compose_config(["+preset=scratch"])
+    assert scratch.recipe == "scratch" and scratch.model.pretrained is False
+    assert scratch.optimizer._target_ == "torch.optim.AdamW" and scratch.optimizer.lr == pytest.approx(0.002)
+    assert scratch.scheduler._target_ == "hpa_lightning.models.schedulers.cosine"
+    assert scratch.finetune.frozen_epochs == 0 and list(scratch.finetune.lr_ratios) == [1.0, 1.0, 1.0]
+    assert scratch.finetune.layer_decay is None and scratch.model.name == "resnet50"
+    demo = compose_config(["+experiment=focal_g02", "+preset=demo", "scheduler=cosine"])  # make demo
+    for key in ("recipe", "model.pretrained", "optimizer", "scheduler", "finetune"):
+        assert OmegaConf.select(demo, key) == OmegaConf.select(scratch, key), key
+    assert demo.model.name == "resnet10t" and demo.trainer.max_epochs == 6
+    assert compose_config([]).recipe == "poster"
+
+
+def test_the_log_says_which_recipe_runs(caplog: pytest.LogCaptureFixture) -> None:
+    from hpa_lightning.training.run import log_recipe, resolve_finetune
+
+    scratch = compose_config(["+preset=scratch"])
+    resolve_finetune(scratch)
+    with caplog.at_level("INFO", logger="hpa_lightning.training.run"):
+        log_recipe(scratch)
+    assert caplog.messages == ["recipe: scratch (no pretrained weights; AdamW lr=0.002, schedule cosine, "
+                               "frozen_epochs=0, LR ratios [1.0, 1.0, 1.0])"]
+    caplog.clear()
+    poster_from_scratch = compose_config(["model.pretrained=false"])
+    resolve_finetune(poster_from_scratch)
+    with caplog.at_level("INFO", logger="hpa_lightning.training.run"):
+        log_recipe(poster_from_scratch)
+    assert caplog.messages[0].startswith("recipe: poster (no pretrained weights; SGD lr=0.02, schedule constant")
+    assert "+preset=scratch is the recipe for it" in caplog.messages[1]
+
+
+@pytest.mark.slow
+def test_a_vit_from_a_local_224px_file_trains_at_the_data_size(shared_cache: Path, tmp_path: Path) -> None:
+    """The issue's failure (`model.name=vit_tiny_patch16_224 model.pretrained=<3-channel file> data.image_size=...`
+    raised `Input height (64) doesn't match model (224)`): through the entry point it trains, with layer-wise LR decay
+    in the LR trace, the frozen first epoch, and the network's size recorded."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "vit_tiny.safetensors"
+    rgb = timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=3)  # 224 px, like timm's weights
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(weights))
+    run_dir = tmp_path / "run"
+    proc = run_train(["+experiment=focal_g02", "+preset=tiny", "model.name=vit_tiny_patch16_224",
+                      f"model.pretrained={weights}", f"hydra.run.dir={run_dir}"], shared_cache, REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["pretrained_loaded"] is True and results["layer_decay"] == 0.75 and results["frozen_epochs"] == 1
+    assert results["model_img_size"] == results["image_size"] == 32 and results["recipe"] == "poster"
+    trace = pd.read_csv(run_dir / "lr_trace.csv")
+    assert list(trace.columns) == ["step", "epoch", "stem", *[f"blocks.{i}" for i in range(11)], "blocks.11+norm",
+                                   "head"]
+    assert "recipe: poster (pretrained weights; SGD lr=0.02" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_size_the_architecture_cannot_run_at_is_one_line_exit_2_before_any_data(shared_cache: Path,
+                                                                                   tmp_path: Path) -> None:
+    proc = run_train(["+preset=tiny", "model.name=maxvit_pico_rw_256", "data.image_size=72",
+                      f"hydra.run.dir={tmp_path / 'run'}"], shared_cache, REPO)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model.name=maxvit_pico_rw_256 cannot run at data.image_size=72 (AssertionError")
+    assert last.endswith("the nearest size that works is data.image_size=64")
+    assert not (tmp_path / "run" / "results.json").exists()
