@@ -75,14 +75,44 @@ def write_json_atomic(path: Path, payload: object) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
-def publish_folder(tmp: Path, target: Path, marker: str) -> None:
-    """Rename a complete temporary folder to its final name. When a concurrent builder got there first (the target
-    holds its `marker` file, written last), theirs is equally valid and kept; the caller removes `tmp`."""
+@contextlib.contextmanager
+def atomic_folder(target: Path, marker: str | None = None, replace: bool = False,
+                  unique: bool = True) -> Iterator[Path]:
+    """A temporary sibling folder to build `target` in, published as `target` by one rename when the block ends
+    normally and removed whatever happens: no reader ever sees half a folder under the real name.
+
+    An empty `target` (a placeholder) is replaced; `replace=True` swaps out a complete old one, removed only once the
+    new one is in place. With `marker`, a complete folder that a concurrent builder published first (it holds
+    `marker`, written last) is equally valid and kept, and ours dropped. Otherwise a `target` that appears meanwhile
+    is a `FileExistsError`. `unique=False`: the temporary name has no random part (one per host and process), so a
+    process that dies leaves a name `remove_stale_temporaries` finds.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(target, unique=unique)
+    shutil.rmtree(tmp, ignore_errors=True)  # only with unique=False: left by a killed process that had our pid
+    tmp.mkdir()
     try:
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / marker).is_file():
-            raise
+        yield tmp
+        old = None
+        if replace and target.is_dir():
+            old = target.with_name(f"{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        elif target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        try:
+            os.rename(tmp, target)  # refused (EEXIST, ENOTEMPTY) when another folder is already there
+        except OSError as err:
+            if not (marker and (target / marker).is_file()):
+                if target.exists():
+                    raise FileExistsError(f"{target} appeared while it was being written; it is never "
+                                          f"overwritten") from err
+                raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import numpy as np
 from hpa_lightning.bench.common import note
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.data.sources import read_label_table
-from hpa_lightning.files import publish_folder, temporary_sibling, write_text_atomic
+from hpa_lightning.files import atomic_folder, write_text_atomic
 
 
 def tiled_dataset(cache: Path, n: int, unique: int, size: int, texture_noise: float, workers: int) -> Path:
@@ -32,9 +32,8 @@ def tiled_dataset(cache: Path, n: int, unique: int, size: int, texture_noise: fl
     target = cache / f"tiled-n{n}-{rendered.name}"
     if (target / "train.csv").is_file():
         return target
-    tmp = temporary_sibling(target)
-    (tmp / "train").mkdir(parents=True)
-    try:
+    with atomic_folder(target, marker="train.csv") as tmp:
+        (tmp / "train").mkdir()
         table = read_label_table(rendered / "train.csv")
         rows = []
         for i in range(n):
@@ -53,9 +52,6 @@ def tiled_dataset(cache: Path, n: int, unique: int, size: int, texture_noise: fl
             writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(["Id", "Target"])
             writer.writerows(rows)
-        publish_folder(tmp, target, "train.csv")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

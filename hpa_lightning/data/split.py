@@ -8,7 +8,6 @@ in one part.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pandas as pd
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.data.store import PackedStore
 from hpa_lightning.errors import DataError
-from hpa_lightning.files import publish_folder, remove_stale_temporaries, temporary_sibling, write_json_atomic
+from hpa_lightning.files import atomic_folder, remove_stale_temporaries, write_json_atomic
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -145,19 +144,13 @@ def prepare_split(store: PackedStore, val_fraction: float = 0.1, test_fraction: 
         mean, std = channel_stats(store.images(), np.flatnonzero(assignment == "train"))
         folder.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)
-        tmp = temporary_sibling(folder)
-        tmp.mkdir()
-        try:
+        with atomic_folder(folder, marker="stats.json") as tmp:
             pd.DataFrame({"Id": store.ids, "split": assignment}).to_csv(tmp / "split.csv", index=False)
             counts = {name: int((assignment == name).sum()) for name in SPLIT_NAMES}
             write_json_atomic(tmp / "stats.json", {"mean": mean, "std": std, "channels": list(CHANNELS),
                                                    "units": "[0,1] (uint8 / 255)", "computed_on": "train",
                                                    "counts": counts, "seed": seed, "folds": folds,
                                                    "fold": fold if folds else None})
-            publish_folder(tmp, folder, "stats.json")
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return load_split(folder, store)
 
 

@@ -42,13 +42,7 @@ from hpa_lightning.data.sources import (
     read_sources,
 )
 from hpa_lightning.errors import DataError
-from hpa_lightning.files import (
-    exclusive,
-    publish_folder,
-    remove_stale_temporaries,
-    temporary_sibling,
-    write_json_atomic,
-)
+from hpa_lightning.files import atomic_folder, exclusive, remove_stale_temporaries, write_json_atomic
 from hpa_lightning.resources import available_cpus
 
 log = logging.getLogger(__name__)
@@ -283,9 +277,7 @@ def _pack(sources: list[DataSource], table: LabelTable, source_of: np.ndarray, t
     """Decode every sample into `<target>.tmp-...` and publish it as `target` when complete."""
     remove_stale_temporaries(target)
     check_free_space(target.parent, len(table), size)
-    tmp = temporary_sibling(target)
-    tmp.mkdir()
-    try:
+    with atomic_folder(target, marker="meta.json") as tmp:
         shape = (len(table), len(CHANNELS), size, size)
         header_bytes = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape).offset
         writer = _RowWriter(tmp / "images.npy", header_bytes, size, skip_bad=on_bad_sample == "skip",
@@ -343,10 +335,6 @@ def _pack(sources: list[DataSource], table: LabelTable, source_of: np.ndarray, t
                 "channels": list(CHANNELS), "num_classes": len(classes), "classes": classes.name,
                 "class_names": list(classes.names), "fingerprint": fingerprint}
         write_json_atomic(tmp / "meta.json", meta)
-        publish_folder(tmp, target, "meta.json")
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_skipped(skipped: list[tuple[str, str]], total: int, max_bad_fraction: float) -> None:

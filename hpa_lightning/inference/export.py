@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.errors import InferenceError
-from hpa_lightning.files import temporary_sibling, write_json_atomic
+from hpa_lightning.files import atomic_folder, write_json_atomic
 from hpa_lightning.inference.load import (
     CARD_NAME,
     ENSEMBLE_FORMAT,
@@ -107,17 +106,8 @@ def _write_weights_and_card(model: InferenceModel, folder: Path) -> None:
 
 def _publish(out: Path, write) -> Path:
     """`write(tmp)` into a temporary sibling of `out`, renamed to `out` when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(out)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         write(tmp)
-        if out.is_dir():
-            out.rmdir()  # empty (checked by the caller); rename cannot replace a non-empty folder anyway
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -128,11 +128,9 @@ DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "explain", "i
 def explain(args: dict[str, object]) -> dict[str, object]:
     """Class maps of the images of `input` (the `ids`, else the first `limit`) for the chosen classes, written to
     the folder `out` (PNG composites, one PNG a map, index.html) under a temporary name renamed when complete."""
-    import os
-    import shutil
 
     from hpa_lightning.errors import InferenceError
-    from hpa_lightning.files import temporary_sibling
+    from hpa_lightning.files import atomic_folder
     from hpa_lightning.inference.load import load_model
     from hpa_lightning.inference.predict import ImageFolderDataset, resolve_device, resolve_input
     from hpa_lightning.models.augment import center_crop
@@ -162,11 +160,8 @@ def explain(args: dict[str, object]) -> dict[str, object]:
     dataset = ImageFolderDataset(data.image_dir, ids, model.image_size,
                                  str(args["sixteen_bit"]) or model.extra.get("sixteen_bit", "divide"))
     crop = model.crop or {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(out)
-    tmp.mkdir()
     entries, methods = [], set()
-    try:
+    with atomic_folder(out) as tmp:
         for i, sample_id in enumerate(ids):
             item = dataset[i]
             if item["error"]:
@@ -194,11 +189,5 @@ def explain(args: dict[str, object]) -> dict[str, object]:
                                       "probability": float(probs[0, class_id])})
             entries.append(entry)
         index = write_index(tmp, entries, f"Class maps ({', '.join(sorted(methods))}) of {model.source}")
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"out": out, "index": out / index.name, "images": len(entries), "methods": sorted(methods),
             "maps": sum(len(e["maps"]) for e in entries), "model": model}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hpa_lightning import SOURCE_ROOT
 from hpa_lightning.errors import UsageError
-from hpa_lightning.files import temporary_sibling, write_json_atomic
+from hpa_lightning.files import atomic_folder, write_json_atomic
 
 PACKAGES = ("torch", "lightning", "timm", "kornia", "hydra-core", "scikit-learn", "numpy", "pandas", "hpa_lightning")
 COPIED = ("report.md", "results.csv", "test_macro_f1.png", "test_roc_auc.png")
@@ -111,10 +111,7 @@ def reproduce(work: Path, docs: Path, preset: str = "demo", arms: str | None = N
 
 def publish(report: Path, docs: Path, record: dict) -> None:
     """The report's table, figures and plots plus run.json and commands.txt into `docs`, replacing it whole."""
-    docs.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(docs)
-    tmp.mkdir()
-    try:
+    with atomic_folder(docs, replace=True) as tmp:
         for name in COPIED:
             if (report / name).is_file():
                 shutil.copy2(report / name, tmp / name)
@@ -124,14 +121,6 @@ def publish(report: Path, docs: Path, record: dict) -> None:
         (tmp / "report.md").write_text(text)  # no machine-specific paths in the committed table
         write_json_atomic(tmp / "run.json", record)
         (tmp / "commands.txt").write_text("".join(f"{step['command']}\n" for step in record["steps"].values()))
-        old = docs.with_name(docs.name + ".old")
-        if docs.exists():
-            docs.rename(old)
-        os.rename(tmp, docs)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def summary(record: dict) -> str:

@@ -117,7 +117,7 @@ def test_a_concurrent_generator_finishing_first_is_a_file_exists_error(tmp_path:
         real_rename(src, dst)
 
     monkeypatch.setattr(synth_dataset.os, "rename", other_generator_first)
-    with pytest.raises(FileExistsError, match="appeared while generating"):
+    with pytest.raises(FileExistsError, match="appeared while it was being written"):
         synth.generate(root, n=3, size=32, workers=1)
     assert len(read_csv(root)) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hpa"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from hpa_lightning.data.synth.scene import (
     build_scene,
     unit_noise,
 )
-from hpa_lightning.files import remove_stale_temporaries, temporary_sibling
+from hpa_lightning.files import atomic_folder, remove_stale_temporaries
 from hpa_lightning.resources import available_cpus
 
 
@@ -184,11 +183,10 @@ def generate(
     root.parent.mkdir(parents=True, exist_ok=True)
     absolute = Path(os.path.abspath(root))  # normalises "." and trailing slashes before taking the name
     remove_stale_temporaries(absolute)
-    tmp = temporary_sibling(absolute, unique=False)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier process that had our pid
-    train_dir = tmp / "train"
-    train_dir.mkdir(parents=True)
-    try:
+    # an existing `root` is refused above; one that another generator publishes meanwhile is a FileExistsError
+    with atomic_folder(absolute, unique=False) as tmp:
+        train_dir = tmp / "train"
+        train_dir.mkdir()
         labels, ids = _plan(n, seed)
         workers = min(workers, n)
         if workers == 1:
@@ -200,13 +198,4 @@ def generate(
             writer.writerow(["Id", "Target"])
             for sample_id, lab in sorted(zip(ids, labels, strict=True)):  # Kaggle's train.csv is sorted by Id
                 writer.writerow([sample_id, " ".join(map(str, lab))])
-        try:
-            os.rename(tmp, root)  # refused (ENOTEMPTY) when another generator's folder is already there
-        except OSError as error:
-            if root.exists():
-                raise FileExistsError(f"{root} appeared while generating; synth never overwrites") from error
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
