@@ -309,3 +309,15 @@ def test_stores_of_jpgs_packed_by_the_full_decode_are_not_reused(kaggle_png: Pat
     skipping = store.store_path(kaggle_png, SIZE, tmp_path / "c", on_bad_sample="skip", max_image_pixels=10**6)
     assert skipping.name.endswith("-skipbad-maxpx1000000")
     assert store.store_path(kaggle_png, SIZE, tmp_path / "c", max_image_pixels=10**6) == before[kaggle_png]
+
+
+@pytest.mark.parametrize("channel", list(CHANNEL_PLANES))
+def test_the_plane_of_an_rgb_channel_file_is_the_float_rule_in_integers(channel: str, tmp_path: Path) -> None:
+    """Yellow is the mean of red and green rounded half to even (np.rint), as the float64 rule it replaced gave."""
+    rng = np.random.default_rng(len(channel))
+    rgb = rng.integers(0, 256, (61, 47, 3), dtype=np.uint8)
+    own = list(CHANNEL_PLANES[channel])
+    rgb[..., [i for i in range(3) if i not in own]] //= 64  # JPEG-like chroma noise in the other planes
+    Image.fromarray(rgb).save(tmp_path / f"x_{channel}.png")
+    expected = np.rint(rgb[..., own].astype(np.float64).mean(axis=-1)).astype(np.uint8)
+    np.testing.assert_array_equal(decode_channel(tmp_path / f"x_{channel}.png", channel), expected)
