@@ -25,6 +25,7 @@ import shutil
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 import numpy as np
@@ -206,11 +207,13 @@ class _RowWriter:
 
 
 _worker_writer: _RowWriter | None = None
+_worker_stop: EventType | None = None
+_STOPPED = "stopped: another sample failed"  # what a worker returns for the tasks left when the packing failed
 
 
-def _init_worker(writer: _RowWriter) -> None:
-    global _worker_writer
-    _worker_writer = writer
+def _init_worker(writer: _RowWriter, stop: EventType | None = None) -> None:
+    global _worker_writer, _worker_stop
+    _worker_writer, _worker_stop = writer, stop
     # Forked workers inherit the parent's handlers; submitit's job handler ignores SIGTERM, and a worker that ignores
     # it would make the pool's shutdown wait for ever.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -219,6 +222,8 @@ def _init_worker(writer: _RowWriter) -> None:
 
 def _write_in_worker(task: tuple[int, str, str]) -> tuple[int, str | None, int | None]:
     assert _worker_writer is not None
+    if _worker_stop is not None and _worker_stop.is_set():
+        return task[0], _STOPPED, None
     return _worker_writer(task)
 
 
@@ -231,12 +236,20 @@ def _write_all(writer: _RowWriter, tasks: list[tuple[int, str, str]],
             writer.close()
         return
     # fork: the workers only need numpy/PIL, and fork starts them without re-importing torch.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(writer,))
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    stop = context.Event()
+    pool = context.Pool(workers, initializer=_init_worker, initargs=(writer, stop))
     try:
         yield from pool.imap_unordered(_write_in_worker, tasks, chunksize=4)
         pool.close()  # all work done: let the workers exit on their own rather than signalling them
-    except BaseException:
+    except DataError:
+        # A bad sample (on_bad_sample=error): the workers pass over the tasks left and exit on their own. Terminating
+        # them instead can kill one while it holds the result queue's lock, and the pool's shutdown then waits for
+        # ever for that lock (a pack test on a loaded machine waited 24 minutes in that shutdown).
+        stop.set()
+        pool.close()
+        raise
+    except BaseException:  # interrupted: stop at once
         pool.terminate()
         raise
     finally:
