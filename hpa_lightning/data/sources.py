@@ -194,9 +194,10 @@ def _channel_plane(rgb: np.ndarray, path: Path, channel: str) -> np.ndarray:
     return (half + (total & half & 1)).astype(np.uint8)
 
 
-# HPA images are at most about 3072 x 3072 px (9.4 Mpx). A channel file whose header declares more than this is an
-# image bomb (a 400 KB PNG can declare 20000 x 20000 px, 400 MB once decoded) or not a microscopy image: it is refused
-# from its header, before anything is decoded (data.max_image_pixels; pack and predict: max_image_pixels=).
+# HPA images are at most about 3072 x 3072 px (9.4 Mpx). A channel file whose header declares more pixels than this
+# bound is an image bomb (a 400 KB PNG can declare 20000 x 20000 px, 400 MB once decoded) or not a microscopy image:
+# it is refused from its header, before anything is decoded (data.max_image_pixels; pack and predict:
+# max_image_pixels=).
 DEFAULT_MAX_IMAGE_PIXELS = 16384 * 16384
 # Pillow checks its own bomb limit (Image.MAX_IMAGE_PIXELS, 89 Mpx) inside Image.open: above it a warning and a full
 # decode, above twice it a DecompressionBombError. For channel files the configurable bound above replaces it: a
@@ -206,12 +207,12 @@ DEFAULT_MAX_IMAGE_PIXELS = 16384 * 16384
 _PILLOW_LIMIT_LOCK = threading.Lock()
 # JPGs much larger than the decode target are decoded by DCT scaling (Pillow's draft: libjpeg decodes at 1/2, 1/4 or
 # 1/8 scale), the largest reduction that keeps at least JPEG_DRAFT_OVERSAMPLING x the target, and then resized to it
-# as usual. At 2 (2048 px HPAv18 JPGs -> 1024 -> 512 px) the result is within 0.26 grey levels mean (max 3) of the full
-# decode, below the JPEG compression error itself at 512 px (about 0.5), and 3.5x faster (the full decode, plane
-# extraction and resize of a 2048 px RGB file cost the time). Drafting straight to the target (1) was 8x faster but
-# differs by 1.5 grey levels mean (max 26): the reduced IDCT works block by block, a box filter over 4x4 or 8x8
-# pixels, where the resize is an anti-aliasing triangle filter. Nothing is drafted when the file is less than twice
-# the oversampled target (the smallest reduction is 1/2), so small JPGs decode in full as before.
+# as usual. At 2 (2048 px HPAv18 JPGs -> 1024 -> 512 px) a sample decodes 4x faster than by the full decode (bench
+# section 6) and within 0.26 grey levels mean (p99 1, max 4) of it, below the JPEG compression error itself at 512 px
+# (0.45-0.63 at quality 95-90). Drafting straight to the target (1) was 7x faster but 1.5 grey levels mean (max 21)
+# away: the reduced IDCT works block by block, a box filter over 4x4 or 8x8 pixels, where the resize is an
+# anti-aliasing triangle filter. Nothing is drafted when the file is less than twice the oversampled target (the
+# smallest reduction is 1/2).
 JPEG_DRAFT_OVERSAMPLING = 2
 
 
