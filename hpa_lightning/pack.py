@@ -6,6 +6,7 @@ import sys
 
 from hpa_lightning.classes import class_set
 from hpa_lightning.cli import fail, parse_key_values
+from hpa_lightning.data.sources import DEFAULT_MAX_IMAGE_PIXELS
 from hpa_lightning.data.store import build_store
 from hpa_lightning.errors import DataError, UsageError
 
@@ -17,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
         args = parse_key_values(sys.argv[1:] if argv is None else argv,
                                 {"root": None, "size": 512, "cache_dir": ".cache/stores", "image_dir": "train",
                                  "workers": 0, "val_fraction": 0.1, "test_fraction": 0.1, "seed": 42,
-                                 "sixteen_bit": "divide", "duplicates": "drop", "classes": "hpa2018"},
+                                 "sixteen_bit": "divide", "duplicates": "drop", "classes": "hpa2018",
+                                 "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS},
                                 "hpa_lightning.pack")
         if not args["root"]:
             raise UsageError("hpa_lightning.pack: root=DIR is required (a folder holding train.csv and train/)")
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         store = build_store(roots if len(roots) > 1 else roots[0], int(args["size"]), args["cache_dir"],
                             str(args["image_dir"]), workers=int(args["workers"]) or None, progress=True,
                             sixteen_bit=str(args["sixteen_bit"]), duplicates=str(args["duplicates"]),
-                            classes=class_set(str(args["classes"])))
+                            classes=class_set(str(args["classes"])), max_image_pixels=int(args["max_image_pixels"]))
         split = prepare_split(store, float(args["val_fraction"]), float(args["test_fraction"]), int(args["seed"]),
                               knob_prefix="")
     except (DataError, UsageError) as err:

@@ -3,7 +3,7 @@
     python -m hpa_lightning.predict ckpt=RUN_DIR|CKPT|EXPORT_DIR input=DIR [out=submission.csv] [tta=1|2|4|8]
         [batch_size=32] [workers=-1] [image_dir=test] [device=auto|cpu|cuda] [image_size=0]
         [channels_last=true] [progress=true] [sixteen_bit=divide|percentile] [tta_crops=0] [tta_reduce=mean|max]
-        [trust=mymodels.factory,...] [classes=hpa2018|hpa2021|CSV]
+        [trust=mymodels.factory,...] [classes=hpa2018|hpa2021|CSV] [max_image_pixels=268435456]
 
 Input is the Kaggle layout: `DIR/sample_submission.csv` (Id,Predicted; HPA 2021's has ID) fixes the Ids and their
 order, images are `{Id}_{red,green,blue,yellow}.{png,jpg,tif}` in `DIR/test/` (or `DIR/<image_dir>/`), else in DIR
@@ -13,7 +13,9 @@ refused.
 
 Images are resized to the training resolution exactly as the training store was packed (`image_size` from the run's
 results.json or the export card; `image_size=N` overrides), decoded by DataLoader worker processes, standardised
-with the training statistics on the device, and averaged over `tta` dihedral views (see `inference/tta.py`). A
+with the training statistics on the device, and averaged over `tta` dihedral views (see `inference/tta.py`); a JPG
+at least twice the training resolution is decoded at a reduced DCT scale, as the packer decodes it, and a channel
+file whose header declares more than `max_image_pixels` pixels (16384 x 16384) is refused before decoding. A
 model trained on crops (`crop.size`) sees what its validation saw (the full image or its centre window), or with
 `tta_crops=K` K fixed random windows of its crop size, each with the `tta` views; `tta_reduce=max` takes the
 maximum over all views instead of the mean (bestfitting's choice).

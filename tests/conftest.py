@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,18 @@ def write_kaggle_folder(root: Path, targets: dict[str, str], size: int = 16, see
             pixels = rng.integers(0, 256, (size, size), dtype=np.uint8)
             Image.fromarray(pixels, mode="L").save(root / "train" / f"{sample_id}_{channel}.png")
     return root
+
+
+def png_declaring(path: Path, width: int, height: int) -> Path:
+    """A 1x1 greyscale PNG whose header says `width` x `height`: what a decompression bomb looks like from its header
+    (a real one holds the data too; this one would fail as truncated if it were ever decoded)."""
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # the chunk's CRC covers its type and data
+    path.write_bytes(bytes(data))
+    return path
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train"):

@@ -2,6 +2,7 @@ from .augment import bench_augment
 from .common import PROFILES, SECTIONS, TARGETS, Profile
 from .datasets import tiled_dataset
 from .gpu import bench_gpu
+from .jpeg import bench_jpeg, jpeg_dataset
 from .loading import bench_loading
 from .overhead import bench_overhead, project_recipe
 from .packing import bench_packing
@@ -15,9 +16,11 @@ __all__ = [
     "TARGETS",
     "bench_augment",
     "bench_gpu",
+    "bench_jpeg",
     "bench_loading",
     "bench_overhead",
     "bench_packing",
+    "jpeg_dataset",
     "main",
     "project_recipe",
     "quiet_libraries",

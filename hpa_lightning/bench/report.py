@@ -68,6 +68,10 @@ def render_report(result: dict) -> str:
                 f"best {x['best_images_per_s']:.0f} images/s {verdict('gpu_images_per_s')}")
             if x.get("compile_speedup") is not None:
                 row(" ", "", f"{x['compile_speedup']:.2f}x", "model.compile / eager, images/s")
+    if "jpeg" in s:
+        x = s["jpeg"]
+        row("6", "jpeg", f"{x['ratio']:.1f}x", f"full decode / JPEG draft, per sample ({x['jpg_px']} px JPGs to "
+            f"{x['image_size']} px)", f"|diff| {x['mean_abs_diff']:.2f} {verdict('jpeg_draft_speedup')}")
     for name, err in result.get("errors", {}).items():
         lines.append(f"  ! {name}: FAILED: {err}")
 
@@ -125,6 +129,14 @@ def render_report(result: dict) -> str:
                 lines.append(f"              {label:<9} {r['images_per_s']:7.1f} images/s, step {r['step_ms']:.1f} ms, "
                              f"waiting for data {r['data_wait_ms']:.2f} ms/step ({100 * r['data_wait_share']:.1f}%)")
         lines.append(f"              best {x['best_images_per_s']:.1f} images/s {verdict('gpu_images_per_s')}")
+    if "jpeg" in s:
+        x = s["jpeg"]
+        lines.append(f"  6 jpeg      {x['samples']} samples of 4 RGB JPGs at {x['jpg_px']} px (quality {x['quality']}, "
+                     f"mean {x['mean_jpg_kb']:.0f} KB) to {x['image_size']} px, median of {x['rounds']} alternating "
+                     f"rounds:")
+        lines.append(f"              draft {x['draft_ms']:.1f} ms/sample, full decode {x['full_ms']:.1f} ms/sample; "
+                     f"|draft - full| mean {x['mean_abs_diff']:.2f}, p99 {x['p99_abs_diff']:.0f}, max "
+                     f"{x['max_abs_diff']} grey levels")
     notes = diagnostics(result)
     if notes:
         lines.append("")
@@ -165,6 +177,7 @@ def collect_targets(sections: dict) -> dict:
         "framework_overhead": sections.get("overhead", {}).get("ratio"),
         "pack_peak_rss_mb": sections.get("packing", {}).get("peak_rss_mb"),
         "gpu_images_per_s": sections.get("gpu", {}).get("best_images_per_s"),
+        "jpeg_draft_speedup": sections.get("jpeg", {}).get("ratio"),
     }
     targets = {}
     for key, value in values.items():
@@ -184,4 +197,5 @@ def headline_ratios(sections: dict) -> dict:
         "augment_share": sections.get("augment", {}).get("ratio"),
         "gpu_compile_speedup": gpu.get("compile_speedup"),
         "gpu_data_wait_share": gpu.get("data_wait_share"),
+        "jpeg_draft_speedup": sections.get("jpeg", {}).get("ratio"),
     }

@@ -11,6 +11,8 @@ Sections (each prints a ratio of two things measured in the same run, same data,
               work (same model, loader, optimizer groups, DeviceTransform, loss); median of alternating runs
   4 augment   the kornia augmentation as a share of a training step (CPU; also on the GPU when there is one)
   5 gpu       ResNet50 at 512 px, bf16-mixed, channels_last, eager and model.compile: images/s and data wait per step
+  6 jpeg      per-sample decoding of HPAv18-like 2048 px RGB JPGs to 512 px as the packer does it (DCT scaling, then
+              the resize) vs the full decode + resize, alternating rounds over the same files
 
 Generated data live in `cache` (default $HPA_CACHE_DIR/bench or .cache/bench), so reruns skip generation. The full
 mode renders `unique` samples and hard-links them under new ids up to `n` (decoding cost is per file, so packing and
@@ -45,6 +47,7 @@ from hpa_lightning.bench.augment import bench_augment
 from hpa_lightning.bench.common import PROFILES, SECTIONS, Profile, note
 from hpa_lightning.bench.datasets import png_sizes, tiled_dataset
 from hpa_lightning.bench.gpu import bench_gpu
+from hpa_lightning.bench.jpeg import bench_jpeg
 from hpa_lightning.bench.loading import bench_loading
 from hpa_lightning.bench.overhead import bench_overhead, build_module, overhead_datamodule, project_recipe
 from hpa_lightning.bench.packing import bench_packing
@@ -127,6 +130,11 @@ def run(args: dict) -> dict:
         attempt("packing", lambda: bench_packing(data_root, cache, prof, workers))
     if "loading" in wanted:
         attempt("loading", lambda: bench_loading(data_root, cache, prof, workers))
+    if "jpeg" in wanted:
+        # its few samples from the sections' data when rendered anyway, else rendered alone (seconds, not minutes)
+        jpeg_source = data_root or tiled_dataset(cache, prof.jpeg_samples, prof.jpeg_samples, prof.size,
+                                                 prof.texture_noise, workers)
+        attempt("jpeg", lambda: bench_jpeg(jpeg_source, cache, prof))
     recipe = None
     if {"overhead", "augment", "gpu"} & set(wanted):
         recipe = project_recipe(prof.ovh_model)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from hpa_lightning.classes import DEFAULT_CLASSES, NUM_CLASSES, class_set
 from hpa_lightning.data.loader import PackedDataset, ThreadedDataLoader, collate_batch
-from hpa_lightning.data.sources import parse_sources
+from hpa_lightning.data.sources import DEFAULT_MAX_IMAGE_PIXELS, parse_sources
 from hpa_lightning.data.split import Split, prepare_split
 from hpa_lightning.data.store import PackedStore, build_store, store_path
 from hpa_lightning.errors import DataError
@@ -50,6 +50,8 @@ class HPADataModule(L.LightningDataModule):
             so an epoch holds about sum(r_i) samples and rare classes are seen r_c times as often.
         classes: the label space (`hpa2018`, `hpa2021` or a CSV `id,name`; hpa_lightning.classes): the labels are
             its ids, and the model's head, metrics and outputs take their size and names from it.
+        max_image_pixels: a channel file whose header declares more pixels is refused before it is decoded (an
+            image bomb); with `on_bad_sample="skip"` its sample is skipped like any other unreadable one.
     """
 
     def __init__(self, root: object, image_size: int = 512, cache_dir: str = ".cache/stores", image_dir: str = "train",
@@ -58,7 +60,8 @@ class HPADataModule(L.LightningDataModule):
                  pin_memory: bool = True, persistent_workers: bool = True, pack_workers: int | None = None,
                  max_samples: int | None = None, oversample: bool = False, oversample_threshold: float = 0.05,
                  on_bad_sample: str = "error", max_bad_fraction: float = 0.01, sixteen_bit: str = "divide",
-                 duplicates: str = "drop", duplicate_distance: int = 3, classes: str = DEFAULT_CLASSES):
+                 duplicates: str = "drop", duplicate_distance: int = 3, classes: str = DEFAULT_CLASSES,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         super().__init__()
         self.class_set = class_set(classes)
         if synthetic and self.class_set.name != DEFAULT_CLASSES:
@@ -92,6 +95,7 @@ class HPADataModule(L.LightningDataModule):
         self.max_bad_fraction = max_bad_fraction
         self.sixteen_bit = sixteen_bit
         self.duplicates, self.duplicate_distance = duplicates, duplicate_distance
+        self.max_image_pixels = max_image_pixels
         self.store: PackedStore | None = None
         self.split: Split | None = None
         self.datasets: dict[str, PackedDataset] = {}
@@ -112,7 +116,7 @@ class HPADataModule(L.LightningDataModule):
                             workers=self.pack_workers, progress=True, on_bad_sample=self.on_bad_sample,
                             max_bad_fraction=self.max_bad_fraction, sixteen_bit=self.sixteen_bit,
                             duplicates=self.duplicates, duplicate_distance=self.duplicate_distance,
-                            classes=self.class_set)
+                            classes=self.class_set, max_image_pixels=self.max_image_pixels)
         prepare_split(store, **self.split_cfg)
 
     def setup(self, stage: str | None = None) -> None:
@@ -120,7 +124,8 @@ class HPADataModule(L.LightningDataModule):
             return
         self.store = PackedStore.open(store_path(self.root_spec, self.image_size, self.cache_dir, self.image_dir,
                                                  self.on_bad_sample, sixteen_bit=self.sixteen_bit,
-                                                 duplicates=self.duplicates, classes=self.class_set))
+                                                 duplicates=self.duplicates, classes=self.class_set,
+                                                 max_image_pixels=self.max_image_pixels))
         self.split = prepare_split(self.store, **self.split_cfg)
         for name in ("train", "val", "test"):
             indices = self.split.indices(name)

@@ -11,7 +11,7 @@ Layout of a store folder (named by source and size, so a new size or a changed t
 A store is built under a temporary name and renamed when complete: a folder with the final name is always whole.
 
 CLI: python -m hpa_lightning.pack root=DIR[,DIR2,...] size=512 [cache_dir=.cache/stores] [image_dir=train]
-     [workers=N] [sixteen_bit=divide|percentile] [duplicates=drop|keep|error]
+     [workers=N] [sixteen_bit=divide|percentile] [duplicates=drop|keep|error] [max_image_pixels=268435456]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import shutil
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,12 @@ from numpy.lib.format import open_memmap
 from hpa_lightning.classes import CHANNELS, HPA2018, ClassSet
 from hpa_lightning.data.duplicates import DUPLICATE_POLICIES, find_duplicates, green_hash
 from hpa_lightning.data.sources import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    JPEG_DRAFT_OVERSAMPLING,
     SIXTEEN_BIT_RULES,
     DataSource,
     LabelTable,
+    check_max_pixels,
     load_sample,
     parse_sources,
     read_sources,
@@ -49,6 +53,15 @@ log = logging.getLogger(__name__)
 
 
 STORE_FORMAT = 1
+# How JPG channel files are decoded: since issue 26 a JPG at least 4x the store's size is decoded at a reduced DCT
+# scale (sources.JPEG_DRAFT_OVERSAMPLING), which moves pixels by less than the JPEG compression error (0.26 grey
+# levels mean at 2048 -> 512 px) against the full decode that stores packed before hold. Part of the fingerprint of
+# sources holding JPGs, and only of those: a store of JPGs packed before is packed anew rather than reused as if its
+# pixels were what this code makes (runs compared across the change would otherwise differ for no visible reason; the
+# repack drafts too, so it is several times faster than the first packing), while PNG and TIFF stores, whose pixels did
+# not change, stay valid.
+JPEG_DECODER = f"draft-x{JPEG_DRAFT_OVERSAMPLING}"
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,8 @@ class PackedStore:
 def source_fingerprint(csv_path: Path, image_dir: Path) -> str:
     """What the store is a function of: train.csv's bytes, the image folder's path, and the name, size and
     modification time of every file in that folder (a stat each, about a second for the 124288 Kaggle files), so
-    that a replaced, added or removed channel file packs a new store instead of reusing old pixels."""
+    that a replaced, added or removed channel file packs a new store instead of reusing old pixels; for a folder
+    holding JPGs, also how they are decoded (JPEG_DECODER)."""
     digest = hashlib.sha256()
     digest.update(str(image_dir.resolve()).encode())
     digest.update(csv_path.read_bytes())
@@ -102,6 +116,8 @@ def source_fingerprint(csv_path: Path, image_dir: Path) -> str:
             files = sorted((entry.name, entry.stat()) for entry in entries if entry.is_file())
         for name, stat in files:
             digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        if any(name.lower().endswith(JPEG_SUFFIXES) for name, _ in files):
+            digest.update(f"jpeg decoder {JPEG_DECODER}\n".encode())
     return digest.hexdigest()
 
 
@@ -126,13 +142,16 @@ def sources_fingerprint(sources: list[DataSource]) -> str:
 
 def store_path(root: object, size: int, cache_dir: str | Path, image_dir: str = "train",
                on_bad_sample: str = "error", fingerprint: str | None = None, sixteen_bit: str = "divide",
-               duplicates: str = "drop", classes: ClassSet = HPA2018) -> Path:
+               duplicates: str = "drop", classes: ClassSet = HPA2018,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Path:
     sources = parse_sources(root, image_dir)
     fingerprint = fingerprint or sources_fingerprint(sources)
     # a store that skipped bad samples holds fewer rows: never reuse it for a strict run, or the other way round
     policy = "-skipbad" if on_bad_sample == "skip" else ""
     policy += "" if sixteen_bit == "divide" else f"-16bit{sixteen_bit}"  # another 8-bit mapping, other pixels
     policy += classes.store_tag  # other label columns
+    if on_bad_sample == "skip" and max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS:
+        policy += f"-maxpx{max_image_pixels}"  # another bound skips other samples (a strict run stops instead)
     name = sources[0].name
     if len(sources) > 1:
         name += f"+{len(sources) - 1}"
@@ -150,9 +169,9 @@ class _RowWriter:
     """
 
     def __init__(self, path: Path, header_bytes: int, size: int, skip_bad: bool, sixteen_bit: str = "divide",
-                 hash_green: bool = False):
+                 hash_green: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.path, self.header_bytes, self.size, self.skip_bad = path, header_bytes, size, skip_bad
-        self.sixteen_bit, self.hash_green = sixteen_bit, hash_green
+        self.sixteen_bit, self.hash_green, self.max_pixels = sixteen_bit, hash_green, max_pixels
         self.row_bytes = len(CHANNELS) * size * size
         self._fd: int | None = None
 
@@ -161,7 +180,7 @@ class _RowWriter:
         as unreadable."""
         row, image_dir, sample_id = task
         try:
-            sample = load_sample(image_dir, sample_id, self.size, self.sixteen_bit)
+            sample = load_sample(image_dir, sample_id, self.size, self.sixteen_bit, self.max_pixels)
         except DataError as err:
             if not self.skip_bad:
                 raise
@@ -182,11 +201,13 @@ class _RowWriter:
 
 
 _worker_writer: _RowWriter | None = None
+_worker_stop: EventType | None = None
+_STOPPED = "stopped: another sample failed"  # what a worker returns for the tasks left when the packing failed
 
 
-def _init_worker(writer: _RowWriter) -> None:
-    global _worker_writer
-    _worker_writer = writer
+def _init_worker(writer: _RowWriter, stop: EventType | None = None) -> None:
+    global _worker_writer, _worker_stop
+    _worker_writer, _worker_stop = writer, stop
     # Forked workers inherit the parent's handlers; submitit's job handler ignores SIGTERM, and a worker that ignores
     # it would make the pool's shutdown wait for ever.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -195,6 +216,8 @@ def _init_worker(writer: _RowWriter) -> None:
 
 def _write_in_worker(task: tuple[int, str, str]) -> tuple[int, str | None, int | None]:
     assert _worker_writer is not None
+    if _worker_stop is not None and _worker_stop.is_set():
+        return task[0], _STOPPED, None
     return _worker_writer(task)
 
 
@@ -207,12 +230,20 @@ def _write_all(writer: _RowWriter, tasks: list[tuple[int, str, str]],
             writer.close()
         return
     # fork: the workers only need numpy/PIL, and fork starts them without re-importing torch.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(writer,))
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    stop = context.Event()
+    pool = context.Pool(workers, initializer=_init_worker, initargs=(writer, stop))
     try:
         yield from pool.imap_unordered(_write_in_worker, tasks, chunksize=4)
         pool.close()  # all work done: let the workers exit on their own rather than signalling them
-    except BaseException:
+    except DataError:
+        # A bad sample (on_bad_sample=error): the workers pass over the tasks left and exit on their own. Terminating
+        # them instead can kill one while it holds the result queue's lock, and the pool's shutdown then waits for
+        # ever for that lock (a pack test on a loaded machine waited 24 minutes in that shutdown).
+        stop.set()
+        pool.close()
+        raise
+    except BaseException:  # interrupted: stop at once
         pool.terminate()
         raise
     finally:
@@ -233,7 +264,8 @@ def _compact_rows(path: Path, header_bytes: int, row_bytes: int, kept: list[int]
 def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str = "train",
                 workers: int | None = None, progress: bool = False, on_bad_sample: str = "error",
                 max_bad_fraction: float = 0.01, sixteen_bit: str = "divide", duplicates: str = "drop",
-                duplicate_distance: int = 3, classes: ClassSet = HPA2018) -> PackedStore:
+                duplicate_distance: int = 3, classes: ClassSet = HPA2018,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> PackedStore:
     """Pack `root` at `size` px unless a complete store for it exists; returns the opened store. Labels are read as
     ids of `classes` (hpa_lightning.classes).
 
@@ -243,7 +275,8 @@ def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str =
     `drop` keeps the earlier source's sample, `keep` keeps both (the split then keeps them together), `error`
     stops; the store's duplicates.csv lists them. `on_bad_sample="skip"` leaves out samples whose images cannot be
     read, warns with every skipped file (also written to the store's skipped.csv), and still fails when more than
-    `max_bad_fraction` of them are bad.
+    `max_bad_fraction` of them are bad. A channel file whose header declares more than `max_image_pixels` pixels
+    is such a bad file, refused before it is decoded (an image bomb, or not a microscopy image).
     """
     if size < 8:
         raise DataError(f"data.image_size={size}: must be at least 8")
@@ -253,13 +286,15 @@ def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str =
         raise DataError(f"data.sixteen_bit={sixteen_bit!r}: expected one of {', '.join(SIXTEEN_BIT_RULES)}")
     if duplicates not in DUPLICATE_POLICIES:
         raise DataError(f"data.duplicates={duplicates!r}: expected one of {', '.join(DUPLICATE_POLICIES)}")
+    max_image_pixels = check_max_pixels(max_image_pixels)
     sources = parse_sources(root, image_dir)
     table, source_of = read_sources(sources, classes)
     for source in sources:
         if not source.image_dir.is_dir():
             raise DataError(f"{source.image_dir}: image folder not found")
     fingerprint = sources_fingerprint(sources)
-    target = store_path(root, size, cache_dir, image_dir, on_bad_sample, fingerprint, sixteen_bit, duplicates, classes)
+    target = store_path(root, size, cache_dir, image_dir, on_bad_sample, fingerprint, sixteen_bit, duplicates, classes,
+                        max_image_pixels)
     if not (target / "meta.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with exclusive(target):
@@ -267,13 +302,14 @@ def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str =
                 _pack(sources, table, source_of, target, size, fingerprint, classes, workers=workers,
                       progress=progress, on_bad_sample=on_bad_sample, max_bad_fraction=max_bad_fraction,
                       sixteen_bit=sixteen_bit, duplicates=duplicates, duplicate_distance=duplicate_distance,
-                      image_dir=image_dir)
+                      image_dir=image_dir, max_image_pixels=max_image_pixels)
     return PackedStore.open(target)
 
 
 def _pack(sources: list[DataSource], table: LabelTable, source_of: np.ndarray, target: Path, size: int,
           fingerprint: str, classes: ClassSet, *, workers: int | None, progress: bool, on_bad_sample: str,
-          max_bad_fraction: float, sixteen_bit: str, duplicates: str, duplicate_distance: int, image_dir: str) -> None:
+          max_bad_fraction: float, sixteen_bit: str, duplicates: str, duplicate_distance: int, image_dir: str,
+          max_image_pixels: int) -> None:
     """Decode every sample into `<target>.tmp-...` and publish it as `target` when complete."""
     remove_stale_temporaries(target)
     check_free_space(target.parent, len(table), size)
@@ -281,20 +317,27 @@ def _pack(sources: list[DataSource], table: LabelTable, source_of: np.ndarray, t
         shape = (len(table), len(CHANNELS), size, size)
         header_bytes = open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=shape).offset
         writer = _RowWriter(tmp / "images.npy", header_bytes, size, skip_bad=on_bad_sample == "skip",
-                            sixteen_bit=sixteen_bit, hash_green=len(sources) > 1)
+                            sixteen_bit=sixteen_bit, hash_green=len(sources) > 1, max_pixels=max_image_pixels)
         tasks = [(row, str(sources[source_of[row]].image_dir), sample_id) for row, sample_id in enumerate(table.ids)]
         written = _write_all(writer, tasks, workers or available_cpus())
+        bar = None
         if progress:
             from tqdm import tqdm
 
             names = "+".join(source.name for source in sources)
-            written = tqdm(written, total=len(table), desc=f"packing {names} at {size}px", unit="sample")
+            written = bar = tqdm(written, total=len(table), desc=f"packing {names} at {size}px", unit="sample")
         failures: dict[int, str] = {}
         hashes: list[int | None] = [None] * len(table)
-        for row, reason, digest in written:
-            if reason is not None:
-                failures[row] = reason
-            hashes[row] = digest
+        try:
+            for row, reason, digest in written:
+                if reason is not None:
+                    failures[row] = reason
+                hashes[row] = digest
+        except BaseException:
+            if bar is not None:  # clear the bar: the error (one line naming the file) stays the only line
+                bar.leave = False
+                bar.close()
+            raise
         skipped = [(table.ids[row], failures[row]) for row in sorted(failures)]
         if skipped:
             _check_skipped(skipped, len(table), max_bad_fraction)
@@ -327,7 +370,8 @@ def _pack(sources: list[DataSource], table: LabelTable, source_of: np.ndarray, t
         kept_per_source = np.bincount(source_of[kept], minlength=len(sources))
         meta = {"format": STORE_FORMAT, "source": str(sources[0].root.resolve()), "image_dir": image_dir,
                 "image_size": size, "num_samples": len(kept), "skipped_samples": len(skipped),
-                "on_bad_sample": on_bad_sample, "sixteen_bit": sixteen_bit,
+                "on_bad_sample": on_bad_sample, "sixteen_bit": sixteen_bit, "max_image_pixels": max_image_pixels,
+                "jpeg_decoder": JPEG_DECODER,
                 "sources": [{"root": str(s.root.resolve()), "csv": str(s.csv.resolve()),
                              "image_dir": str(s.image_dir.resolve()), "samples": int((source_of == i).sum()),
                              "kept": int(kept_per_source[i])} for i, s in enumerate(sources)],

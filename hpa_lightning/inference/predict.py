@@ -21,10 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 from hpa_lightning import metrics
 from hpa_lightning.classes import CHANNELS, class_set
 from hpa_lightning.data.sources import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_EXTENSIONS,
     SIXTEEN_BIT_RULES,
     channel_path,
     check_id,
+    check_max_pixels,
     load_sample,
     read_csv_strings,
 )
@@ -49,7 +51,7 @@ DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "submission.c
                                "workers": -1, "image_dir": "test", "device": "auto", "image_size": 0,
                                "channels_last": True, "progress": True, "sixteen_bit": "", "tta_crops": 0,
                                "tta_reduce": "mean", "weights": "", "trust": "",
-                               "classes": ""}
+                               "classes": "", "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS}
 
 
 _FILE_PATTERN = re.compile(rf"^(?P<id>.+)_(?P<channel>{'|'.join(CHANNELS)})"
@@ -151,17 +153,22 @@ def resolve_input(root: str | Path, image_dir: str = "test") -> PredictInput:
 
 class ImageFolderDataset(Dataset):
     """Decodes one sample per item at the training resolution; a decode error travels as a message, not a raise,
-    so the main process can report it as one line (DataLoader re-raises worker exceptions with their traceback)."""
+    so the main process can report it as one line (DataLoader re-raises worker exceptions with their traceback).
+    Decoded as the packer decodes (JPGs at a reduced DCT scale where `size` allows, files above `max_pixels` pixels
+    refused from their header)."""
 
-    def __init__(self, image_dir: Path, ids: list[str], size: int, sixteen_bit: str = "divide"):
+    def __init__(self, image_dir: Path, ids: list[str], size: int, sixteen_bit: str = "divide",
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.image_dir, self.ids, self.size, self.sixteen_bit = image_dir, ids, size, sixteen_bit
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, object]:
         try:
-            image = torch.from_numpy(load_sample(self.image_dir, self.ids[i], self.size, self.sixteen_bit))
+            image = torch.from_numpy(load_sample(self.image_dir, self.ids[i], self.size, self.sixteen_bit,
+                                                 self.max_pixels))
             error = ""
         except DataError as err:
             image, error = torch.zeros((len(CHANNELS), self.size, self.size), dtype=torch.uint8), str(err)
@@ -198,7 +205,8 @@ def member_probabilities(model: InferenceModel, uint8: Tensor, tta: int, channel
 def predict_probabilities(members: InferenceModel | Sequence[tuple[InferenceModel, float]], data: PredictInput,
                           image_size: int, tta: int = 1, batch_size: int = 32, workers: int = 0,
                           device: torch.device | str = "cpu", progress: bool = False, channels_last: bool = True,
-                          sixteen_bit: str | None = None, tta_crops: int = 0, tta_reduce: str = "mean") -> np.ndarray:
+                          sixteen_bit: str | None = None, tta_crops: int = 0, tta_reduce: str = "mean",
+                          max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """(N, C) probabilities in `data.ids` order: of one model, or the weighted mean of ensemble `members` (model,
     weight) over one decoding of each batch. A model trained on crops sees the full image or its centre window as in
     its validation, or with `tta_crops=K` K fixed random windows of its crop size (each with the dihedral views);
@@ -216,8 +224,9 @@ def predict_probabilities(members: InferenceModel | Sequence[tuple[InferenceMode
             model.net.to(memory_format=torch.channels_last)
     first = members[0][0]
     rule = sixteen_bit or first.extra.get("sixteen_bit", "divide")  # as the training store was packed
-    loader = DataLoader(ImageFolderDataset(data.image_dir, data.ids, image_size, rule), batch_size=batch_size,
-                        shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    dataset = ImageFolderDataset(data.image_dir, data.ids, image_size, rule, max_pixels)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda")
     probs = np.zeros((len(data.ids), first.num_classes), dtype=np.float32)
     with tqdm(total=len(data.ids), desc=f"predict tta={tta}", unit="img", disable=not progress,
               file=sys.stderr) as bar:
@@ -360,6 +369,7 @@ def run(args: dict[str, object]) -> dict[str, object]:
         raise InferenceError(f"sixteen_bit={args['sixteen_bit']}: expected one of {', '.join(SIXTEEN_BIT_RULES)}")
     if batch_size < 1:
         raise InferenceError(f"batch_size={batch_size}: must be >= 1")
+    max_pixels = check_max_pixels(args["max_image_pixels"], "max_image_pixels")
     device = resolve_device(str(args["device"]))
     workers = int(args["workers"]) if int(args["workers"]) >= 0 else default_workers()
     data = resolve_input(str(args["input"]), str(args["image_dir"]))  # cheap checks before loading the model
@@ -380,7 +390,7 @@ def run(args: dict[str, object]) -> dict[str, object]:
     probs = predict_probabilities(members, data, image_size, tta=tta, batch_size=batch_size, workers=workers,
                                   device=device, progress=bool(args["progress"]),
                                   channels_last=bool(args["channels_last"]), sixteen_bit=str(args["sixteen_bit"]),
-                                  tta_crops=tta_crops, tta_reduce=str(args["tta_reduce"]))
+                                  tta_crops=tta_crops, tta_reduce=str(args["tta_reduce"]), max_pixels=max_pixels)
     elapsed = time.perf_counter() - started
     out, prob_path = write_outputs(str(args["out"]), data.ids, probs, model)
     skipped = incomplete_path(out)

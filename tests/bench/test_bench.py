@@ -21,8 +21,8 @@ from hpa_lightning import bench
 
 # "  1 loading      12.3x  packed DataModule / ..." -> section number, name, value, unit
 RATIO_ROW = re.compile(r"^  (\d) (\w+)\s+([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)(x|%)?\s", re.MULTILINE)
-CPU_SECTIONS = {"1": "loading", "2": "packing", "3": "overhead", "4": "augment"}
-CPU_RATIOS = ("loading_speedup", "packing_speedup", "framework_overhead", "augment_share")
+CPU_SECTIONS = {"1": "loading", "2": "packing", "3": "overhead", "4": "augment", "6": "jpeg"}
+CPU_RATIOS = ("loading_speedup", "packing_speedup", "framework_overhead", "augment_share", "jpeg_draft_speedup")
 
 
 def is_finite_number(value: object) -> bool:
@@ -74,7 +74,7 @@ def test_json_holds_every_section_and_ratio(quick_run) -> None:
         assert is_finite_number(report["ratios"][key]), (key, report["ratios"][key])
     sections = report["sections"]
     assert set(bench.SECTIONS) <= sections.keys()
-    for name in ("loading", "packing", "overhead", "augment"):
+    for name in ("loading", "packing", "overhead", "augment", "jpeg"):
         assert is_finite_number(sections[name]["ratio"]), name
     loading = sections["loading"]
     assert loading["packed"]["samples_per_s"] > 0 and loading["png"]["samples_per_s"] > 0
@@ -88,7 +88,11 @@ def test_json_holds_every_section_and_ratio(quick_run) -> None:
     gpu = sections["gpu"]
     assert "skipped" in gpu or is_finite_number(gpu["data_wait_share"])
     # targets are reported with a verdict, never asserted here
-    assert {"loading_speedup", "framework_overhead", "pack_peak_rss_mb"} <= report["targets"].keys()
+    jpeg = sections["jpeg"]  # both decoders over the same files, at the profile's size from 4x larger JPGs
+    assert jpeg["image_size"] == report["profile"]["size"] and jpeg["jpg_px"] == 4 * jpeg["image_size"]
+    assert jpeg["draft_ms"] > 0 and jpeg["full_ms"] > 0 and 0 <= jpeg["mean_abs_diff"] < 1
+    targets = {"loading_speedup", "framework_overhead", "pack_peak_rss_mb", "jpeg_draft_speedup"}
+    assert targets <= report["targets"].keys()
     for verdict in report["targets"].values():
         assert verdict["met"] in (True, False, None)
 
@@ -108,6 +112,22 @@ def test_gpu_section_code_runs_on_cpu(tmp_path: Path) -> None:
     for key in ("images_per_s", "step_ms", "data_wait_ms", "data_wait_share"):
         assert is_finite_number(eager[key]) and eager[key] >= 0, (key, eager[key])
     assert is_finite_number(result["augment"]["ratio"])
+
+
+def test_jpeg_section_times_the_draft_and_the_full_decode_of_the_same_files(tmp_path: Path) -> None:
+    """Section 6 at a tiny size: 128 px RGB JPGs (the channel in its plane) decoded to 32 px both ways."""
+    from PIL import Image
+
+    prof = bench.Profile(**{**vars(bench.PROFILES["quick"]), "size": 32, "jpeg_samples": 2, "jpeg_rounds": 2})
+    root = bench.tiled_dataset(tmp_path, 2, 2, 32, 0.0, workers=1)
+    result = bench.bench_jpeg(root, tmp_path, prof)
+    jpgs = sorted((bench.jpeg_dataset(root, tmp_path, 2) / "train").glob("*.jpg"))
+    assert len(jpgs) == 8 and {Image.open(p).size for p in jpgs} == {(128, 128)}
+    assert {Image.open(p).mode for p in jpgs} == {"RGB"}
+    assert result["samples"] == 2 and result["rounds"] == 2 and (result["image_size"], result["jpg_px"]) == (32, 128)
+    for key in ("ratio", "draft_ms", "full_ms"):
+        assert is_finite_number(result[key]) and result[key] > 0, (key, result[key])
+    assert 0 <= result["mean_abs_diff"] < 1 and result["max_abs_diff"] <= 16, result
 
 
 def test_unknown_argument_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

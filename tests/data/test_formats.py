@@ -1,21 +1,33 @@
 """HPA images as people download them, made in the test from the generator's output: HPAv18 external data as
 RGB-plane JPGs at a larger size, HPA 2021 / website 16-bit PNG and TIFF (full and low range), and the odd modes. Each
-must pack to the store its 8-bit Kaggle PNG equivalent packs to (exactly, or within JPEG error)."""
+must pack to the store its 8-bit Kaggle PNG equivalent packs to (exactly, or within JPEG error). Large JPGs are decoded
+by DCT scaling, within JPEG error of the full decode; image bombs (a small file declaring a huge size) are refused
+from their header in pack, train and predict."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from hpa_lightning.classes import CHANNELS
-from hpa_lightning.data.sources import CHANNEL_PLANES, decode_channel
+from hpa_lightning.data.sources import (
+    CHANNEL_PLANES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    channel_path,
+    decode_channel,
+    load_sample,
+    resize_square,
+)
 from hpa_lightning.data.store import build_store
 from hpa_lightning.data.synth.dataset import generate
 from hpa_lightning.errors import DataError
+from tests.conftest import png_declaring
 
 SIZE = 32
 
@@ -80,7 +92,7 @@ def test_hpav18_rgb_jpgs_pack_like_the_pngs_within_jpeg_error(kaggle_png: Path, 
     assert difference.mean() < 1.5 and np.percentile(difference, 99) <= 12, (difference.mean(), difference.max())
 
 
-def test_an_rgb_composite_is_refused_as_one_line(kaggle_png: Path, tmp_path: Path) -> None:
+def test_an_rgb_composite_is_refused_as_error_line(kaggle_png: Path, tmp_path: Path) -> None:
     array = np.asarray(Image.open(next((kaggle_png / "train").glob("*_green.png"))))
     composite = tmp_path / "x_green.jpg"
     Image.fromarray(np.stack([array, array, array], axis=-1)).save(composite)  # every plane carries signal
@@ -114,3 +126,198 @@ def test_the_hpa_2021_csv_is_recognised(tmp_path: Path) -> None:
         read_label_table(csv)
     assert str(raised.value).startswith(f"{csv}: an HPA 2021 CSV") and "data=hpa2021" in str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------------- JPEG draft decoding
+
+def full_decode(path: Path, channel: str, size: int) -> np.ndarray:
+    """The reference: the whole JPG decoded, its channel's plane(s) taken and resized, with no DCT scaling."""
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+    plane = np.rint(rgb[..., list(CHANNEL_PLANES[channel])].mean(axis=-1)).astype(np.uint8)
+    return resize_square(plane, size)
+
+
+@pytest.fixture
+def drafts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
+    """Every JPEG draft of this process: (file, requested size, size decoded)."""
+    calls = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(img: JpegImagePlugin.JpegImageFile, mode: str | None, size: tuple[int, int] | None):
+        result = draft(img, mode, size)
+        calls.append((Path(img.filename).name, size, img.size))
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    return calls
+
+
+def test_large_jpgs_are_decoded_by_dct_scaling_within_jpeg_error_of_the_full_decode(
+        kaggle_png: Path, tmp_path: Path, drafts: list) -> None:
+    root = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)  # 256 px JPGs packed at 32 px
+    store = build_store(root, SIZE, tmp_path / "c", workers=1)  # in this process, so the spy sees the decoding
+    files = sorted(p.name for p in (root / "train").glob("*.jpg"))
+    # each file decoded once, at 1/4 scale: 64 px, twice the store's size, then resized as usual
+    assert sorted(name for name, _, _ in drafts) == files
+    assert {(requested, decoded) for _, requested, decoded in drafts} == {((64, 64), (64, 64))}
+    reference = np.stack([np.stack([full_decode(channel_path(root / "train", sample_id, c), c, SIZE)
+                                    for c in CHANNELS]) for sample_id in store.ids])
+    difference = np.abs(store.images().astype(int) - reference.astype(int))
+    # within JPEG error: what the JPEG compression itself moved (the full decode against the PNGs the files were made
+    # from, at the same size: 0.35 grey levels mean, max 5); the draft: 0.37, max 6. Drafting straight to 32 px
+    # (1/8 scale) would be 2.0 mean, p99 15, max 35.
+    jpeg_error = np.abs(reference.astype(int) - packed(kaggle_png, tmp_path / "c8").astype(int))
+    assert difference.mean() <= 1.5 * jpeg_error.mean(), (difference.mean(), jpeg_error.mean())
+    assert np.percentile(difference, 99) <= np.percentile(jpeg_error, 99) + 1, np.percentile(difference, 99)
+    assert difference.max() <= 2 * jpeg_error.max(), (difference.max(), jpeg_error.max())
+    # predict decodes as the packer does
+    from hpa_lightning.inference.predict import ImageFolderDataset
+
+    drafts.clear()
+    dataset = ImageFolderDataset(root / "train", store.ids[:3], SIZE)
+    for i in range(3):
+        item = dataset[i]
+        assert item["error"] == ""
+        np.testing.assert_array_equal(item["image"].numpy(), store.images()[i])
+    assert len(drafts) == 3 * len(CHANNELS)
+    # decode_channel with the target size returns the drafted array, without it the full one
+    path = channel_path(root / "train", store.ids[0], "yellow")
+    assert decode_channel(path, "yellow", size=SIZE).shape == (64, 64)
+    assert decode_channel(path, "yellow").shape == (256, 256)
+
+
+def test_jpgs_are_drafted_only_from_four_times_the_target_and_keep_their_mode(kaggle_png: Path, tmp_path: Path,
+                                                                             drafts: list) -> None:
+    drafted, full, original = [], [], []
+    for k, png in enumerate(sorted((kaggle_png / "train").glob("*_green.png"))):
+        grey = np.asarray(Image.open(png))  # 64 px
+        path = tmp_path / f"{k}_green.jpg"
+        Image.fromarray(grey).resize((256, 256), Image.Resampling.BICUBIC).save(path, quality=95)  # 8-bit L JPG
+        assert Image.open(path).mode == "L"
+        array = decode_channel(path, "green", size=SIZE)
+        assert array.shape == (64, 64) and drafts[-1] == (path.name, (64, 64), (64, 64))
+        drafted.append(resize_square(array, SIZE))
+        full.append(resize_square(np.asarray(Image.open(path)), SIZE))
+        original.append(resize_square(grey, SIZE))
+    difference = np.abs(np.stack(drafted).astype(int) - np.stack(full).astype(int))
+    jpeg_error = np.abs(np.stack(full).astype(int) - np.stack(original).astype(int))
+    # greyscale JPGs keep more than RGB ones (no chroma subsampling: 0.21 grey levels mean against the PNGs); the
+    # draft moves these small, detailed images by 0.44 mean, p99 3 (drafting straight to 32 px: 1.8, p99 16)
+    assert difference.mean() < 0.6 and np.percentile(difference, 99) <= 3, (difference.mean(), jpeg_error.mean())
+    drafts.clear()
+    # 100 px for a 32 px target (less than 4x): decoded in full, exactly as before
+    Image.open(tmp_path / "0_green.jpg").resize((100, 100)).save(tmp_path / "small_green.jpg", quality=95)
+    np.testing.assert_array_equal(decode_channel(tmp_path / "small_green.jpg", "green", size=SIZE),
+                                  np.asarray(Image.open(tmp_path / "small_green.jpg")))
+    assert drafts == []
+
+
+def test_channels_of_different_file_sizes_are_refused_even_when_their_drafts_agree(kaggle_png: Path,
+                                                                                   tmp_path: Path) -> None:
+    root = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)
+    sample_id = next((root / "train").glob("*_red.jpg")).stem.rsplit("_", 1)[0]
+    red = root / "train" / f"{sample_id}_red.jpg"
+    for channel, side in (("red", 257), ("green", 260)):  # both drafted at 1/4 to 65 px
+        path = root / "train" / f"{sample_id}_{channel}.jpg"
+        Image.open(path).resize((side, side)).save(path, quality=95)
+    assert decode_channel(red, "red", size=SIZE).shape == decode_channel(
+        root / "train" / f"{sample_id}_green.jpg", "green", size=SIZE).shape
+    with pytest.raises(DataError, match=rf"{sample_id}_green\.jpg: size 260x260 differs from {red.name} \(257x257\)"):
+        load_sample(root / "train", sample_id, SIZE)
+
+
+# ---------------------------------------------------------------------------------------------- image bombs
+
+def error_line(err: str) -> str:
+    """The one line a failed command printed on stderr; anything else there is its progress bar drawing itself."""
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]
+    assert lines and lines[-1].startswith("error: "), err
+    assert all(line.startswith("packing ") for line in lines[:-1]), err
+    return lines[-1]
+
+
+def test_an_image_bomb_is_refused_from_its_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bomb = png_declaring(tmp_path / "x_green.png", 20000, 20000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning (then a full decode) would raise here
+        with pytest.raises(DataError) as raised:
+            decode_channel(bomb, "green")
+        message = str(raised.value)
+        assert message.startswith(f"{bomb}: 20000x20000 px") and "data.max_image_pixels" in message
+        assert "refused before decoding" in message and "\n" not in message  # not "cannot decode": never decoded
+        # the bound is configurable, and Pillow's own limit neither refuses below it nor warns above it
+        image = tmp_path / "y_green.png"
+        Image.new("L", (64, 48)).save(image)
+        with pytest.raises(DataError, match=r"y_green\.png: 64x48 px .* above the bound of 3071 px"):
+            decode_channel(image, "green", max_pixels=64 * 48 - 1)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow alone would refuse 3072 px (> 2 x 1000)
+        assert decode_channel(image, "green", max_pixels=64 * 48).shape == (48, 64)
+        assert Image.MAX_IMAGE_PIXELS == 1000  # restored after the header read
+        with pytest.raises(DataError, match=r"x_green\.png: 20000x20000 px"):
+            decode_channel(bomb, "green", max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pack_refuses_an_image_bomb_with_one_line_and_exit_2(kaggle_folder: Path, tmp_path: Path, workers: int,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from hpa_lightning.pack import main
+
+    bomb = kaggle_folder / "train" / "id005_green.png"
+    png_declaring(bomb, 20000, 20000)
+    with pytest.raises(SystemExit) as exited:
+        main([f"root={kaggle_folder}", "size=8", f"cache_dir={tmp_path / 'c'}", f"workers={workers}"])
+    assert exited.value.code == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {bomb}: 20000x20000 px") and "refused before decoding" in line
+    # a bound of its own on the command line: 16 px images above 15 x 15 are refused
+    png_declaring(bomb, 16, 16)
+    with pytest.raises(SystemExit) as exited:
+        main([f"root={kaggle_folder}", "size=8", f"cache_dir={tmp_path / 'c'}", "max_image_pixels=225"])
+    assert exited.value.code == 2 and "16x16 px (0 Mpx) is above the bound of 225 px" in error_line(
+        capsys.readouterr().err)
+
+
+def test_training_refuses_an_image_bomb_or_skips_it(kaggle_folder: Path, tmp_path: Path) -> None:
+    from hpa_lightning.data.datamodule import HPADataModule
+
+    bomb = png_declaring(kaggle_folder / "train" / "id005_green.png", 20000, 20000)
+    with pytest.raises(DataError) as raised:
+        HPADataModule(root=str(kaggle_folder), image_size=8, cache_dir=str(tmp_path / "c")).prepare_data()
+    assert str(raised.value).startswith(f"{bomb}: 20000x20000 px") and "\n" not in str(raised.value)
+    dm = HPADataModule(root=str(kaggle_folder), image_size=8, cache_dir=str(tmp_path / "c"), on_bad_sample="skip",
+                       max_bad_fraction=0.05)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.store) == 39 and "id005" not in dm.store.ids
+    import pandas as pd
+
+    skipped = pd.read_csv(dm.store.path / "skipped.csv")
+    assert skipped["Id"].tolist() == ["id005"] and "20000x20000 px" in skipped.iloc[0, 1]
+
+
+def test_stores_of_jpgs_packed_by_the_full_decode_are_not_reused(kaggle_png: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The JPEG decoder is part of the fingerprint of a folder holding JPGs (their pixels moved by the draft), not of
+    a PNG folder (its pixels did not); a bound of one's own is part of a store that skips bad samples."""
+    from hpa_lightning.data import store
+
+    jpgs = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)
+    before = {root: store.store_path(root, SIZE, tmp_path / "c") for root in (jpgs, kaggle_png)}
+    monkeypatch.setattr(store, "JPEG_DECODER", "full")  # as stores were packed before the draft
+    assert store.store_path(jpgs, SIZE, tmp_path / "c") != before[jpgs]
+    assert store.store_path(kaggle_png, SIZE, tmp_path / "c") == before[kaggle_png]
+    skipping = store.store_path(kaggle_png, SIZE, tmp_path / "c", on_bad_sample="skip", max_image_pixels=10**6)
+    assert skipping.name.endswith("-skipbad-maxpx1000000")
+    assert store.store_path(kaggle_png, SIZE, tmp_path / "c", max_image_pixels=10**6) == before[kaggle_png]
+
+
+@pytest.mark.parametrize("channel", list(CHANNEL_PLANES))
+def test_the_plane_of_an_rgb_channel_file_is_the_float_rule_in_integers(channel: str, tmp_path: Path) -> None:
+    """Yellow is the mean of red and green rounded half to even (np.rint), as the float64 rule it replaced gave."""
+    rng = np.random.default_rng(len(channel))
+    rgb = rng.integers(0, 256, (61, 47, 3), dtype=np.uint8)
+    own = list(CHANNEL_PLANES[channel])
+    rgb[..., [i for i in range(3) if i not in own]] //= 64  # JPEG-like chroma noise in the other planes
+    Image.fromarray(rgb).save(tmp_path / f"x_{channel}.png")
+    expected = np.rint(rgb[..., own].astype(np.float64).mean(axis=-1)).astype(np.uint8)
+    np.testing.assert_array_equal(decode_channel(tmp_path / f"x_{channel}.png", channel), expected)

@@ -152,7 +152,7 @@ def test_pack_cli(kaggle_folder: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().err.strip() == ("error: hpa_lightning.pack: unknown argument 'bogus=1'; expected "
                                                "key=value with key in root, size, cache_dir, image_dir, workers, "
                                                "val_fraction, test_fraction, seed, sixteen_bit, "
-                                               "duplicates, classes")
+                                               "duplicates, classes, max_image_pixels")
 
 
 def test_skip_bad_samples_lists_them_and_keeps_the_rest(kaggle_folder: Path, tmp_path: Path,
@@ -176,6 +176,19 @@ def test_skip_bad_samples_lists_them_and_keeps_the_rest(kaggle_folder: Path, tmp
 
     assert pd.read_csv(store.path / "skipped.csv")["Id"].tolist() == ["id003", "id007"]
     assert store.path.name.endswith("-skipbad")
+
+
+def test_a_bad_sample_stops_the_workers_without_killing_them(kaggle_folder: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed by Pool.terminate() while it holds the result queue's lock leaves the pool's shutdown waiting for
+    ever: on a bad sample the workers pass over the tasks left and exit on their own instead."""
+    import multiprocessing.pool
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", lambda pool: pytest.fail("workers terminated"))
+    (kaggle_folder / "train" / "id003_red.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match=r"id003_red.png: cannot decode"):
+        build_store(kaggle_folder, 12, tmp_path / "c", workers=2)
+    assert not list((tmp_path / "c").glob("*"))
 
 
 def test_packing_finishes_when_the_job_ignores_sigterm(kaggle_folder: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from hpa_lightning.inference.predict import resolve_input
 from hpa_lightning.inference.tta import TTA_VIEWS, crop_windows, tta_probabilities, tta_views
 from hpa_lightning.models.module import HPAModule
 from hpa_lightning.predict import main as predict_main
-from tests.conftest import REPO
+from tests.conftest import REPO, png_declaring
 
 FAKE_SIZE = 32
 
@@ -296,7 +296,8 @@ def _copy_input(held_out: Path, root: Path, n: int = 4) -> list[str]:
     return ids
 
 
-@pytest.mark.parametrize("fault", ["missing_channel", "corrupt_png", "id_missing", "no_complete_id_without_csv"])
+@pytest.mark.parametrize("fault", ["missing_channel", "corrupt_png", "image_bomb", "id_missing",
+                                   "no_complete_id_without_csv"])
 def test_bad_input_is_one_line_exit_2_and_no_outputs(fault: str, held_out: Path, fake_export: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
     root = tmp_path / "input"
@@ -308,6 +309,9 @@ def test_bad_input_is_one_line_exit_2_and_no_outputs(fault: str, held_out: Path,
     elif fault == "corrupt_png":
         victim.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
         expected = [str(victim), "cannot decode image"]
+    elif fault == "image_bomb":  # a small PNG declaring 20000 x 20000 px: refused from its header, never decoded
+        png_declaring(victim, 20000, 20000)
+        expected = [str(victim), "20000x20000 px", "max_image_pixels", "refused before decoding"]
     elif fault == "id_missing":
         write_sample_submission(root, [*ids[:2], "ghost-id", *ids[2:]])
         expected = ["sample_submission.csv row 4", "Id ghost-id"]
