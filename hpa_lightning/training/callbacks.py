@@ -291,12 +291,16 @@ class EMAWeightAverage(_AveragingGuard, EMAWeightAveraging):
     """Exponential moving average of the weights after every optimizer step (Lightning's EMAWeightAveraging, made
     safe before its first update); validation, checkpoints' state_dict, test, predict and export use the average."""
 
+    method = "ema"  # results.json's weight_averaging.method
+
 
 class SWAWeightAverage(_AveragingGuard, WeightAveraging):
     """Stochastic weight averaging: the equal-weight mean of the weights at the end of every epoch from
     `start_epoch` on (with SGDR, snapshots along the restarts; pudae averaged 10 checkpoints). Updated after the
     epoch's last optimizer step, so the epoch's own validation and checkpoints already include it. BatchNorm
     statistics are averaged like the weights (`use_buffers`), not recomputed."""
+
+    method = "swa"  # results.json's weight_averaging.method
 
     def __init__(self, start_epoch: int = 1, device: str | None = None, use_buffers: bool = True) -> None:
         super().__init__(device=device, use_buffers=use_buffers)  # torch's default avg_fn: the running mean

@@ -32,7 +32,7 @@ from hpa_lightning.runs.attempts import AttemptLog
 from hpa_lightning.runs.outputs import check_thresholds, plain, target_name, write_evaluation, write_results
 from hpa_lightning.runs.status import JobHooks
 from hpa_lightning.targets import check_targets, trusted_targets
-from hpa_lightning.training.callbacks import InterruptCheckpoint
+from hpa_lightning.training.callbacks import EMAWeightAverage, InterruptCheckpoint, SWAWeightAverage
 from hpa_lightning.training.checks import check_output_dir, checkpoint_bytes, resume_checkpoint
 from hpa_lightning.training.ddp import end_ddp_job, keep_ddp_children_in_this_job
 from hpa_lightning.training.finetune import resolve_layer_decay, resolve_recipe
@@ -216,25 +216,25 @@ def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
     results: dict = {}
     if trainer.is_global_zero:
         results = write_run_outputs(cfg, run_dir, datamodule, module, trainer, best, time.time() - started, timings,
-                                    attempts.finished, finetune_auto, speed_auto)
+                                    attempts.finished, finetune_auto, speed_auto, callbacks)
     end_ddp_job(environ_before)
     return results
 
 
-def weight_averaging(cfg: DictConfig) -> dict | None:
-    """The weight-averaging callback of cfg.callbacks (callbacks=ema|swa) as {"method": "ema"|"swa", settings}."""
-    for node in (cfg.get("callbacks") or {}).values():
-        target = str((node or {}).get("_target_", ""))
-        if target.endswith(("EMAWeightAverage", "SWAWeightAverage")):
-            method = "ema" if target.endswith("EMAWeightAverage") else "swa"
-            return {"method": method, **{k: v for k, v in plain(node).items() if k != "_target_"}}
+def weight_averaging(cfg: DictConfig, callbacks: list[L.Callback]) -> dict | None:
+    """The weight-averaging callback (callbacks=ema|swa, or the user's subclass of them) as {"method": "ema"|"swa",
+    its settings}: found by its type among the built callbacks, its settings read from its config node."""
+    nodes = [node for node in (cfg.get("callbacks") or {}).values() if node is not None]  # build_callbacks' order
+    for node, callback in zip(nodes, callbacks, strict=False):
+        if isinstance(callback, EMAWeightAverage | SWAWeightAverage):
+            return {"method": callback.method, **{k: v for k, v in plain(node).items() if k != "_target_"}}
     return None
 
 
 def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,
                       best: str | None, wall_time: float, timings: dict[str, float] | None = None,
                       attempts: list[dict] | None = None, finetune_auto: list[str] | None = None,
-                      speed_auto: dict | None = None) -> dict:
+                      speed_auto: dict | None = None, callbacks: list[L.Callback] | None = None) -> dict:
     val, test = module.epoch_results["val"], module.epoch_results["test"]
     ids = {"val": datamodule.ids(val["rows"]), "test": datamodule.ids(test["rows"])}
     evaluation = write_evaluation(cfg, run_dir, val, test, ids, datamodule.split.path, datamodule.train_labels(),
@@ -248,7 +248,7 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         "loss": target_name(plain(cfg.loss)),
         "gamma": float(cfg.loss.get("gamma", 0.0)),
         "scheduler": target_name(plain(cfg.scheduler)) or "none",
-        "weight_averaging": weight_averaging(cfg),  # None, or the EMA/SWA callback's method and settings
+        "weight_averaging": weight_averaging(cfg, callbacks or []),  # None, or the EMA/SWA method and settings
         "base_lr": float(cfg.optimizer.lr),
         "recipe": str(cfg.get("recipe", "poster")),
         "lr_ratios": list(cfg.finetune.lr_ratios),
