@@ -1,5 +1,6 @@
 """The device bundle: read off what the check's processes import (optional imports told apart), mapped to the
-installed distributions, minus the lent image's."""
+installed distributions, minus the lent image's; and, where a registry is reachable, downloaded and installed offline
+for the lent machine's interpreter."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
+
+import pytest
 
 from hpa_lightning.bench import bundle
 from tests.conftest import REPO
@@ -74,3 +77,25 @@ def test_the_image_list_and_the_device_command() -> None:
         "python3 -m hpa_lightning.gpu_check out=/tmp/gpu_check report=$OUT budget_s=420")
     ignored = subprocess.run(["git", "check-ignore", "-q", f"{bundle.BUNDLE_DIR}/x.whl"], cwd=REPO)
     assert ignored.returncode == 0  # the wheels travel by `carry`, never in a commit
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_the_bundle_installs_offline_for_the_lent_machine(tmp_path: Path) -> None:
+    """`make gpu-bundle` into a scratch folder, then what the lent machine does, without an index: every pinned
+    requirement of the check installs from the bundle alone for CPython 3.12 on manylinux x86-64."""
+    dest = tmp_path / "bundle"
+    proc = subprocess.run([sys.executable, "-m", "hpa_lightning.gpu_bundle", f"dest={dest}",
+                           f"work={tmp_path / 'rehearsal'}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    requirements = (dest / bundle.REQUIREMENTS).read_text().split()
+    assert {r.split("==")[0] for r in requirements} >= {"hydra-core", "omegaconf", "antlr4-python3-runtime", "kornia"}
+    assert bundle.bundle_size(dest) < 32 * 2**20  # well under the 64 MiB the device tool carries
+    platforms = [arg for platform in bundle.TARGET_PLATFORMS for arg in ("--platform", platform)]
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--find-links",
+                              str(dest), "--target", str(tmp_path / "site"), "--python-version", "3.12",
+                              "--implementation", "cp", *platforms, "--only-binary=:all:", *requirements],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert {"hydra", "omegaconf", "antlr4", "kornia"} <= {p.name for p in (tmp_path / "site").iterdir()}
+    assert "python3 -m hpa_lightning.gpu_check" in proc.stdout and "carry=[" in proc.stdout
