@@ -167,8 +167,9 @@ def grow_batch(run_one: Callable[[int], dict], settings: CheckSettings, report: 
         report.say(f"bench: eager at batch {batch}")
         record = sizes[f"eager_b{batch}"] = measure(run_one, batch, settings.device, report.deadline.clock)
         report.save()
+        memory = f"; reserved after {record['reserved_after_gib']} GiB" if "reserved_after_gib" in record else ""
         report.say(f"bench: batch {batch}: " + (f"{record['images_per_s']:.0f} img/s" if record["status"] == "ok"
-                                                 else record["error"][:300]))
+                                                 else record["error"][:300]) + memory)
         if record["status"] != "ok":
             if record["out_of_memory"]:
                 stopped = f"out of memory at batch {batch}"
