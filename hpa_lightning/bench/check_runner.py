@@ -130,6 +130,7 @@ class CheckReport:
         with open(log, "w") as handle:
             self.child = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                           **group)  # type: ignore[call-overload]
+            self.part(name, pid=self.child.pid)  # also its process group's id
             try:
                 code: int | str = self.child.wait(timeout_s)
             except subprocess.TimeoutExpired:
