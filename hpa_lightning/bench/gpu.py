@@ -9,7 +9,9 @@ What a figure here means:
 - One epoch lasts longer than all windows together (the train split repeated), so no epoch restart (a new sampler
   pass, the read-ahead refilled) falls inside a window; `epoch_restarts_timed` counts any that still do.
 - Host reads (`.item()`, `if tensor:`, `nonzero`, `tolist`: each makes the host wait for the device) are counted per
-  step inside the windows, on the run's device type and the training thread (reader threads touch host tensors).
+  step inside the windows, on the run's device type and the training thread (reader threads touch host tensors). On
+  the CPU (the GPU check's rehearsal) every tensor is on the run's device: AdamW's step counters, host tensors on a
+  GPU too and read there without a wait, count as well.
 """
 
 from __future__ import annotations

@@ -211,8 +211,8 @@ def bench_part(out: Path, settings: CheckSettings, workers: int, report: CheckRe
     device = torch.device("cuda", 0) if settings.device == "cuda" else torch.device("cpu")
     base = replace(PROFILES["full"], gpu_model=settings.model, gpu_size=settings.image_size)
     capacity = torch.cuda.get_device_properties(0).total_memory / 2**30 if settings.device == "cuda" else None
-    report.part("bench", data_s=round(time.monotonic() - started, 1), spec=bench_spec(out, root, settings, workers,
-                                                                                       recipe, 0))
+    (out / "bench_spec.json").write_text(json.dumps(bench_spec(out, root, settings, workers, recipe, 0)))
+    report.part("bench", data_s=round(time.monotonic() - started, 1))
 
     def run_one(batch: int) -> dict:
         stop_at = time.monotonic() + report.deadline.left() - reserve_s
@@ -235,13 +235,14 @@ def bench_spec(out: Path, root: Path, settings: CheckSettings, workers: int, rec
 def compiled_part(out: Path, settings: CheckSettings, report: CheckReport, env: dict[str, str],
                   timeout_s: float) -> None:
     bench = report.data["parts"].get("bench", {})
-    if not bench.get("best_batch") or "spec" not in bench:
+    if not bench.get("best_batch") or not (out / "bench_spec.json").is_file():
         report.part("compiled", status="skipped", error="no eager batch size ran")
         return
     result = out / "compiled_result.json"
     result.unlink(missing_ok=True)
-    spec = {**bench["spec"], "batch": bench["best_batch"], "compiled": True, "backend": settings.compile_backend,
-            "stop_in_s": max(1.0, timeout_s - 15.0), "result": str(result)}  # 15 s to write and exit
+    spec = {**json.loads((out / "bench_spec.json").read_text()), "batch": bench["best_batch"], "compiled": True,
+            "backend": settings.compile_backend, "stop_in_s": max(1.0, timeout_s - 15.0),  # 15 s to write and exit
+            "result": str(result)}
     (out / "compiled_spec.json").write_text(json.dumps(spec))
     record = report.run("compiled", [sys.executable, "-m", "hpa_lightning.bench.gpu_part",
                                      str(out / "compiled_spec.json")], env, timeout_s)
