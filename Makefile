@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_ARGS ?= +experiment=focal_g02 +preset=demo scheduler=cosine
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-slurm lint format bench gpu-check reproduce clean
+.PHONY: help install demo test test-fast test-slurm lint format bench gpu-check gpu-bundle reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,8 +46,13 @@ bench: $(STAMP)  ## speed benchmark (ratios first): loading, packing, Lightning 
 reproduce: $(STAMP)  ## the poster's comparison on the synthetic data (10 arms, baselines, LR finder) -> docs/results/synthetic
 	HF_HUB_OFFLINE=1 $(PY) -m hpa_lightning.reproduce $(REPRODUCE_ARGS)
 
-gpu-check: $(STAMP)  ## on a CUDA machine: GPU benchmark, a 512 px epoch, a gpu_pool sweep, predict tta=8 (fails without CUDA)
+# On a CUDA machine of your own (with .venv). A lent machine reaches no registry: there run the command that
+# `make gpu-bundle` prints, which installs the bundle's wheels and runs the check with the image's python3.
+gpu-check: $(STAMP)  ## on a CUDA machine: GPU benchmark, a 512 px epoch, predict tta=8, a gpu_pool sweep, compile (7 min)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m hpa_lightning.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-bundle: $(STAMP)  ## rehearse gpu-check on the CPU; wheels it needs beyond the lent GPU image -> .gpu_bundle/; the command
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m hpa_lightning.gpu_bundle $(GPU_BUNDLE_ARGS)
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check .

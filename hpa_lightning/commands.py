@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "synth": "hpa_lightning.synth",
     "bench": "hpa_lightning.bench",
     "gpu-check": "hpa_lightning.gpu_check",
+    "gpu-bundle": "hpa_lightning.gpu_bundle",
 }
 
 

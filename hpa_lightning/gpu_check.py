@@ -1,18 +1,22 @@
-"""The GPU acceptance check in one call: `make gpu-check` (`python -m hpa_lightning.gpu_check [out=DIR] [workers=N]`).
+"""The GPU acceptance check in one call: `python -m hpa_lightning.gpu_check [out=DIR] [report=DIR] [budget_s=S]
+[workers=N] [rehearse=true]` (`make gpu-check`; on a lent machine the command `make gpu-bundle` prints).
 
-Benchmark (ResNet50, 512 px, bf16-mixed, channels_last, eager at batch sizes up to what fits and compiled), one
-training epoch of focal_g02 at 512 px with `trainer=gpu`, a two-job `hydra/launcher=gpu_pool` sweep and `predict
-tta=8`, in about 8 minutes; writes `<out>/gpu_check.json` and prints a summary with the GPU's name (steps:
-hpa_lightning/bench/gpu_check.py). Without a CUDA device it fails with one line and exit status 1: it never skips.
+Benchmark (ResNet50, 512 px, bf16-mixed, channels_last, cudnn.benchmark: eager at batch sizes from 32 up to where
+memory or images/s stops growing), one training epoch of focal_g02 at 512 px with `trainer=gpu`, `predict tta=8`,
+a two-job `hydra/launcher=gpu_pool` sweep and last `model.compile`, within one budget (default 420 s); writes
+`<report>/gpu_check.json` and `summary.txt` after every step (steps: hpa_lightning/bench/gpu_check.py). `out` holds
+data and runs, `report` (default: out) only the report and the logs. Without a CUDA device it fails with one line
+and exit status 1: it never skips. `rehearse=true` runs the same sequence on the CPU at tiny sizes, with the import
+tracer that resolves the device bundle (hpa_lightning/bench/bundle.py); the test suite runs it.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from hpa_lightning.bench.gpu_check import NoCudaError, gpu_check, summary
 from hpa_lightning.cli import fail, parse_key_values
 from hpa_lightning.errors import UsageError
 from hpa_lightning.resources import available_cpus
@@ -23,14 +27,28 @@ PROG = "hpa_lightning.gpu_check"
 def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_key_values(sys.argv[1:] if argv is None else argv,
-                                {"out": f"outputs/gpu_check/{time.strftime('%Y-%m-%d_%H-%M-%S')}", "workers": 0},
-                                PROG)
-        report = gpu_check(Path(str(args["out"])), int(args["workers"]) or min(16, available_cpus()))
+                                {"out": f"outputs/gpu_check/{time.strftime('%Y-%m-%d_%H-%M-%S')}", "report": "",
+                                 "workers": 0, "budget_s": 0.0, "rehearse": False}, PROG)
     except UsageError as err:
         fail(err)
+    out = Path(str(args["out"])).resolve()
+    rehearse = bool(args["rehearse"])
+    trace = out / "imports" if rehearse else None
+    if trace is not None:  # before Lightning, timm, Hydra: the bundle is read off everything the check imports
+        from hpa_lightning.bench.bundle import start_tracing
+
+        start_tracing(trace)
+    from hpa_lightning.bench.gpu_check import GPU, REHEARSAL, NoCudaError, run_check, summary
+
+    settings = REHEARSAL if rehearse else GPU
+    if float(args["budget_s"]) > 0:
+        settings = replace(settings, budget_s=float(args["budget_s"]))
+    workers = int(args["workers"]) or min(16, available_cpus())
+    try:
+        report = run_check(out, Path(str(args["report"]) or out).resolve(), workers, settings, trace)
     except NoCudaError as err:
         fail(err, status=1)
-    print(summary(report))
+    print(summary(report), flush=True)
     sys.exit(0 if report["ok"] else 1)
 
 

@@ -44,9 +44,11 @@ class Profile:
     gpu_model: str
     gpu_size: int
     gpu_batch: int
-    gpu_warmup: int
-    gpu_steps: int
+    gpu_warmup: int  # untimed steps (compilation, cuDNN autotuning)
+    gpu_steps: int  # each timed window holds at least this many steps ...
     gpu_compile: bool
+    gpu_window_s: float = 5.0  # ... and lasts at least this long
+    gpu_windows: int = 3  # median and spread over this many windows
     jpeg_samples: int = 16  # section 6: samples of 4x-size RGB JPGs, each decoded by both paths in every round
     jpeg_rounds: int = 3
 
@@ -55,11 +57,13 @@ PROFILES = {
     "full": Profile(n=2000, unique=500, size=512, texture_noise=1.0, load_batch=32, load_png_samples=448,
                     load_min_seconds=3.0, pack_rate_n=400, ovh_n=600, ovh_size=64, ovh_batch=32, ovh_model="resnet18",
                     repeats=3, warmup_steps=3, aug_iters=5, gpu_model="resnet50", gpu_size=512, gpu_batch=64,
-                    gpu_warmup=15, gpu_steps=60, gpu_compile=True, jpeg_samples=16, jpeg_rounds=5),
+                    gpu_warmup=15, gpu_steps=20, gpu_compile=True, gpu_window_s=5.0, jpeg_samples=16,
+                    jpeg_rounds=5),
     "quick": Profile(n=48, unique=16, size=128, texture_noise=1.0, load_batch=8, load_png_samples=32,
                      load_min_seconds=0.3, pack_rate_n=24, ovh_n=120, ovh_size=32, ovh_batch=16, ovh_model="resnet18",
                      repeats=1, warmup_steps=1, aug_iters=2, gpu_model="resnet18", gpu_size=128, gpu_batch=16,
-                     gpu_warmup=3, gpu_steps=10, gpu_compile=False, jpeg_samples=4, jpeg_rounds=2),
+                     gpu_warmup=3, gpu_steps=5, gpu_compile=False, gpu_window_s=0.2, jpeg_samples=4,
+                     jpeg_rounds=2),
 }
 
 

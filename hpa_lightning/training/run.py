@@ -263,8 +263,9 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
         "pretrained_loaded": bool(module.pretrained_loaded),
         "device": device_description(trainer),
         "precision": str(trainer.precision),
+        "benchmark": bool(cfg.trainer.get("benchmark") or False),  # cudnn.benchmark, as the Trainer set it
         "channels_last": bool(module.channels_last),
-        "speed_auto": sorted(speed_auto or {}),  # which of precision / channels_last were chosen by `auto`
+        "speed_auto": sorted(speed_auto or {}),  # which of precision / benchmark / channels_last `auto` chose
         # the run's processes: a multi-node run is more than `device` says
         "world_size": int(trainer.world_size), "num_nodes": int(trainer.num_nodes),
         "devices_per_node": int(trainer.num_devices),

@@ -120,19 +120,41 @@ def test_a_non_finite_loss_still_stops_the_run(tmp_path: Path) -> None:
     assert GoesNaN.calls == 7  # stopped at the first logging step after it went NaN (step 6), not at the end
 
 
-@pytest.mark.parametrize(("cuda", "bf16", "precision", "channels_last"), [
+@pytest.mark.parametrize(("cuda", "bf16", "precision", "fast"), [
     (True, True, "bf16-mixed", True), (True, False, "16-mixed", True), (False, False, "32-true", False)])
-def test_fast_defaults_where_the_run_lands(monkeypatch, cuda: bool, bf16: bool, precision: str,
-                                           channels_last: bool) -> None:
+def test_fast_defaults_where_the_run_lands(monkeypatch, cuda: bool, bf16: bool, precision: str, fast: bool) -> None:
     from hpa_lightning.training.speed import resolve_speed_defaults
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
     cfg = compose_config(["+experiment=focal_g02"])
-    assert resolve_speed_defaults(cfg) == {"precision": precision, "channels_last": channels_last}
-    assert cfg.trainer.precision == precision and cfg.channels_last is channels_last
-    kept = compose_config(["+experiment=focal_g02", "trainer.precision=32-true", "channels_last=false"])
+    assert resolve_speed_defaults(cfg) == {"precision": precision, "benchmark": fast, "channels_last": fast}
+    assert cfg.trainer.precision == precision and cfg.channels_last is fast and cfg.trainer.benchmark is fast
+    kept = compose_config(["+experiment=focal_g02", "trainer.precision=32-true", "channels_last=false",
+                           "trainer.benchmark=false"])
     assert resolve_speed_defaults(kept) == {} and kept.trainer.precision == "32-true" and not kept.channels_last
+    assert kept.trainer.benchmark is False
     cpu = compose_config(["+experiment=focal_g02", "trainer=cpu"])  # an explicit CPU run on a GPU machine
-    assert resolve_speed_defaults(cpu) == {"precision": "32-true", "channels_last": False}
+    assert resolve_speed_defaults(cpu) == {"precision": "32-true", "benchmark": False, "channels_last": False}
     assert compose_config(["trainer=gpu"]).trainer.precision == "bf16-mixed"  # the explicit form stays
+    # a deterministic run keeps cuDNN's default choice: a timed choice may differ from run to run
+    deterministic = compose_config(["+experiment=focal_g02", "trainer.deterministic=true"])
+    assert resolve_speed_defaults(deterministic)["benchmark"] is False
+
+
+def test_benchmark_reaches_the_trainer(monkeypatch, tmp_path: Path) -> None:
+    """The resolved value is what Lightning applies to torch.backends.cudnn (it leaves cudnn.benchmark off unless
+    told), for the GPU trainer config as for the default."""
+    from hydra.utils import instantiate
+
+    from hpa_lightning.training.speed import resolve_speed_defaults
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = compose_config(["+experiment=focal_g02", "trainer=gpu", "trainer.devices=1"])
+    assert resolve_speed_defaults(cfg)["benchmark"] is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # build it on this CPU machine
+    instantiate(cfg.trainer, accelerator="cpu", strategy="auto", precision="32-true", logger=False,
+                default_root_dir=str(tmp_path))
+    assert torch.backends.cudnn.benchmark is True

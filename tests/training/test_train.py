@@ -79,8 +79,8 @@ def test_run_folder_contents(tiny_run: Path) -> None:
     assert results["status"] == "completed"
     assert results["experiment"] == "focal_g02" and results["loss"] == "focal" and results["gamma"] == 0.2
     assert results["pretrained_loaded"] is False and results["device"] == "cpu" and results["seed"] == 42
-    assert (results["precision"], results["channels_last"], results["speed_auto"]) == (
-        "32-true", False, ["channels_last", "precision"])
+    assert (results["precision"], results["benchmark"], results["channels_last"], results["speed_auto"]) == (
+        "32-true", False, False, ["benchmark", "channels_last", "precision"])
     assert (results["world_size"], results["num_nodes"], results["devices_per_node"]) == (1, 1, 1)
     assert Path(results["best_checkpoint"]).is_file() and results["wall_time_s"] > 0
     assert results["class_names"] == list(CLASS_NAMES)
