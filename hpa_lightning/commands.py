@@ -35,10 +35,12 @@ COMMANDS: dict[str, str] = {
 
 
 def summary_line(module: str) -> str:
-    """The first line of a command's docstring without its `python -m ...` and `make ...` usage parts."""
-    first = (command_doc(module).strip().splitlines() or [""])[0]
-    text = re.sub(r"\(?`(python -m|make) [^`]*`\)?", "", first)
-    text = re.sub(r"\s+", " ", text).strip(" .:;")
+    """The first sentence of a command's docstring without its `python -m ...` / `make ...` usage."""
+    first = " ".join(command_doc(module).strip().split("\n\n")[0].split())  # the first paragraph, on one line
+    text = first.split("`", 1)[0].strip(" .:;(")  # the words before any usage
+    if not text:  # the docstring starts with its usage: the words after it
+        text = re.sub(r"\(?`[^`]*`\)?", "", first).strip(" .:;")
+    text = text.split(". ")[0]
     return text[:1].upper() + text[1:]
 
 

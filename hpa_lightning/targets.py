@@ -80,6 +80,17 @@ _IMPORTABLE_ROOTS = ("hpa_lightning", "torch", "lightning", "sklearn")
 ENV_TRUST = "HPA_TRUST_TARGETS"
 
 
+CREATE_MODEL = "hpa_lightning.models.net.create_model"  # the project's timm factory, what model nodes mean without one
+
+
+def own_factory(model_node: dict) -> dict | None:
+    """The model node when it names a factory other than the project's timm one (checkpoints from before the node had
+    a `_target_` mean the project's), else None: the network is rebuilt from its timm name alone."""
+    target = model_node.get("_target_", CREATE_MODEL)
+    target = RENAMED_TARGETS.get(target, target) if isinstance(target, str) else target
+    return None if target == CREATE_MODEL else dict(model_node)
+
+
 def trusted_targets(extra: str | Iterable[str] = ()) -> tuple[str, ...]:
     """The names trusted for this process: `HPA_TRUST_TARGETS` plus `extra` (a comma-separated string or names)."""
     names = [*os.environ.get(ENV_TRUST, "").split(","), *(extra.split(",") if isinstance(extra, str) else extra)]

@@ -26,9 +26,7 @@ from hpa_lightning.errors import ConfigError, InferenceError
 from hpa_lightning.models.augment import Standardize
 from hpa_lightning.models.net import build_network
 from hpa_lightning.runs import layout
-from hpa_lightning.targets import RENAMED_TARGETS, check_targets, trusted_targets
-
-CREATE_MODEL = "hpa_lightning.models.net.create_model"
+from hpa_lightning.targets import check_targets, own_factory, trusted_targets
 
 CARD_NAME = "card.json"
 
@@ -68,14 +66,6 @@ class InferenceModel:
         self.net.to(device)
         self.standardize.to(device)
         return self
-
-
-def own_factory(model_node: dict) -> dict | None:
-    """The model node when it names a factory other than the project's timm one (checkpoints from before the node had
-    a `_target_` mean the project's), else None: the network is rebuilt from its timm name alone."""
-    target = model_node.get("_target_", CREATE_MODEL)
-    target = RENAMED_TARGETS.get(target, target) if isinstance(target, str) else target
-    return None if target == CREATE_MODEL else dict(model_node)
 
 
 def _read_json(path: Path) -> dict:

@@ -17,8 +17,9 @@ from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.errors import ConfigError, NonFiniteLossError
 from hpa_lightning.models.augment import DeviceTransform
 from hpa_lightning.models.epoch_metrics import EpochOutputs
-from hpa_lightning.models.net import head_parameter_names, is_pretrained, parameter_groups
-from hpa_lightning.targets import canonical_targets, check_targets, trusted_targets
+from hpa_lightning.models.net import is_pretrained
+from hpa_lightning.models.param_groups import head_parameter_names, parameter_groups
+from hpa_lightning.targets import CREATE_MODEL, canonical_targets, check_targets, trusted_targets
 
 # Keys that nodes of checkpoints written before the nodes became constructor arguments carry beside them: a display
 # `name` in the loss and scheduler, the module's and the trainer's switches in the model node.
@@ -29,7 +30,7 @@ _OLD_MODEL_SWITCHES = ("channels_last", "compile", "sync_batchnorm")
 def current_nodes(model: dict, loss: dict, scheduler: dict | None) -> tuple[dict, dict, dict | None, dict]:
     """Nodes of any checkpoint of this project as constructor arguments: the old keys taken out (the model's
     switches returned apart, {key: value}), the model node given the factory it always meant when it had none."""
-    model = {"_target_": "hpa_lightning.models.net.create_model", **model}
+    model = {"_target_": CREATE_MODEL, **model}
     switches = {key: model.pop(key) for key in _OLD_MODEL_SWITCHES if key in model}
     loss = {k: v for k, v in loss.items() if k != _OLD_DISPLAY_KEY} if str(loss.get("_target_", "")).startswith(
         "hpa_lightning.") else loss

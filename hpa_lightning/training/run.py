@@ -17,7 +17,6 @@ from hpa_lightning.checkpoints import safe_torch_load
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES
 from hpa_lightning.data.datamodule import HPADataModule
 from hpa_lightning.errors import ConfigError
-from hpa_lightning.inference.load import own_factory
 from hpa_lightning.models.augment import build_augmentation, check_crop
 from hpa_lightning.models.losses import positive_class_weights
 from hpa_lightning.models.module import HPAModule
@@ -31,7 +30,7 @@ from hpa_lightning.models.net import (
 from hpa_lightning.runs.attempts import AttemptLog
 from hpa_lightning.runs.outputs import check_thresholds, plain, target_name, write_evaluation, write_results
 from hpa_lightning.runs.status import JobHooks
-from hpa_lightning.targets import check_targets, trusted_targets
+from hpa_lightning.targets import check_targets, own_factory, trusted_targets
 from hpa_lightning.training.callbacks import EMAWeightAverage, InterruptCheckpoint, SWAWeightAverage
 from hpa_lightning.training.checks import check_output_dir, checkpoint_bytes, resume_checkpoint
 from hpa_lightning.training.ddp import end_ddp_job, keep_ddp_children_in_this_job

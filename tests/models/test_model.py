@@ -14,14 +14,13 @@ from safetensors.torch import save_file
 
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.errors import ConfigError, PretrainedUnavailable
+from hpa_lightning.models.param_groups import head_parameter_names, parameter_groups
 from hpa_lightning.models.net import (
     build_network,
     check_image_size,
     check_pretrained_channels,
     create_model,
-    head_parameter_names,
     image_size_arguments,
-    parameter_groups,
     rgb_stem_to_rgby,
 )
 from tests.conftest import compose_config
