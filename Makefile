@@ -40,7 +40,7 @@ test-slurm: $(STAMP)  ## start a local SLURM cluster, run tests/slurm against it
 	@HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m slurm -rs tests/slurm; rc=$$?; \
 		bash tests/slurm/cluster.sh stop; exit $$rc
 
-bench: $(STAMP)  ## speed benchmark (ratios first): loading, packing, Lightning overhead, augmentation, GPU; BENCH_ARGS=quick=true
+bench: $(STAMP)  ## speed benchmark (ratios first): loading, packing, Lightning overhead, augmentation, GPU, thresholds; BENCH_ARGS=quick=true
 	$(PY) -m hpa_lightning.bench $(BENCH_ARGS)
 
 reproduce: $(STAMP)  ## the poster's comparison on the synthetic data (10 arms, baselines, LR finder) -> docs/results/synthetic

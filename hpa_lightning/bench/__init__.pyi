@@ -7,6 +7,7 @@ from .overhead import bench_overhead, project_recipe
 from .packing import bench_packing
 from .report import render_report
 from .run import main, quiet_libraries
+from .thresholds import bench_thresholds
 
 __all__ = [
     "PROFILES",
@@ -18,6 +19,7 @@ __all__ = [
     "bench_loading",
     "bench_overhead",
     "bench_packing",
+    "bench_thresholds",
     "main",
     "project_recipe",
     "quiet_libraries",

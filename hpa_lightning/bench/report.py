@@ -68,6 +68,10 @@ def render_report(result: dict) -> str:
                 f"best {x['best_images_per_s']:.0f} images/s {verdict('gpu_images_per_s')}")
             if x.get("compile_speedup") is not None:
                 row(" ", "", f"{x['compile_speedup']:.2f}x", "model.compile / eager, images/s")
+    if "thresholds" in s:
+        x = s["thresholds"]
+        row("6", "thresholds", f"{x['ratio']:.2f}", "exact per-class threshold search / sklearn PR curve per class",
+            verdict("threshold_tuning_ms"))
     for name, err in result.get("errors", {}).items():
         lines.append(f"  ! {name}: FAILED: {err}")
 
@@ -125,6 +129,13 @@ def render_report(result: dict) -> str:
                 lines.append(f"              {label:<9} {r['images_per_s']:7.1f} images/s, step {r['step_ms']:.1f} ms, "
                              f"waiting for data {r['data_wait_ms']:.2f} ms/step ({100 * r['data_wait_share']:.1f}%)")
         lines.append(f"              best {x['best_images_per_s']:.1f} images/s {verdict('gpu_images_per_s')}")
+    if "thresholds" in s:
+        x = s["thresholds"]
+        lines.append(f"  6 thresholds {x['samples']} x {x['classes']}, median of {x['iters']}: tune_thresholds "
+                     f"{x['exact_ms']:.1f} ms, sklearn {x['sklearn_ms']:.1f} ms; per-class F1, exact minus sklearn: "
+                     f">= {x['min_f1_gain']:.3g}")
+        lines.append(f"              global_threshold {x['global_ms']:.1f} ms, label_ratio_thresholds "
+                     f"{x['label_ratio_ms']:.1f} ms")
     notes = diagnostics(result)
     if notes:
         lines.append("")
@@ -165,6 +176,7 @@ def collect_targets(sections: dict) -> dict:
         "framework_overhead": sections.get("overhead", {}).get("ratio"),
         "pack_peak_rss_mb": sections.get("packing", {}).get("peak_rss_mb"),
         "gpu_images_per_s": sections.get("gpu", {}).get("best_images_per_s"),
+        "threshold_tuning_ms": sections.get("thresholds", {}).get("exact_ms"),
     }
     targets = {}
     for key, value in values.items():
@@ -184,4 +196,5 @@ def headline_ratios(sections: dict) -> dict:
         "augment_share": sections.get("augment", {}).get("ratio"),
         "gpu_compile_speedup": gpu.get("compile_speedup"),
         "gpu_data_wait_share": gpu.get("data_wait_share"),
+        "threshold_search": sections.get("thresholds", {}).get("ratio"),
     }
