@@ -5,6 +5,10 @@ Each payload reaches a dangerous callable through a prefix the old check trusted
 file the result must be a one-line refusal naming the file and the key, and the payload's marker file must not exist.
 """
 
+# Mutation testing (`make mutation`, tests/mutation.py): the mutants of hpa_lightning/targets.py these tests do not
+# kill, judged equivalent: `OmegaConf.to_container(node, resolve=None)` or without resolve (the default is False and
+# None is falsy). It stays explicit: not resolving a file's interpolations is the point.
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,19 @@
 split never changes, and copies of one image kept together. Stores are made directly (a PackedStore over a saved
 images.npy), without packing."""
 
+# Mutation testing (`make mutation`, tests/mutation.py): the mutants of hpa_lightning/data/split.py these tests do
+# not kill, judged equivalent:
+# - `n_splits` of either MultilabelStratifiedShuffleSplit (2, or left out: 10): only the first split is used, and it
+#   is drawn first whatever the count.
+# - `_exact_size` with `>=` / `<=` for `>` / `<`: at the exact size 0 samples move, and rng.choice(n, 0,
+#   replace=False) draws nothing (the generator's state is checked); `replace=None` is falsy, as False.
+# - `channel_stats(..., chunk=257)` for 256: the chunk size changes only the order of the float sums.
+# - `np.zeros_like(None, shape=...)` in _group_labels: object zeros instead of the labels' dtype; np.maximum.at and
+#   iterative stratification treat the 0/1 values alike.
+# - `to_csv(..., index=None)`: falsy, as False.
+# - `shutil.rmtree(tmp, ignore_errors=None / False / left out)`: the clean-up succeeds; ignore_errors only keeps a
+#   failing clean-up from hiding the error that brought it there.
+
 from __future__ import annotations
 
 import json

@@ -1,3 +1,9 @@
+# Mutation testing (`make mutation`, tests/mutation.py): the mutants of hpa_lightning/models/losses.py these tests
+# do not kill, judged equivalent:
+# - `register_buffer(..., persistent=None)`: None is falsy, as False (pos_weight stays out of the state dict).
+# - `logits / (2.0 * labels - 1.0)` in the Lovasz hinge: for 0/1 labels the sign is +1 or -1, and dividing by it is
+#   multiplying.
+
 import numpy as np
 import pytest
 import torch
@@ -327,9 +333,14 @@ def test_pos_weight_follows_the_logits_device_and_dtype() -> None:
     loss = FocalLoss(2.0, [1.0, 2.0, 3.0])
     on_meta = loss(torch.zeros(2, 3, device="meta"), torch.zeros(2, 3, device="meta"))
     assert on_meta.device.type == "meta" and loss.pos_weight.device.type == "cpu"
-    doubled = FocalLoss(0.0, [1.0, 2.0, 3.0]).double()
+    weight = torch.tensor([0.1, 0.7, 2.9])  # not exact in float32: mixed-precision arithmetic would show
     logits, targets = _batch(4, c=3)
-    assert doubled(logits.float(), targets.float()).dtype == torch.float32
+    in_float64 = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight.double())
+    assert torch.equal(bce_loss(weight)(logits, targets), in_float64)  # float32 weights applied in float64
+    doubled = bce_loss(weight).double()
+    in_float32 = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=weight)
+    got = doubled(logits.float(), targets.float())
+    assert got.dtype == torch.float32 and torch.equal(got, in_float32)
 
 
 def test_a_single_number_as_pos_weight_is_refused_with_the_message() -> None:
