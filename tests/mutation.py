@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{module}: not a module of the package (hpa_lightning/...py)")
     started = time.perf_counter()
     if args.again:
-        if not (WORK / "mutants").is_dir():
-            parser.error("--again: no earlier run in .cache/mutation")
+        missing = [m for m in modules if not (WORK / "mutants" / f"{m}.meta").is_file()]
+        if missing:
+            parser.error(f"--again: {', '.join(missing)} not in the last run (.cache/mutation); run without --again")
         for name in COPIED[:3]:  # the code and tests as they are now: mutmut re-mutates the functions that changed
             shutil.copytree(REPO / name, WORK / name, dirs_exist_ok=True,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

@@ -200,9 +200,9 @@ def test_prepare_split_keeps_copies_of_one_image_together(tmp_path: Path) -> Non
     duplicate_of = [""] * 16 + ["s00", "s01", "s02", "s03"]
     store = make_store(tmp_path / "store", duplicate_of=duplicate_of)
     expected = stratified_split(store.labels, 0.2, 0.2, seed=4, groups=store.groups())
-    for split in (prepare_split(store, 0.2, 0.2, seed=4), ):
-        np.testing.assert_array_equal(split.assignment, expected)
-        np.testing.assert_array_equal(split.assignment[16:], split.assignment[:4])
+    split = prepare_split(store, 0.2, 0.2, seed=4)
+    np.testing.assert_array_equal(split.assignment, expected)
+    np.testing.assert_array_equal(split.assignment[16:], split.assignment[:4])
     folded = prepare_split(store, 0.2, 0.2, seed=4, folds=2, fold=1)
     np.testing.assert_array_equal(folded.assignment,
                                   fold_split(store.labels, 0.2, 0.2, 2, 1, seed=4, groups=store.groups()))

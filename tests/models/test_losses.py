@@ -165,6 +165,9 @@ def test_defaults_are_pinned() -> None:
     """The values a config that leaves them out gets (conf/loss/*.yaml set gamma; the rest rely on these)."""
     focal = FocalLoss()
     assert focal.gamma == 2.0 and focal.pos_weight is None and repr(focal) == "FocalLoss(gamma=2.0, pos_weight=None)"
+    logits, targets = _batch(12)
+    torch.testing.assert_close(focal(logits, targets), sigmoid_focal_loss(logits, targets, alpha=-1, gamma=2.0,
+                                                                          reduction="mean"), rtol=1e-12, atol=0)
     bce = bce_loss()
     assert bce.gamma == 0.0 and bce.pos_weight is None
     assert repr(FocalLoss(0.5, [1.0, 2.0, 3.0])) == "FocalLoss(gamma=0.5, pos_weight=<3 classes>)"
