@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_ARGS ?= +experiment=focal_g02 +preset=demo scheduler=cosine
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-slurm lint format bench gpu-check gpu-bundle reproduce clean
+.PHONY: help install demo test test-fast test-slurm mutation lint format bench gpu-check gpu-bundle reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,7 +40,20 @@ test-slurm: $(STAMP)  ## start a local SLURM cluster, run tests/slurm against it
 	@HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m slurm -rs tests/slurm; rc=$$?; \
 		bash tests/slurm/cluster.sh stop; exit $$rc
 
-bench: $(STAMP)  ## speed benchmark (ratios first): loading, packing, Lightning overhead, augmentation, GPU; BENCH_ARGS=quick=true
+# Mutation testing (mutmut, the `mutation` extra): not part of `make test` or CI, it takes minutes per module.
+# MUTATE names the modules (default: metrics, losses, split, targets); tests/mutation.py says how it works.
+MUTATE ?=
+MUTATION_WORKERS ?= 2
+MUTATION_STAMP := $(VENV)/.mutation-stamp
+
+$(MUTATION_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,mutation]'
+	touch $(MUTATION_STAMP)
+
+mutation: $(MUTATION_STAMP)  ## mutation testing of the modules that compute metrics and losses and guard files (slow)
+	OMP_NUM_THREADS=1 $(PY) -m tests.mutation --workers $(MUTATION_WORKERS) $(MUTATE)
+
+bench: $(STAMP)  ## speed benchmark (ratios first): loading, packing, Lightning overhead, augmentation, GPU, thresholds; BENCH_ARGS=quick=true
 	$(PY) -m hpa_lightning.bench $(BENCH_ARGS)
 
 reproduce: $(STAMP)  ## the poster's comparison on the synthetic data (10 arms, baselines, LR finder) -> docs/results/synthetic

@@ -60,7 +60,7 @@ def _binary_2d(x: Any, name: str) -> np.ndarray:
 
 
 def _scores_2d(x: Any, name: str) -> np.ndarray:
-    a = _to_numpy(x).astype(np.float64, copy=False)
+    a = np.asarray(_to_numpy(x), dtype=np.float64)  # float32 scores are compared and cut in float64
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (N, C) array, got shape {a.shape}")
     if not np.isfinite(a).all():
@@ -73,12 +73,11 @@ def _check_same_shape(a: np.ndarray, b: np.ndarray, names: str) -> None:
         raise ValueError(f"{names} must have the same shape, got {a.shape} and {b.shape}")
 
 
-def _f1_from_counts(tp: np.ndarray, n_pred: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
+def _f1_from_counts(tp: np.ndarray, n_pred: np.ndarray, n_pos: int) -> np.ndarray:
     # Threshold search only (the reported F1 is torchmetrics', `_f1_per_class`): F1 of many candidate cuts at once,
-    # 2TP / (2TP + FP + FN) = 2TP / (#predicted + #positive), 0/0 -> 0. Counts are exact integers in float64 and
-    # division is correctly rounded, so equal ratios give equal floats (exact tie detection in tune_thresholds).
-    denom = (n_pred + n_pos).astype(np.float64)
-    return np.divide(2.0 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+    # 2TP / (2TP + FP + FN) = 2TP / (#predicted + #positive); n_pos >= 1 (a class without positives is not searched).
+    # Counts are exact integers and division is correctly rounded, so equal ratios give equal floats (exact ties).
+    return 2.0 * tp / (n_pred + n_pos)
 
 
 def _f1_per_class(y: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -175,32 +174,28 @@ def _pick_best(f1: np.ndarray, thresholds: np.ndarray) -> float:
     return float(cand[order[0]])
 
 
-def _exact_class_threshold(scores: np.ndarray, positive: np.ndarray) -> float:
-    order = np.argsort(-scores, kind="stable")
-    s = scores[order]
-    tp_cum = np.cumsum(positive[order])
-    # Cut k predicts positive every sample scoring >= the k-th largest unique score; it ends at the last sorted
-    # index of that unique value.
-    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
-    n_pred = ends + 1
-    f1 = _f1_from_counts(tp_cum[ends], n_pred, np.full_like(n_pred, positive.sum()))
-    upper = s[ends]
-    lower = np.r_[s[ends[:-1] + 1], -np.inf]  # next lower unique score, excluded by this cut
+def _cuts(sorted_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For scores in decreasing order, the candidate cuts: the index at which each run of equal scores ends (the cut
+    includes everything up to it) and the cut's threshold. That is the midpoint between the run's score and the next
+    lower one, a margin on both sides; the run's score itself where rounding puts the midpoint on the lower score
+    (adjacent floats) and for the last cut, which includes every sample."""
+    ends = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])
+    upper, lower = sorted_scores[ends[:-1]], sorted_scores[ends[:-1] + 1]
     mid = upper / 2 + lower / 2
-    # The midpoint leaves a margin on both sides; fall back to the included score itself for the lowest cut
-    # (nothing below it) or if rounding put the midpoint on the excluded value (adjacent floats).
-    thr = np.where(np.isfinite(lower) & (mid > lower), mid, upper)
-    return _pick_best(f1, thr)
+    return ends, np.r_[np.where(mid > lower, mid, upper), sorted_scores[-1]]
+
+
+def _exact_class_threshold(scores: np.ndarray, positive: np.ndarray) -> float:
+    order = np.argsort(-scores)  # any order of equal scores: only the ends of their runs are cuts
+    ends, thresholds = _cuts(scores[order])
+    return _pick_best(_f1_from_counts(np.cumsum(positive[order])[ends], ends + 1, positive.sum()), thresholds)
 
 
 def _grid_class_threshold(scores: np.ndarray, positive: np.ndarray, grid: np.ndarray) -> float:
-    # Counts of scores >= t for every grid t via binary search on the sorted scores.
-    all_sorted = np.sort(scores)
-    pos_sorted = np.sort(scores[positive])
-    n_pred = all_sorted.size - np.searchsorted(all_sorted, grid, side="left")
-    tp = pos_sorted.size - np.searchsorted(pos_sorted, grid, side="left")
-    f1 = _f1_from_counts(tp, n_pred, np.full_like(n_pred, pos_sorted.size))
-    return _pick_best(f1, grid)
+    # Counts of scores >= t for every grid t by binary search (searchsorted's side="left": a score equal to t counts).
+    n_pred = scores.size - np.searchsorted(np.sort(scores), grid)
+    tp = positive.sum() - np.searchsorted(np.sort(scores[positive]), grid)
+    return _pick_best(_f1_from_counts(tp, n_pred, positive.sum()), grid)
 
 
 def tune_thresholds(targets: Any, probs: Any, default: float = 0.5, grid: np.ndarray | None = None,
@@ -225,7 +220,7 @@ def tune_thresholds(targets: Any, probs: Any, default: float = 0.5, grid: np.nda
     s = _scores_2d(probs, "probs")
     _check_same_shape(y, s, "targets and probs")
     if grid is not None:
-        grid = np.unique(np.asarray(grid, dtype=np.float64).ravel())
+        grid = np.unique(np.ravel(grid))
         if grid.size == 0 or not np.isfinite(grid).all():
             raise ValueError("grid must be a non-empty array of finite thresholds")
     thresholds = np.full(y.shape[1], float(default))
@@ -254,63 +249,56 @@ def global_threshold(targets: Any, probs: Any) -> float:
     n, c = s.shape
     if n == 0 or c == 0:
         return 0.5
-    order = np.argsort(-s.ravel(), kind="stable")
-    scores, classes, positive = s.ravel()[order], np.tile(np.arange(c), n)[order], y.ravel()[order]
-    # Each element, taken in this order, changes only its class's F1: from that class's F1 after its previous
-    # element (0 before its first) to the F1 with it; macro F1 after element i is the running sum of changes / C.
-    by_class = np.argsort(classes, kind="stable")  # grouped by class, score order kept inside each group
-    grouped_class, grouped_pos = classes[by_class], positive[by_class].astype(np.float64)
-    first = np.r_[True, grouped_class[1:] != grouped_class[:-1]]
-    group_start = np.maximum.accumulate(np.where(first, np.arange(first.size), 0))
-    tp_cum = np.cumsum(grouped_pos)
-    tp = tp_cum - tp_cum[group_start] + grouped_pos[group_start]
-    n_pred = np.arange(first.size) - group_start + 1
-    f1_new = 2 * tp / (n_pred + y.sum(axis=0)[grouped_class])
-    change = np.empty(first.size)
-    change[by_class] = f1_new - np.where(first, 0.0, np.r_[0.0, f1_new[:-1]])
-    ends = np.r_[scores[1:] != scores[:-1], True]
-    ends_idx = np.flatnonzero(ends)
-    macro_at_end = np.cumsum(change)[ends_idx] / c
-    upper = scores[ends_idx]
-    lower = np.r_[scores[ends_idx[:-1] + 1], -np.inf]
-    mid = upper / 2 + lower / 2
-    thresholds = np.where(np.isfinite(lower) & (mid > lower), mid, upper)
-    candidates = np.r_[np.nextafter(scores[0], np.inf), thresholds]  # the first: nothing predicted positive
-    macro = np.r_[0.0, macro_at_end]
-    return _pick_best(macro, candidates)
+    # Each class's samples best first: its F1 when its top r+1 are predicted, and the change each sample makes to it.
+    order = np.argsort(-s, axis=0)  # equal scores in any order: cuts fall only at the ends of their runs
+    tp = np.cumsum(np.take_along_axis(y, order, axis=0), axis=0)
+    f1 = 2.0 * tp / (np.arange(1, n + 1)[:, None] + y.sum(axis=0))
+    change = np.diff(f1, axis=0, prepend=0.0).ravel()
+    # Passing every sample of every class in decreasing score order, macro F1 is the running sum of changes / C: the
+    # samples of a class passed by a cut are a top of its order, and their changes add up to that top's F1.
+    scores = np.take_along_axis(s, order, axis=0).ravel()
+    by_score = np.argsort(-scores)
+    ends, thresholds = _cuts(scores[by_score])
+    macro = np.cumsum(change[by_score])[ends] / c
+    # The first candidate, just above the highest score, predicts nothing (macro F1 0).
+    return _pick_best(np.r_[0.0, macro], np.r_[np.nextafter(scores.max(), np.inf), thresholds])
 
 
 def label_ratio_thresholds(probs: Any, ratios: Any) -> np.ndarray:
-    """Per-class thresholds under which each class is predicted for ``round(ratio * N)`` of these N samples: the
-    predicted label ratios match ``ratios`` (the train split's, as the 1st and 3rd of Kaggle HPA 2018 set theirs).
+    """Per-class thresholds under which each class is predicted for ``round(ratio * N)`` of these N samples (nearest,
+    halves to even): the predicted label ratios match ``ratios`` (the train split's, as the 1st and 3rd of Kaggle HPA
+    2018 set theirs). A class with a ratio above 0 is predicted for at least one sample, also where ``ratio * N``
+    rounds to 0 (the rarest HPA classes, 11 of 31072 training images, on a few hundred samples): a class never
+    predicted scores F1 0 whatever its scores. A ratio of 0 predicts no sample.
 
-    The threshold lies midway between the last included and the first excluded score; samples tied at the cut
-    are all included or all excluded, whichever is nearer the target count.
+    The threshold lies midway between the last included and the first excluded score, so new samples are cut where
+    these were. Samples tied at the cut are all included or all excluded, whichever count is nearer the target
+    (excluded on equal distance), but never all excluded when the target is one sample or more.
     """
     s = _scores_2d(probs, "probs")
     r = np.asarray(_to_numpy(ratios), dtype=np.float64).ravel()
     if r.shape[0] != s.shape[1] or not np.isfinite(r).all() or (r < 0).any() or (r > 1).any():
         raise ValueError(f"ratios must be {s.shape[1]} values in [0, 1]")
-    n = s.shape[0]
-    thresholds = np.empty(s.shape[1])
-    for c in range(s.shape[1]):
-        ranked = np.sort(s[:, c])[::-1]
-        k = int(round(r[c] * n))
-        if k <= 0:
-            thresholds[c] = np.nextafter(ranked[0], np.inf) if n else 1.0
-        elif k >= n:
-            thresholds[c] = ranked[-1]
-        else:
-            included, excluded = ranked[k - 1], ranked[k]
-            if included == excluded:  # a tie straddles the cut: move it to the nearer side
-                tied = ranked == included
-                first, last = np.flatnonzero(tied)[[0, -1]]
-                k = first if k - first <= last + 1 - k else last + 1
-                included = ranked[k - 1] if k > 0 else np.nextafter(ranked[0], np.inf)
-                excluded = ranked[k] if k < n else -np.inf
-            mid = included / 2 + excluded / 2
-            thresholds[c] = mid if np.isfinite(excluded) and mid > excluded else included
-    return thresholds
+    counts = [max(int(round(ratio * s.shape[0])), int(ratio > 0)) for ratio in r]
+    return np.array([_cut_at(np.sort(s[:, c])[::-1], k) for c, k in enumerate(counts)])
+
+
+def _cut_at(ranked: np.ndarray, k: int) -> float:
+    """The threshold predicting the top ``k`` of the scores ``ranked`` in decreasing order (see the tie rule above)."""
+    n = ranked.size
+    if n == 0:
+        return 1.0
+    if k <= 0:
+        return float(np.nextafter(ranked[0], np.inf))
+    if k < n and ranked[k - 1] == ranked[k]:  # a tie straddles the cut: it goes whole to the nearer side
+        tied = np.flatnonzero(ranked == ranked[k])
+        first, last = int(tied[0]), int(tied[-1])
+        k = first if first > 0 and k - first <= last + 1 - k else last + 1
+    if k >= n:
+        return float(ranked[-1])
+    included, excluded = ranked[k - 1], ranked[k]
+    mid = included / 2 + excluded / 2
+    return float(mid if mid > excluded else included)  # adjacent floats: the midpoint may round onto `excluded`
 
 
 THRESHOLD_STRATEGIES = ("per_class_f1", "label_ratio", "global")
@@ -325,21 +313,25 @@ def choose_thresholds(strategy: str, targets: Any, probs: Any, *, default: float
     if strategy == "label_ratio":
         return label_ratio_thresholds(probs, train_ratios)
     if strategy == "global":
-        return np.full(_scores_2d(probs, "probs").shape[1], global_threshold(targets, probs))
+        threshold = global_threshold(targets, probs)  # checks both
+        return np.full(np.shape(_to_numpy(probs))[1], threshold)
     raise ValueError(f"thresholds.strategy={strategy!r}: expected one of {', '.join(THRESHOLD_STRATEGIES)}")
 
 def threshold_record(thresholds: np.ndarray, targets: Any, class_names: list[str], default: float,
                      min_positives: int, ensure_one: bool, strategy: str = "per_class_f1") -> dict[str, Any]:
     """The content of thresholds.json: per-class thresholds, how they were tuned, and which classes kept the default
     (with their number of validation positives; only `per_class_f1` keeps defaults)."""
-    positives = _binary_2d(targets, "targets").sum(axis=0)
-    tuned = positives >= max(1, min_positives) if strategy == "per_class_f1" else np.ones_like(positives, bool)
-    return {"thresholds": {name: float(t) for name, t in zip(class_names, thresholds, strict=True)},
+    positives = _binary_2d(targets, "targets").sum(axis=0).tolist()
+    values = np.asarray(thresholds, dtype=np.float64).ravel().tolist()
+    if not len(class_names) == len(values) == len(positives):
+        raise ValueError(f"{len(class_names)} class names for {len(values)} thresholds and {len(positives)} classes "
+                         "of targets")
+    keeps = [strategy == "per_class_f1" and n < max(1, min_positives) for n in positives]  # kept `default`
+    return {"thresholds": {name: values[i] for i, name in enumerate(class_names)},
             "strategy": strategy, "tuned_on": "val", "tta": 1, "default": float(default),
             "min_positives": int(min_positives), "ensure_one": bool(ensure_one),
-            "tuned_classes": [name for name, ok in zip(class_names, tuned, strict=True) if ok],
-            "default_classes": {name: int(n) for name, n, ok in zip(class_names, positives, tuned, strict=True)
-                                if not ok}}
+            "tuned_classes": [name for i, name in enumerate(class_names) if not keeps[i]],
+            "default_classes": {name: positives[i] for i, name in enumerate(class_names) if keeps[i]}}
 
 
 def decide(probs: Any, thresholds: np.ndarray | float, ensure_one: bool = False) -> np.ndarray:
@@ -349,7 +341,7 @@ def decide(probs: Any, thresholds: np.ndarray | float, ensure_one: bool = False)
     (every HPA image has at least one location; the Kaggle 2018 solutions used the same fallback).
     """
     s = _scores_2d(probs, "probs")
-    t = np.asarray(_to_numpy(thresholds), dtype=np.float64)
+    t = _to_numpy(thresholds)
     if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != s.shape[1]):
         raise ValueError(f"thresholds must be a scalar or have shape ({s.shape[1]},), got {t.shape}")
     out = (s >= t).astype(np.uint8)
@@ -381,7 +373,7 @@ def summarize(targets: Any, probs: Any, thresholds: np.ndarray | float | None = 
     f1 = _f1_per_class(y, decide(s, 0.5))
     per_class_auc = _roc_auc_per_class(y, s)
     auc = _macro_over_defined(per_class_auc)
-    per_class_ap = _average_precision_per_class(y, s) if y.shape[0] else np.full(y.shape[1], np.nan)
+    per_class_ap = _average_precision_per_class(y, s)
     mean_ap = _macro_over_defined(per_class_ap)  # the same mean over the classes where it is defined
     out: dict[str, Any] = {
         "n_samples": int(y.shape[0]),
@@ -395,7 +387,7 @@ def summarize(targets: Any, probs: Any, thresholds: np.ndarray | float | None = 
         "n_ap_classes": int(np.isfinite(per_class_ap).sum()),
     }
     if thresholds is not None:
-        t = np.broadcast_to(np.asarray(_to_numpy(thresholds), dtype=np.float64), (y.shape[1],))
+        t = np.broadcast_to(_to_numpy(thresholds), (y.shape[1],))
         f1_tuned = _f1_per_class(y, decide(s, t, ensure_one=ensure_one))
         out["macro_f1_tuned"] = float(f1_tuned.mean())
         out["per_class_f1_tuned"] = _json_floats(f1_tuned)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Iterable, Iterator
 
 from hpa_lightning.errors import UnsafeTargetError
@@ -78,6 +79,9 @@ RENAMED_TARGETS: dict[str, str] = {
 _IMPORTABLE_ROOTS = ("hpa_lightning", "torch", "lightning", "sklearn")
 # Names the user trusts on purpose (comma-separated), beside the `trust=` argument of the loading commands.
 ENV_TRUST = "HPA_TRUST_TARGETS"
+# What a `_target_` from a file may look like at all: an interpolation (`${oc.env:X}`), which Hydra would resolve only
+# when building, to whatever the environment or another key says then, is refused before any comparison or trust.
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 CREATE_MODEL = "hpa_lightning.models.net.create_model"  # the project's timm factory, what model nodes mean without one
@@ -114,34 +118,38 @@ def _objects(names: tuple[str, ...]) -> dict[int, str]:
         try:
             objects[id(_locate(name))] = name
         except Exception as err:  # noqa: BLE001 - import errors of the user's module come in every type
-            raise UnsafeTargetError(f"trust={name}: cannot import it ({type(err).__name__}: "
-                                    f"{str(err).splitlines()[0] if str(err) else 'no message'})") from None
+            cause = err.__cause__ or err  # Hydra wraps the import's own error in a three-line ImportError
+            raise UnsafeTargetError(f"trust={name}: cannot import it ({type(cause).__name__}: "
+                                    f"{str(cause).splitlines()[0] if str(cause) else 'no message'})") from None
     return objects
 
 
 def resolve_allowed(target: object, where: str, trust: Iterable[str] = ()) -> str:
-    """The allowlisted (or trusted) name `target` stands for; `UnsafeTargetError` naming `where` for anything else.
+    """The allowlisted (or trusted) name `target` stands for; `UnsafeTargetError` naming `where` for anything else,
+    and for anything but a dotted name (an interpolation, even a trusted one).
 
     A name is compared by the object it resolves to, never by prefix; only names under the importable roots or
     under a trusted name's own module are resolved at all (the file chooses the string, not what gets imported)."""
     if not isinstance(target, str):
         raise UnsafeTargetError(f"{where}: _target_ must be a dotted name, got {type(target).__name__}")
+    if not _DOTTED.fullmatch(target):
+        raise UnsafeTargetError(f"{where}: _target_ {target!r} is not a dotted name; refusing to build it (a file's "
+                                "_target_ is never resolved)")
     trust = tuple(trust)
     target = RENAMED_TARGETS.get(target, target)
     if target in ALLOWED_TARGETS or target in trust:
         return target
-    roots = set(_IMPORTABLE_ROOTS) | {name.split(".", 1)[0] for name in trust}
-    if target.split(".", 1)[0] in roots:
+    roots = set(_IMPORTABLE_ROOTS) | {name.partition(".")[0] for name in trust}
+    if target.partition(".")[0] in roots:
         from hydra._internal.utils import _locate
 
+        objects = {**_objects(ALLOWED_TARGETS), **_objects(trust)}
         try:
-            resolved = _locate(target)
+            name = objects.get(id(_locate(target)))
         except Exception:  # noqa: BLE001 - any failure to resolve is a refusal
-            resolved = None
-        if resolved is not None:
-            name = {**_objects(ALLOWED_TARGETS), **_objects(trust)}.get(id(resolved))
-            if name is not None:
-                return name  # another path to an allowed callable, e.g. torch.optim.sgd.SGD
+            name = None
+        if name is not None:
+            return name  # another path to an allowed callable, e.g. torch.optim.sgd.SGD
     raise UnsafeTargetError(f"{where}: _target_ {target!r} is not one of the callables hpa_lightning builds; "
                             f"refusing to build it (if you trust this file, pass trust={target} or set "
                             f"{ENV_TRUST}={target})")
@@ -191,7 +199,7 @@ def check_targets(node: object, source: str, key: str = "", trust: Iterable[str]
     if len(refused) == 1:
         raise refused[0][2]
     if refused:
-        names = ",".join(dict.fromkeys(str(t) for _, t, _ in refused if isinstance(t, str) and "${" not in t))
+        names = ",".join(dict.fromkeys(t for _, t, _ in refused if isinstance(t, str) and _DOTTED.fullmatch(t)))
         keys = ", ".join(f"{path} {target!r}" for path, target, _ in refused)
         hint = f" (if you trust this file, pass trust={names} or set {ENV_TRUST}={names})" if names else ""
         raise UnsafeTargetError(f"{source}: {len(refused)} _target_s are not among the callables hpa_lightning "

@@ -5,6 +5,10 @@ Each payload reaches a dangerous callable through a prefix the old check trusted
 file the result must be a one-line refusal naming the file and the key, and the payload's marker file must not exist.
 """
 
+# Mutation testing (`make mutation`, tests/mutation.py): the mutants of hpa_lightning/targets.py these tests do not
+# kill, judged equivalent: `OmegaConf.to_container(node, resolve=None)` or without resolve (the default is False and
+# None is falsy). It stays explicit: not resolving a file's interpolations is the point.
+
 from __future__ import annotations
 
 import os
@@ -20,7 +24,16 @@ import yaml
 from hpa_lightning.errors import UnsafeTargetError
 from hpa_lightning.inference.load import load_model
 from hpa_lightning.models.module import HPAModule
-from hpa_lightning.targets import ALLOWED_TARGETS, check_targets, iter_targets, resolve_allowed
+from hpa_lightning.targets import (
+    ALLOWED_TARGETS,
+    ENV_TRUST,
+    canonical_targets,
+    check_targets,
+    iter_targets,
+    resolve_allowed,
+    trust_in_this_process,
+    trusted_targets,
+)
 from tests.conftest import REPO
 
 MODEL = {"name": "resnet18", "pretrained": False}
@@ -202,3 +215,112 @@ def test_rerun_of_a_crafted_job_is_refused(tmp_path: Path) -> None:
     (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"name": "../evil"}}}))
     proc = run_module("hpa_lightning.rerun_failed", [str(tmp_path / "sweep")], tmp_path / "cache")
     assert proc.returncode == 2 and "hydra.job.name '../evil'" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------- the check's parts, exactly
+
+
+def test_trusted_names_come_from_the_environment_and_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_TRUST, " a.B , c.D,,a.B ")
+    assert trusted_targets() == ("a.B", "c.D")  # stripped, empty entries and repeats dropped, order kept
+    assert trusted_targets("e.F, c.D") == ("a.B", "c.D", "e.F")
+    assert trusted_targets(["g.H ", " "]) == ("a.B", "c.D", "g.H")
+    monkeypatch.delenv(ENV_TRUST)
+    assert trusted_targets() == ()
+    trust_in_this_process("")
+    assert ENV_TRUST not in os.environ
+    trust_in_this_process("x.Y, a.B")
+    trust_in_this_process("a.B,z.W")
+    assert os.environ[ENV_TRUST] == "x.Y,a.B,z.W"  # what the jobs this process starts inherit
+
+
+def test_a_trusted_name_that_does_not_import_is_one_line_with_the_reason(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reason is the import's own error (Hydra wraps it in a three-line ImportError; before, only its first
+    line, "Error loading 'x':", reached the user)."""
+    (tmp_path / "broken_user_module.py").write_text("raise RuntimeError()\n")
+    (tmp_path / "user_module.py").write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for trusted, reason in (("no_such_user_module.Loss", "ModuleNotFoundError: No module named 'no_such_user_module'"),
+                            ("broken_user_module.Loss", "RuntimeError: no message"),
+                            ("user_module.Loss", "ModuleNotFoundError: No module named 'user_module.Loss'; "
+                                                 "'user_module' is not a package")):
+        with pytest.raises(UnsafeTargetError) as raised:
+            resolve_allowed("torch.optim.sgd.SGD", "w", trust=(trusted,))  # an alias: the trusted names resolve
+        assert str(raised.value) == f"trust={trusted}: cannot import it ({reason})"
+
+
+def test_resolve_allowed_returns_the_name_it_stands_for_or_refuses_in_one_line() -> None:
+    assert resolve_allowed("hpa_lightning.losses.FocalLoss", "w") == "hpa_lightning.models.losses.FocalLoss"
+    assert resolve_allowed("json.decoder.JSONDecoder", "w", trust=["json.decoder.JSONDecoder"]) == (
+        "json.decoder.JSONDecoder")
+    assert resolve_allowed("json.JSONDecoder", "w", trust=("json.decoder.JSONDecoder",)) == "json.decoder.JSONDecoder"
+    with pytest.raises(UnsafeTargetError) as raised:
+        resolve_allowed(3, "ckpt: loss._target_")
+    assert str(raised.value) == "ckpt: loss._target_: _target_ must be a dotted name, got int"
+    for name, trust in (("json.loads", ("json.decoder.JSONDecoder",)), ("torch.nope.Thing", ()), ("os.system", ()),
+                        ("torch.optim.SGD.step", ())):
+        with pytest.raises(UnsafeTargetError) as raised:
+            resolve_allowed(name, "ckpt: loss._target_", trust)
+        assert str(raised.value) == (
+            f"ckpt: loss._target_: _target_ {name!r} is not one of the callables hpa_lightning builds; refusing to "
+            f"build it (if you trust this file, pass trust={name} or set HPA_TRUST_TARGETS={name})")
+
+
+def test_iter_targets_walks_omegaconf_containers_unresolved() -> None:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"loss": {"_target_": "${oc.env:TARGET}", "inner": [{"_target_": "a.B"}, 1]},
+                             "aug": ({"_target_": "c.D"},), "name": "_target_"})
+    assert list(iter_targets(node, "hyper_parameters")) == [("hyper_parameters.loss._target_", "${oc.env:TARGET}"),
+                                                            ("hyper_parameters.loss.inner[0]._target_", "a.B"),
+                                                            ("hyper_parameters.aug[0]._target_", "c.D")]
+    assert list(iter_targets([{"_target_": "x.Y"}, ({"k": {"_target_": "z.W"}},)])) == [
+        ("[0]._target_", "x.Y"), ("[1][0].k._target_", "z.W")]
+
+
+@pytest.mark.parametrize("container", [False, True])
+def test_an_interpolated_target_is_refused_even_when_trusted(monkeypatch: pytest.MonkeyPatch,
+                                                             container: bool) -> None:
+    """Hydra would resolve `${oc.env:TARGET}` only when building, to whatever the environment says then: the check
+    never resolves it, refuses it in an OmegaConf container as in a dict, and never offers (or accepts) trusting
+    it (before, its refusal read "pass trust=${oc.env:TARGET}", and that trust let it through)."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("TARGET", "torch.optim.SGD")  # resolved, it would be an allowed name
+    tree = {"loss": {"_target_": "${oc.env:TARGET}"}}
+    node = OmegaConf.create(tree) if container else tree
+    for trust in ((), ("${oc.env:TARGET}",)):
+        with pytest.raises(UnsafeTargetError) as raised:
+            check_targets(node, "run/.hydra/config.yaml", trust=trust)
+        assert str(raised.value) == ("run/.hydra/config.yaml: loss._target_: _target_ '${oc.env:TARGET}' is not a "
+                                     "dotted name; refusing to build it (a file's _target_ is never resolved)")
+
+
+def test_every_refused_target_is_named_in_one_line_with_the_trust_that_accepts_the_dotted_ones() -> None:
+    tree = {"loss": {"_target_": "mylosses.Asym"}, "callbacks": [{"_target_": "${x}"}, {"_target_": "os.system"}],
+            "optimizer": {"_target_": "torch.optim.SGD"}, "other": {"_target_": "mylosses.Asym"}}
+    with pytest.raises(UnsafeTargetError) as raised:
+        check_targets(tree, "run.yaml")
+    assert str(raised.value) == (
+        "run.yaml: 4 _target_s are not among the callables hpa_lightning builds: loss._target_ 'mylosses.Asym', "
+        "callbacks[0]._target_ '${x}', callbacks[1]._target_ 'os.system', other._target_ 'mylosses.Asym'; refusing "
+        "to build them (if you trust this file, pass trust=mylosses.Asym,os.system or set "
+        "HPA_TRUST_TARGETS=mylosses.Asym,os.system)")
+    with pytest.raises(UnsafeTargetError) as raised:
+        check_targets({"a": {"_target_": "${x}"}, "b": [{"_target_": 7}]}, "run.yaml", key="cfg")
+    assert str(raised.value) == ("run.yaml: 2 _target_s are not among the callables hpa_lightning builds: "
+                                 "cfg.a._target_ '${x}', cfg.b[0]._target_ 7; refusing to build them")
+    with pytest.raises(UnsafeTargetError, match=r"callbacks\[0\]\._target_: _target_ '\$\{x\}' is not a dotted"):
+        check_targets(tree, "run.yaml", trust=["mylosses.Asym", "os.system"])  # the one left, alone
+
+
+def test_canonical_targets_renames_only_target_values_and_keeps_container_types() -> None:
+    tree = {"loss": {"_target_": "hpa_lightning.losses.FocalLoss", "note": "hpa_lightning.losses.FocalLoss"},
+            "steps": [{"_target_": "hpa_lightning.schedulers.sgdr"}, ("hpa_lightning.model.create_model",)],
+            "n": 3, "_target_": 5}
+    assert canonical_targets(tree) == {
+        "loss": {"_target_": "hpa_lightning.models.losses.FocalLoss", "note": "hpa_lightning.losses.FocalLoss"},
+        "steps": [{"_target_": "hpa_lightning.models.schedulers.sgdr"}, ("hpa_lightning.model.create_model",)],
+        "n": 3, "_target_": 5}
+    assert type(canonical_targets(tree)["steps"][1]) is tuple

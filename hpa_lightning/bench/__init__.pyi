@@ -8,6 +8,7 @@ from .overhead import bench_overhead, project_recipe
 from .packing import bench_packing
 from .report import render_report
 from .run import main, quiet_libraries
+from .thresholds import bench_thresholds
 
 __all__ = [
     "PROFILES",
@@ -21,6 +22,7 @@ __all__ = [
     "bench_overhead",
     "bench_packing",
     "jpeg_dataset",
+    "bench_thresholds",
     "main",
     "project_recipe",
     "quiet_libraries",

@@ -72,6 +72,10 @@ def render_report(result: dict) -> str:
         x = s["jpeg"]
         row("6", "jpeg", f"{x['ratio']:.1f}x", f"full decode / JPEG draft, per sample ({x['jpg_px']} px JPGs to "
             f"{x['image_size']} px)", f"|diff| {x['mean_abs_diff']:.2f} {verdict('jpeg_draft_speedup')}")
+    if "thresholds" in s:
+        x = s["thresholds"]
+        row("7", "thresholds", f"{x['ratio']:.2f}", "exact per-class threshold search / sklearn PR curve per class",
+            verdict("threshold_tuning_ms"))
     for name, err in result.get("errors", {}).items():
         lines.append(f"  ! {name}: FAILED: {err}")
 
@@ -137,6 +141,13 @@ def render_report(result: dict) -> str:
         lines.append(f"              draft {x['draft_ms']:.1f} ms/sample, full decode {x['full_ms']:.1f} ms/sample; "
                      f"|draft - full| mean {x['mean_abs_diff']:.2f}, p99 {x['p99_abs_diff']:.0f}, max "
                      f"{x['max_abs_diff']} grey levels")
+    if "thresholds" in s:
+        x = s["thresholds"]
+        lines.append(f"  7 thresholds {x['samples']} x {x['classes']}, median of {x['iters']}: tune_thresholds "
+                     f"{x['exact_ms']:.1f} ms, sklearn {x['sklearn_ms']:.1f} ms; per-class F1, exact minus sklearn: "
+                     f">= {x['min_f1_gain']:.3g}")
+        lines.append(f"              global_threshold {x['global_ms']:.1f} ms, label_ratio_thresholds "
+                     f"{x['label_ratio_ms']:.1f} ms")
     notes = diagnostics(result)
     if notes:
         lines.append("")
@@ -178,6 +189,7 @@ def collect_targets(sections: dict) -> dict:
         "pack_peak_rss_mb": sections.get("packing", {}).get("peak_rss_mb"),
         "gpu_images_per_s": sections.get("gpu", {}).get("best_images_per_s"),
         "jpeg_draft_speedup": sections.get("jpeg", {}).get("ratio"),
+        "threshold_tuning_ms": sections.get("thresholds", {}).get("exact_ms"),
     }
     targets = {}
     for key, value in values.items():
@@ -198,4 +210,5 @@ def headline_ratios(sections: dict) -> dict:
         "gpu_compile_speedup": gpu.get("compile_speedup"),
         "gpu_data_wait_share": gpu.get("data_wait_share"),
         "jpeg_draft_speedup": sections.get("jpeg", {}).get("ratio"),
+        "threshold_search": sections.get("thresholds", {}).get("ratio"),
     }

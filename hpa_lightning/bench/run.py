@@ -13,6 +13,8 @@ Sections (each prints a ratio of two things measured in the same run, same data,
   5 gpu       ResNet50 at 512 px, bf16-mixed, channels_last, eager and model.compile: images/s and data wait per step
   6 jpeg      per-sample decoding of HPAv18-like 2048 px RGB JPGs to 512 px as the packer does it (DCT scaling, then
               the resize) vs the full decode + resize, alternating rounds over the same files
+  7 thresholds  the exact per-class threshold search (metrics.tune_thresholds) vs sklearn's precision-recall curve
+              per class, 3107 x 28 (a Kaggle-sized validation split); both must find the same F1
 
 Generated data live in `cache` (default $HPA_CACHE_DIR/bench or .cache/bench), so reruns skip generation. The full
 mode renders `unique` samples and hard-links them under new ids up to `n` (decoding cost is per file, so packing and
@@ -52,6 +54,7 @@ from hpa_lightning.bench.loading import bench_loading
 from hpa_lightning.bench.overhead import bench_overhead, build_module, overhead_datamodule, project_recipe
 from hpa_lightning.bench.packing import bench_packing
 from hpa_lightning.bench.report import collect_targets, headline_ratios, render_report
+from hpa_lightning.bench.thresholds import bench_thresholds
 from hpa_lightning.cli import fail, parse_key_values
 from hpa_lightning.errors import UsageError
 from hpa_lightning.files import write_json_atomic
@@ -167,6 +170,8 @@ def run(args: dict) -> dict:
                 sections["augment"]["by_device"]["gpu"] = gpu_aug
                 sections["augment"]["ratio"] = gpu_aug["ratio"]
                 sections["augment"]["headline"] = f"gpu, {gpu_aug['model']} {gpu_aug['image_size']} px bf16"
+    if "thresholds" in wanted:
+        attempt("thresholds", lambda: bench_thresholds(3107, 28, prof.thr_iters, seed))
     result["environment"]["loadavg_end"] = _loadavg()
     result["ratios"] = headline_ratios(sections)
     result["targets"] = collect_targets(sections)

@@ -61,7 +61,7 @@ def _group_labels(labels: np.ndarray, groups: np.ndarray | None) -> tuple[np.nda
     if groups is None or len(np.unique(groups)) == len(labels):
         return None
     _, inverse = np.unique(groups, return_inverse=True)
-    group_labels = np.zeros((inverse.max() + 1, labels.shape[1]), dtype=labels.dtype)
+    group_labels = np.zeros_like(labels, shape=(inverse.max() + 1, labels.shape[1]))
     np.maximum.at(group_labels, inverse, labels)
     return group_labels, inverse
 
@@ -110,7 +110,7 @@ def channel_stats(images: np.ndarray, indices: np.ndarray, chunk: int = 256) -> 
     total_sq = np.zeros(images.shape[1])
     count = 0
     for start in range(0, len(indices), chunk):
-        block = images[np.sort(indices[start:start + chunk])].astype(np.float64) / 255.0
+        block = images[np.sort(indices[start:start + chunk])] / 255.0  # float64
         total += block.sum(axis=(0, 2, 3))
         total_sq += np.square(block).sum(axis=(0, 2, 3))
         count += block.shape[0] * block.shape[2] * block.shape[3]
@@ -137,12 +137,12 @@ def prepare_split(store: PackedStore, val_fraction: float = 0.1, test_fraction: 
     key = f"seed{seed}-val{val_fraction:g}-test{test_fraction:g}" + (f"-folds{folds}-fold{fold}" if folds else "")
     folder = store.path / "splits" / key
     if not (folder / "stats.json").is_file():
-        groups = store.groups() if store.duplicate_of else None
+        groups = store.groups()  # every row its own group unless copies of one image were kept
         assignment = (fold_split(store.labels, val_fraction, test_fraction, folds, fold, seed, knob_prefix, groups)
                       if folds else
                       stratified_split(store.labels, val_fraction, test_fraction, seed, knob_prefix, groups=groups))
         mean, std = channel_stats(store.images(), np.flatnonzero(assignment == "train"))
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(exist_ok=True)  # <store>/splits
         remove_stale_temporaries(folder)
         with atomic_folder(folder, marker="stats.json") as tmp:
             pd.DataFrame({"Id": store.ids, "split": assignment}).to_csv(tmp / "split.csv", index=False)
@@ -159,4 +159,4 @@ def load_split(folder: Path, store: PackedStore) -> Split:
     if frame["Id"].tolist() != store.ids:
         raise DataError(f"{folder / 'split.csv'}: Ids do not match the store {store.path}")
     stats = json.loads((folder / "stats.json").read_text())
-    return Split(path=folder, assignment=frame["split"].to_numpy(dtype=object), mean=stats["mean"], std=stats["std"])
+    return Split(path=folder, assignment=frame["split"].to_numpy(), mean=stats["mean"], std=stats["std"])

@@ -21,10 +21,8 @@ __all__ = ["FocalLoss", "LovaszHingeLoss", "WeightedLossSum", "bce_loss", "posit
 def _as_weight_tensor(pos_weight: Sequence[float] | np.ndarray | Tensor) -> Tensor:
     if isinstance(pos_weight, Tensor):
         weight = pos_weight.detach().to(torch.float32)
-    else:
-        # list() first so OmegaConf ListConfig (a Sequence, not an array) converts like a plain list.
-        seq = pos_weight if isinstance(pos_weight, np.ndarray) else list(pos_weight)
-        weight = torch.as_tensor(np.asarray(seq, dtype=np.float32))
+    else:  # a list, tuple, numpy array or OmegaConf ListConfig; a single number is refused below (0-D)
+        weight = torch.as_tensor(np.asarray(pos_weight, dtype=np.float32))
     if weight.ndim != 1 or weight.numel() == 0:
         raise ValueError(f"loss.pos_weight must be a non-empty 1-D sequence of per-class weights, got shape "
                          f"{tuple(weight.shape)}")
@@ -141,7 +139,7 @@ class LovaszHingeLoss(torch.nn.Module):
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         targets = targets.to(logits.dtype)
         if self.per_image:
-            return torch.stack([_flat_lovasz_hinge(x, y) for x, y in zip(logits, targets, strict=True)]).mean()
+            return torch.stack([_flat_lovasz_hinge(logits[i], targets[i]) for i in range(len(logits))]).mean()
         return _flat_lovasz_hinge(logits.reshape(-1), targets.reshape(-1))
 
 
@@ -170,7 +168,7 @@ class WeightedLossSum(torch.nn.Module):
             for term in losses)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return sum(w * term(logits, targets) for w, term in zip(self.weights, self.losses, strict=True))
+        return sum(self.weights[i] * term(logits, targets) for i, term in enumerate(self.losses))
 
 
 def positive_class_weights(labels: np.ndarray, power: float = 0.5, max_weight: float = 50.0) -> np.ndarray:
@@ -191,9 +189,6 @@ def positive_class_weights(labels: np.ndarray, power: float = 0.5, max_weight: f
         raise ValueError(f"power must be >= 0, got {power}")
     if max_weight < 1:
         raise ValueError(f"max_weight must be >= 1, got {max_weight}")
-    y = y.astype(bool) if y.dtype == bool else (y > 0.5)
-    pos = y.sum(axis=0).astype(np.float64)
-    neg = y.shape[0] - pos
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(pos > 0, neg / np.maximum(pos, 1.0), 1.0)
+    pos = (y > 0.5).sum(axis=0)  # bool labels as they are, soft labels positive above one half
+    ratio = np.where(pos > 0, (y.shape[0] - pos) / np.maximum(pos, 1), 1.0)
     return np.clip(ratio**power, 1.0, max_weight)

@@ -21,8 +21,9 @@ from hpa_lightning import bench
 
 # "  1 loading      12.3x  packed DataModule / ..." -> section number, name, value, unit
 RATIO_ROW = re.compile(r"^  (\d) (\w+)\s+([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)(x|%)?\s", re.MULTILINE)
-CPU_SECTIONS = {"1": "loading", "2": "packing", "3": "overhead", "4": "augment", "6": "jpeg"}
-CPU_RATIOS = ("loading_speedup", "packing_speedup", "framework_overhead", "augment_share", "jpeg_draft_speedup")
+CPU_SECTIONS = {"1": "loading", "2": "packing", "3": "overhead", "4": "augment", "6": "jpeg", "7": "thresholds"}
+CPU_RATIOS = ("loading_speedup", "packing_speedup", "framework_overhead", "augment_share", "jpeg_draft_speedup",
+              "threshold_search")
 
 
 def is_finite_number(value: object) -> bool:
@@ -74,7 +75,7 @@ def test_json_holds_every_section_and_ratio(quick_run) -> None:
         assert is_finite_number(report["ratios"][key]), (key, report["ratios"][key])
     sections = report["sections"]
     assert set(bench.SECTIONS) <= sections.keys()
-    for name in ("loading", "packing", "overhead", "augment", "jpeg"):
+    for name in ("loading", "packing", "overhead", "augment", "jpeg", "thresholds"):
         assert is_finite_number(sections[name]["ratio"]), name
     loading = sections["loading"]
     assert loading["packed"]["samples_per_s"] > 0 and loading["png"]["samples_per_s"] > 0
@@ -140,3 +141,20 @@ def test_unknown_argument_is_one_clear_line(tmp_path: Path, capsys: pytest.Captu
         err = capsys.readouterr().err
         assert err.startswith("error: hpa_lightning.bench: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_threshold_section_prints_its_ratio_and_finds_sklearns_f1(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """Section 6 alone (under a second): the exact search / sklearn's precision-recall curve, timed side by side (it
+    replaces a test that asserted tune_thresholds' wall time), and the per-class F1 both find is the same."""
+    result = bench.main(["quick=true", "sections=thresholds", f"cache={tmp_path / 'cache'}",
+                         f"out={tmp_path / 'out.json'}"])
+    section = result["sections"]["thresholds"]
+    assert (section["samples"], section["classes"]) == (3107, 28) and section["min_f1_gain"] == 0.0
+    assert is_finite_number(section["ratio"]) and section["ratio"] == section["exact_ms"] / section["sklearn_ms"]
+    assert result["targets"]["threshold_tuning_ms"]["target"] == "target < 500"
+    ratios, absolute = capsys.readouterr().out.split("ABSOLUTE FIGURES", 1)
+    rows = {num: (name, float(value)) for num, name, value, _ in RATIO_ROW.findall(ratios)}
+    assert rows == {"7": ("thresholds", pytest.approx(section["ratio"], abs=0.005))}
+    assert re.search(r"^  7 thresholds 3107 x 28, median of 3: tune_thresholds [\d.]+ ms, sklearn [\d.]+ ms",
+                     absolute, re.MULTILINE)

@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.errors import ConfigError, PretrainedUnavailable
-from hpa_lightning.models.param_groups import head_parameter_names, parameter_groups
 from hpa_lightning.models.net import (
     build_network,
     check_image_size,
@@ -23,6 +22,7 @@ from hpa_lightning.models.net import (
     image_size_arguments,
     rgb_stem_to_rgby,
 )
+from hpa_lightning.models.param_groups import head_parameter_names, parameter_groups
 from tests.conftest import compose_config
 
 
