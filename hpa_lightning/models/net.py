@@ -131,7 +131,7 @@ def _meta_network(name: str, **kwargs) -> nn.Module:
 def takes_image_size(name: str) -> bool:
     """Whether `name` fixes its input size at construction (timm's `fixed_input_size`: ViT, Swin, EVA, MaxViT...);
     CNNs take any size and refuse an `img_size` argument."""
-    cfg = timm.models.get_pretrained_cfg(name)
+    cfg = timm.models.get_pretrained_cfg(_check_name(name))
     if cfg is not None and not cfg.fixed_input_size:
         return False
     return get_model_traits(_meta_network(name)).get("img_size") is not None
@@ -172,12 +172,20 @@ def _image_size_arguments(name: str, size: int | None, dynamic: bool) -> dict:
             try:
                 probe.set_input_size(img_size=(size, size))
             except Exception as err:  # noqa: BLE001 - e.g. MaxViT's partitions of too small an image
-                raise ConfigError(f"model.name={name}: timm cannot size it for {size} px images ({_one_line(err)}); "
-                                  f"set data.image_size (or crop.size) to a size it takes") from None
+                raise _SizeError(name, size, _one_line(err)) from None
             args = {k: v for k, v in get_model_args(probe).items() if k not in _NOT_SIZE_ARGS}
         else:  # a fixed-size architecture without timm's resize (LeViT): its size alone
             args = {"img_size": size}
     return {**args, **({"dynamic_img_size": True} if dynamic else {})}
+
+
+class _SizeError(ConfigError):
+    """timm cannot derive what depends on the size (windows, partitions) for this size; `reason` says why."""
+
+    def __init__(self, name: str, size: int, reason: str):
+        super().__init__(f"model.name={name}: timm cannot size it for {size} px images ({reason}); set "
+                         f"data.image_size (or crop.size) to a size it takes")
+        self.reason = reason
 
 
 def _patch_size(model: nn.Module) -> int | None:
@@ -194,10 +202,14 @@ def _runs_at(name: str, global_pool: str | None, img_size: int, dynamic: bool, s
     """None when `name` built for `img_size` px takes each of `sizes` (`cannot_take`, on the meta device), else why
     not (one line)."""
     try:
-        net = _meta_network(name, in_chans=len(CHANNELS), num_classes=NUM_CLASSES,
-                            **({"global_pool": global_pool} if global_pool not in (None, "null") else {}),
-                            **image_size_arguments(name, img_size, dynamic))
-    except Exception as err:  # noqa: BLE001 - e.g. a size timm cannot derive windows for
+        size_args = image_size_arguments(name, img_size, dynamic)
+        with torch.device("meta"):
+            net = timm.create_model(name, pretrained=False, in_chans=len(CHANNELS), num_classes=NUM_CLASSES,
+                                    **({"global_pool": global_pool} if global_pool not in (None, "null") else {}),
+                                    **size_args)
+    except _SizeError as err:
+        return err.reason
+    except Exception as err:  # noqa: BLE001 - built at its own size it was fine: what fails here is the size
         return _one_line(err, 160)
     from hpa_lightning.models.meta import cannot_take  # meta builds on this module's helpers
 
@@ -221,7 +233,9 @@ def check_image_size(name: str, img_size: int, size_key: str, global_pool: str |
     """One line (`ConfigError`) naming model.name, the size key and the nearest size that works when `name` cannot
     run at `img_size` (or, trained on crops with dynamic image size, evaluate at `eval_size`): a fixed partition
     (MaxViT), too small an input (Inception, ConvNeXt), or a size that is not a multiple of the patch size."""
-    _check_name(name)
+    with torch.device("meta"):  # a name, pooling or dynamic size timm cannot build at all: that one line first
+        _build(_check_name(name), NUM_CLASSES, len(CHANNELS), global_pool,
+               {"dynamic_img_size": True} if dynamic_img_size else {})
     why = _runs_at(name, global_pool, img_size, dynamic_img_size, [img_size])
     if why is None:
         if eval_size and eval_size != img_size:

@@ -236,15 +236,21 @@ def write_lr_trace(rows: list[dict[str, float]], output_dir: Path, plot: bool = 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+        groups = [name for name in rows[0] if name not in ("step", "epoch")]
+        many = len(groups) > 6  # layer-wise decay: one group per layer, coloured from the input to the head
+        fig, ax = plt.subplots(figsize=(9 if many else 7, 3.5))
         steps = [r["step"] for r in rows]
-        for name in rows[0]:
-            if name not in ("step", "epoch"):
-                ax.plot(steps, [r[name] for r in rows], label=name)
+        colors = plt.cm.viridis([i / max(1, len(groups) - 1) for i in range(len(groups))]) if many else [None] * len(
+            groups)
+        for name, color in zip(groups, colors, strict=True):
+            ax.plot(steps, [r[name] for r in rows], label=name, color=color)
         ax.set_xlabel("iteration")
         ax.set_ylabel("learning rate")
         ax.set_yscale("log")
-        ax.legend()
+        if many:
+            ax.legend(fontsize="x-small", ncol=1 + len(groups) // 16, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        else:
+            ax.legend()
         ax.set_title("Learning rate per parameter group")
         fig.tight_layout()
         fig.savefig(output_dir / "lr_trace.png", dpi=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -205,6 +206,19 @@ def test_an_explicit_network_size_other_than_the_training_size_is_one_line() -> 
         resolve_model(cfg)
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.name=resnet5o"], "model.name='resnet5o': not a timm architecture"),
+    (["model.name=resnet18", "model.global_pool=median"], "model.global_pool='median': timm cannot build resnet18"),
+    (["model.name=resnet18", "model.pretrained_channels=[red,green]"], "model.pretrained_channels=[red, green]: 2"),
+])
+def test_a_model_node_that_cannot_be_built_is_one_line_before_any_data(overrides: list[str], message: str) -> None:
+    from hpa_lightning.errors import ConfigError
+    from hpa_lightning.training.run import resolve_model
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_model(compose_config(overrides))
+
+
 def test_scratch_is_one_switch_and_the_demo_shares_it() -> None:
     """+preset=scratch: AdamW 0.002, cosine, no frozen epoch, equal LRs, no pretrained weights; the demo preset
     includes the same shared part (conf/preset/scratch_base.yaml) and adds its sizes, never a schedule."""
@@ -262,6 +276,7 @@ def test_a_vit_from_a_local_224px_file_trains_at_the_data_size(shared_cache: Pat
     trace = pd.read_csv(run_dir / "lr_trace.csv")
     assert list(trace.columns) == ["step", "epoch", "stem", *[f"blocks.{i}" for i in range(11)], "blocks.11+norm",
                                    "head"]
+    assert (run_dir / "lr_trace.png").is_file()  # one line per layer, coloured from the stem to the head
     assert "recipe: poster (pretrained weights; SGD lr=0.02" in (run_dir / "train.log").read_text()
 
 
