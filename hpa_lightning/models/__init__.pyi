@@ -1,7 +1,8 @@
 from .augment import DeviceTransform, Standardize
 from .losses import FocalLoss, bce_loss, positive_class_weights
 from .module import HPAModule
-from .net import create_model, parameter_groups
+from .net import create_model
+from .param_groups import parameter_groups
 from .schedulers import constant, cosine, sgdr
 
 __all__ = [
