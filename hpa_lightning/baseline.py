@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from hpa_lightning.baselines.run import run_baseline
+from hpa_lightning.classical.pipeline import run_baseline
 from hpa_lightning.cli import hydra_task, run_hydra
 from hpa_lightning.errors import UserError
 

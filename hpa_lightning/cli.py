@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from hpa_lightning.errors import UsageError
-from hpa_lightning.resources import register_resolvers
+from hpa_lightning.machine import register_resolvers
 
 register_resolvers()  # before Hydra composes a config that uses them
 
@@ -47,28 +47,59 @@ def command_doc(module: str) -> str:
         return ast.get_docstring(ast.parse(handle.read())) or ""
 
 
-def print_help(prog: str, defaults: dict[str, object]) -> NoReturn:
+def print_help(prog: str, defaults: dict[str, object], usage: str = "") -> NoReturn:
     """`--help` of a key=value command: its module's docstring and every key with its default; exit 0."""
     keys = "\n".join(f"  {key}={'' if value is None else value}" for key, value in defaults.items())
-    print(f"{command_doc(prog)}\n\narguments (key=value; defaults shown, empty: required or none):\n{keys}")
+    print(f"{command_doc(prog)}\n\n{usage + chr(10) if usage else ''}"
+          f"arguments (key=value; defaults shown, empty: required or none):\n{keys}")
     sys.exit(0)
 
 
-def parse_key_values(argv: list[str], defaults: dict[str, object], prog: str) -> dict[str, object]:
-    """`key=value` command-line arguments, typed like their defaults; `UsageError` on unknown keys or bad values;
-    `-h` / `--help` prints the command's help and exits 0."""
+def _is_override(arg: str) -> bool:
+    """A Hydra override: `key=value`, `+key=value`, `++key=value` or `~key`."""
+    return "=" in arg or arg.startswith("~")
+
+
+def parse_key_values(argv: list[str], defaults: dict[str, object], prog: str, *, positional: str = "",
+                     many: bool = False, overrides: bool = False) -> dict[str, object]:
+    """The one parser of the commands that do not compose conf/: `key=value` arguments typed like their defaults.
+
+    `positional` names the folder(s) given before or among them (a string, or with `many` a list of one or more);
+    with `overrides`, a `key=value` whose key is not the command's own is a Hydra override for the job the command
+    launches, collected in order under "overrides". `UsageError` on unknown keys, bad values or a missing
+    positional; `-h` / `--help` prints the command's help and exits 0.
+    """
+    usage = f"usage: {prog} " + (f"{positional.upper()}{' [...]' if many else ''} " if positional else "") + \
+        "[key=value ...]" + (" [overrides ...]" if overrides else "")
     if any(arg in ("-h", "--help") for arg in argv):
-        print_help(prog, defaults)
-    values = dict(defaults)
+        print_help(prog, defaults, usage)
+    values, given, passed = dict(defaults), [], []
     for arg in argv:
         key, sep, raw = arg.partition("=")
-        if not sep or key not in defaults:
-            raise UsageError(f"{prog}: unknown argument {arg!r}; expected key=value with key in {', '.join(defaults)}")
-        kind = type(defaults[key]) if defaults[key] is not None else str
-        try:
-            values[key] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
-        except ValueError:
-            raise UsageError(f"{prog}: {key}={raw!r} is not a valid {kind.__name__}") from None
+        if arg.startswith("-") and not sep:
+            flag = arg.lstrip("-").replace("-", "_")
+            hint = f"; write {flag}={'true' if isinstance(defaults.get(flag), bool) else '...'}" if flag in defaults \
+                else ""
+            raise UsageError(f"{prog}: unknown option {arg!r}{hint} (arguments are key=value)")
+        if sep and key in defaults:
+            kind = type(defaults[key]) if defaults[key] is not None else str
+            try:
+                values[key] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
+            except ValueError:
+                raise UsageError(f"{prog}: {key}={raw!r} is not a valid {kind.__name__}") from None
+        elif overrides and _is_override(arg):
+            passed.append(arg)
+        elif positional and not sep and (many or not given):
+            given.append(arg)
+        else:
+            raise UsageError(f"{prog}: unknown argument {arg!r}; expected key=value with key in {', '.join(defaults)}"
+                             + (f" ({usage})" if positional else ""))
+    if positional:
+        if not given:
+            raise UsageError(f"{prog}: {positional.upper()} missing; {usage}")
+        values[positional] = given if many else given[0]
+    if overrides:
+        values["overrides"] = passed
     return values
 
 

@@ -16,7 +16,7 @@ import sys
 
 from hpa_lightning.cli import fail, parse_key_values
 from hpa_lightning.errors import UserError
-from hpa_lightning.reporting.explain import DEFAULTS, PROG, explain
+from hpa_lightning.reporting.cam import DEFAULTS, PROG, explain
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from hpa_lightning.cli import fail, parse_key_values
 from hpa_lightning.errors import UsageError, UserError
-from hpa_lightning.inference.export import PROG, export_ensemble, export_model
+from hpa_lightning.inference.export_folder import PROG, export_ensemble, export_model
 from hpa_lightning.inference.load import CARD_NAME, WEIGHTS_NAME
 from hpa_lightning.runs.layout import RESULTS
 from hpa_lightning.targets import trust_in_this_process

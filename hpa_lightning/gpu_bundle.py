@@ -27,7 +27,7 @@ PROG = "hpa_lightning.gpu_bundle"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hpa_lightning.bench import bundle
+    from hpa_lightning.bench import device_wheels as bundle
 
     try:
         args = parse_key_values(sys.argv[1:] if argv is None else argv,

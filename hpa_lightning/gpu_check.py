@@ -4,10 +4,10 @@
 Benchmark (ResNet50, 512 px, bf16-mixed, channels_last, cudnn.benchmark: eager at batch sizes from 32 up to where
 memory or images/s stops growing), one training epoch of focal_g02 at 512 px with `trainer=gpu`, `predict tta=8`,
 a two-job `hydra/launcher=gpu_pool` sweep and last `model.compile`, within one budget (default 420 s); writes
-`<report>/gpu_check.json` and `summary.txt` after every step (steps: hpa_lightning/bench/gpu_check.py). `out` holds
+`<report>/gpu_check.json` and `summary.txt` after every step (steps: hpa_lightning/bench/acceptance.py). `out` holds
 data and runs, `report` (default: out) only the report and the logs. Without a CUDA device it fails with one line
 and exit status 1: it never skips. `rehearse=true` runs the same sequence on the CPU at tiny sizes, with the import
-tracer that resolves the device bundle (hpa_lightning/bench/bundle.py); the test suite runs it.
+tracer that resolves the device bundle (hpa_lightning/bench/device_wheels.py); the test suite runs it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hpa_lightning.cli import fail, parse_key_values
 from hpa_lightning.errors import UsageError
-from hpa_lightning.resources import available_cpus
+from hpa_lightning.machine import available_cpus
 
 PROG = "hpa_lightning.gpu_check"
 
@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     rehearse = bool(args["rehearse"])
     trace = out / "imports" if rehearse else None
     if trace is not None:  # before Lightning, timm, Hydra: the bundle is read off everything the check imports
-        from hpa_lightning.bench.bundle import start_tracing
+        from hpa_lightning.bench.device_wheels import start_tracing
 
         start_tracing(trace)
-    from hpa_lightning.bench.gpu_check import GPU, REHEARSAL, NoCudaError, run_check, summary
+    from hpa_lightning.bench.acceptance import GPU, REHEARSAL, NoCudaError, run_check, summary
 
     settings = REHEARSAL if rehearse else GPU
     if float(args["budget_s"]) > 0:

@@ -11,7 +11,7 @@ BENIGN_WARNINGS = (
     # jobs are started by the user or by our launchers; the README shows srun where it is wanted
     r"The `srun` command is available on your system but is not used",
     # the CSV logger writes into the run folder, which holds .hydra/ (and, on resume, the earlier metrics.csv that
-    # train.continue_csv_logs keeps) by design
+    # training.continuation.continue_csv_logs keeps) by design
     r"Experiment logs directory .* exists and is not empty",
     # Lightning 2.6's use of a torch pytree name that torch deprecated; nothing a user can act on
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",

@@ -21,7 +21,7 @@ from hpa_lightning.logs import adopt_lightning_loggers
 @hydra.main(version_base="1.3", config_path="../conf", config_name="lr_find")
 @hydra_task
 def main(cfg: DictConfig) -> float | None:
-    from hpa_lightning.training.lr_find import lr_find  # after Hydra has checked the overrides: it imports Lightning
+    from hpa_lightning.training.lr_range import lr_find  # after Hydra has checked the overrides: it imports Lightning
 
     adopt_lightning_loggers()
     try:

@@ -35,7 +35,7 @@ import sys
 from hpa_lightning.cli import fail, parse_key_values
 from hpa_lightning.errors import UserError
 from hpa_lightning.inference.load import InferenceModel
-from hpa_lightning.inference.predict import DEFAULTS, PROG, run
+from hpa_lightning.inference.predictor import DEFAULTS, PROG, run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@
     python -m hpa_lightning.report outputs/multiruns/<date>_sweep-poster            # -> <that folder>/report/
     python -m hpa_lightning.report outputs/multiruns/A outputs/runs out=reports/poster
 
-What the report holds (results.csv, report.md, figures, unfinished jobs): hpa_lightning/reporting/report.py.
+What the report holds (results.csv, report.md, figures, unfinished jobs): hpa_lightning/reporting/comparison.py.
 """
 
 from __future__ import annotations
@@ -11,30 +11,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hpa_lightning.cli import fail
-from hpa_lightning.reporting.report import MARKDOWN_COLUMNS, markdown_table, write_report
-
-
-def parse_args(argv: list[str]) -> tuple[list[Path], Path | None]:
-    roots, out = [], None
-    args = iter(argv)
-    for arg in args:
-        if arg.startswith("out="):
-            out = Path(arg[4:])
-        elif arg in ("--out", "-o"):
-            out = Path(next(args))
-        elif arg in ("-h", "--help"):
-            print(__doc__)
-            raise SystemExit(0)
-        else:
-            roots.append(Path(arg))
-    if not roots:
-        fail("usage: python -m hpa_lightning.report DIR [DIR ...] [out=DIR]")
-    return roots, out
+from hpa_lightning.cli import fail, parse_key_values
+from hpa_lightning.errors import UsageError
+from hpa_lightning.reporting.comparison import MARKDOWN_COLUMNS, markdown_table, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    roots, out = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_key_values(sys.argv[1:] if argv is None else argv, {"out": None}, "hpa_lightning.report",
+                                positional="folders", many=True)
+    except UsageError as err:
+        fail(err)
+    roots, out = [Path(folder) for folder in args["folders"]], args["out"] and Path(args["out"])
     for root in roots:
         if not root.is_dir():
             print(f"error: {root}: no such folder", file=sys.stderr)

@@ -6,7 +6,7 @@
 Runs the ten arms of `+sweep=poster` at the demo's scale (`+preset=demo`: resnet10t from scratch at 64 px on 3000
 synthetic samples, CPU-sized), the logistic-regression and random-forest baselines, the LR finder and the report,
 and publishes the report's table (markdown and CSV), figures and plots with the exact commands, versions, machine and
-wall times into `docs` (hpa_lightning/reporting/reproduce.py). `arms=` narrows the sweep (a quick check).
+wall times into `docs` (hpa_lightning/reporting/poster.py). `arms=` narrows the sweep (a quick check).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from hpa_lightning import SOURCE_ROOT
 from hpa_lightning.cli import fail, parse_key_values
 from hpa_lightning.errors import UsageError
-from hpa_lightning.reporting.reproduce import reproduce, summary
+from hpa_lightning.reporting.poster import reproduce, summary
 
 PROG = "hpa_lightning.reproduce"
 

@@ -1,10 +1,11 @@
 """Relaunching the failed jobs of a sweep with their original overrides.
 
     python -m hpa_lightning.rerun_failed SWEEP_DIR                       # rerun every failed job, one at a time
-    python -m hpa_lightning.rerun_failed SWEEP_DIR --jobs 4              # up to 4 at once (GPU jobs claim a GPU each)
+    python -m hpa_lightning.rerun_failed SWEEP_DIR jobs=4                # up to 4 at once (GPU jobs claim a GPU each)
     python -m hpa_lightning.rerun_failed SWEEP_DIR optimizer.lr=0.01     # ... with overrides replacing the originals
-    python -m hpa_lightning.rerun_failed SWEEP_DIR --dry-run             # only print the commands
-    python -m hpa_lightning.rerun_failed SWEEP_DIR --trust mylosses.AsymmetricLoss   # jobs that used your own code
+    python -m hpa_lightning.rerun_failed SWEEP_DIR dry_run=true          # only print the commands
+    python -m hpa_lightning.rerun_failed SWEEP_DIR trust=mylosses.AsymmetricLoss   # jobs that used your own code
+    python -m hpa_lightning.rerun_failed SWEEP_DIR include_running=true  # also jobs still marked running (a lost host)
 
 Every job of `hpa_lightning.train` (single run or sweep job) keeps `status.json` in its folder: `running` while it
 runs (with pid and host), then `completed` or `failed` (with the error line and traceback); a failed job also gets a
@@ -26,18 +27,18 @@ one-job multirun whose folder is the new one. A training job that left `checkpoi
 (`ckpt_path=`: weights, optimizer, schedule and epoch) instead of starting over.
 
 The saved overrides are read back from a folder anyone may have written: a rerun builds only the allowlisted
-`_target_`s (hpa_lightning.targets) and those named with `--trust` (or HPA_TRUST_TARGETS).
+`_target_`s (hpa_lightning.targets) and those named with `trust=` (or HPA_TRUST_TARGETS).
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hpa_lightning.errors import UnsafeTargetError
+from hpa_lightning.cli import fail, parse_key_values
+from hpa_lightning.errors import UnsafeTargetError, UsageError
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.find import RERUNNABLE, failed_jobs
 from hpa_lightning.runs.rerun import plan_rerun, run_rerun
@@ -45,41 +46,35 @@ from hpa_lightning.targets import trust_in_this_process
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpa_lightning.rerun_failed",
-                                     description="Relaunch the failed jobs of a sweep with their original overrides, "
-                                                 "into new folders <job>_rerunK next to them.")
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides replacing or adding to the original ones")
-    parser.add_argument("--jobs", type=int, default=1, help="reruns at once (default 1)")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--include-running", action="store_true",
-                        help="also rerun jobs still marked running (e.g. killed on another host)")
-    parser.add_argument("--trust", default="", metavar="NAMES",
-                        help="comma-separated _target_s of your own that the saved configurations may name")
-    args = parser.parse_intermixed_args(argv)
-    trust_in_this_process(args.trust)  # the reruns inherit it: their saved configuration is checked against it
-    if not args.sweep_dir.is_dir():
-        print(f"error: {args.sweep_dir}: no such folder", file=sys.stderr)
-        return 2
-    statuses = RERUNNABLE + (("running",) if args.include_running else ())
-    jobs = failed_jobs(args.sweep_dir, statuses)
+    try:
+        args = parse_key_values(sys.argv[1:] if argv is None else argv,
+                                {"jobs": 1, "dry_run": False, "include_running": False, "trust": ""},
+                                "hpa_lightning.rerun_failed", positional="sweep_dir", overrides=True)
+    except UsageError as err:
+        fail(err)
+    trust_in_this_process(str(args["trust"]))  # the reruns inherit it: their saved configuration is checked against it
+    sweep_dir = Path(str(args["sweep_dir"]))
+    if not sweep_dir.is_dir():
+        fail(f"{sweep_dir}: no such folder")
+    statuses = RERUNNABLE + (("running",) if args["include_running"] else ())
+    jobs = failed_jobs(sweep_dir, statuses)
     if not jobs:
-        print(f"no failed jobs under {args.sweep_dir}")
+        print(f"no failed jobs under {sweep_dir}")
         return 0
     reruns = []
     for job in jobs:
         try:
-            rerun = plan_rerun(job, list(args.overrides))
+            rerun = plan_rerun(job, list(args["overrides"]))
         except UnsafeTargetError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         reruns.append(rerun)
         print(f"{job.dir} [{job.status}: {job.error or '-'}]\n  -> {rerun.new_dir}\n  $ (cd {rerun.cwd} && "
               f"{shlex.join(rerun.command)})")
-    if args.dry_run:
+    if args["dry_run"]:
         return 0
     codes = []
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, int(args["jobs"]))) as pool:
         for rerun, code in pool.map(run_rerun, reruns):
             ok = (rerun.new_dir / layout.RESULTS).is_file()
             codes.append(0 if ok else code or 1)

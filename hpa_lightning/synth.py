@@ -1,4 +1,4 @@
-"""Write a synthetic dataset in the Kaggle layout (see hpa_lightning/data/synth/).
+"""Write a synthetic dataset in the Kaggle layout (see hpa_lightning/data/simulator/).
 
     python -m hpa_lightning.synth out=DIR [n=500] [seed=0] [size=128] [texture_noise=0.0] [zoom=1.0] [workers=N]
 
@@ -21,7 +21,7 @@ DEFAULTS: dict[str, object] = {"out": None, "n": 500, "seed": 0, "size": 128, "t
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point; prints the dataset path. Exit status 2 for bad arguments or an existing ``out``."""
-    from hpa_lightning.data.synth.dataset import generate
+    from hpa_lightning.data.simulator.dataset import generate
 
     try:
         args = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG)

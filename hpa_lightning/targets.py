@@ -1,7 +1,7 @@
 """The callables a checkpoint or a saved run configuration may name, and the check applied to every `_target_`.
 
 Only files that may come from someone else are checked: a checkpoint being loaded (`HPAModule.load_from_checkpoint`,
-`from_checkpoint`, a custom backbone of a checkpoint being predicted from) and the saved configuration of a run being
+a custom backbone of a checkpoint being predicted from) and the saved configuration of a run being
 resumed or rerun. The user's own configuration (command line, `conf/`, their config dirs) is built as written:
 whoever types the command can run code anyway. A file that names the user's own class is loaded when they say so,
 by its exact name: `trust=mylosses.AsymmetricLoss` on the command, or `HPA_TRUST_TARGETS=mylosses.AsymmetricLoss`
@@ -65,16 +65,6 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "sklearn.ensemble.RandomForestClassifier",
     "sklearn.linear_model.LogisticRegression",
 )
-# The names under which checkpoints written before the package was laid out in subpackages store their model, loss
-# and schedule: read as the names they became, so those checkpoints keep loading (and are saved again under the new).
-RENAMED_TARGETS: dict[str, str] = {
-    "hpa_lightning.losses.FocalLoss": "hpa_lightning.models.losses.FocalLoss",
-    "hpa_lightning.losses.bce_loss": "hpa_lightning.models.losses.bce_loss",
-    "hpa_lightning.schedulers.sgdr": "hpa_lightning.models.schedulers.sgdr",
-    "hpa_lightning.schedulers.cosine": "hpa_lightning.models.schedulers.cosine",
-    "hpa_lightning.schedulers.constant": "hpa_lightning.models.schedulers.constant",
-    "hpa_lightning.model.create_model": "hpa_lightning.models.net.create_model",
-}
 # Packages whose import has no side effects worth fearing: only names under them are resolved at all.
 _IMPORTABLE_ROOTS = ("hpa_lightning", "torch", "lightning", "sklearn")
 # Names the user trusts on purpose (comma-separated), beside the `trust=` argument of the loading commands.
@@ -91,7 +81,6 @@ def own_factory(model_node: dict) -> dict | None:
     """The model node when it names a factory other than the project's timm one (checkpoints from before the node had
     a `_target_` mean the project's), else None: the network is rebuilt from its timm name alone."""
     target = model_node.get("_target_", CREATE_MODEL)
-    target = RENAMED_TARGETS.get(target, target) if isinstance(target, str) else target
     return None if target == CREATE_MODEL else dict(model_node)
 
 
@@ -136,7 +125,6 @@ def resolve_allowed(target: object, where: str, trust: Iterable[str] = ()) -> st
         raise UnsafeTargetError(f"{where}: _target_ {target!r} is not a dotted name; refusing to build it (a file's "
                                 "_target_ is never resolved)")
     trust = tuple(trust)
-    target = RENAMED_TARGETS.get(target, target)
     if target in ALLOWED_TARGETS or target in trust:
         return target
     roots = set(_IMPORTABLE_ROOTS) | {name.partition(".")[0] for name in trust}
@@ -172,16 +160,6 @@ def iter_targets(node: object, key: str = "") -> Iterator[tuple[str, object]]:
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
             yield from iter_targets(value, f"{key}[{i}]")
-
-
-def canonical_targets(node: object) -> object:
-    """A copy of a tree of dicts and lists with every renamed `_target_` (RENAMED_TARGETS) under its current name."""
-    if isinstance(node, dict):
-        return {key: (RENAMED_TARGETS.get(value, value) if key == "_target_" and isinstance(value, str)
-                      else canonical_targets(value)) for key, value in node.items()}
-    if isinstance(node, (list, tuple)):
-        return type(node)(canonical_targets(value) for value in node)
-    return node
 
 
 def check_targets(node: object, source: str, key: str = "", trust: Iterable[str] = ()) -> None:

@@ -22,7 +22,7 @@ from hpa_lightning.errors import (
 from hpa_lightning.logs import adopt_lightning_loggers
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.status import JobGuard
-from hpa_lightning.training.checks import RunComplete, resume_checkpoint
+from hpa_lightning.training.continuation import RunComplete, resume_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> float | None:
     # imported only now (Lightning, timm, W&B: ~7 s on 2 cores), so that a bad override or a run folder with nothing
     # to resume is reported at once
     from hpa_lightning.reporting.wandb_hooks import WandbHooks
-    from hpa_lightning.training.run import train
+    from hpa_lightning.training.job import train
 
     adopt_lightning_loggers()
     hooks = WandbHooks()

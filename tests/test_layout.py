@@ -1,9 +1,9 @@
 """The package is laid out by the stages of the data flow, and no stage imports a later one.
 
 Stages, earliest first: the shared helpers at the top level (classes, errors, files, cli, ...), data, models, runs
-(run-folder names, results writer, job status), then inference and training beside each other, then baselines and
-reporting, bench, and last the entry points (`python -m hpa_lightning.X`). Stages of one rank never import each
-other. Imports anywhere in a module count, including those inside functions.
+(run-folder names, results writer, job status), then inference and training beside each other, then classical (the
+baselines) and reporting, bench, and last the entry points (`python -m hpa_lightning.X`). Stages of one rank never
+import each other. Imports anywhere in a module count, including those inside functions.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from tests.conftest import REPO
 PACKAGE = REPO / "hpa_lightning"
 ENTRY_POINTS = {"train", "lr_find", "baseline", "pack", "predict", "export", "report", "resume", "rerun_failed",
                 "explain", "synth", "gpu_check", "gpu_bundle", "reproduce", "commands"}
-SHARED = {"__init__", "_lazy", "classes", "errors", "files", "cli", "logs", "resources", "targets", "metrics",
+SHARED = {"__init__", "classes", "errors", "files", "cli", "logs", "machine", "targets", "metrics",
           "checkpoints"}
-STAGE_ORDER = {"shared": 0, "data": 1, "models": 2, "runs": 3, "inference": 4, "training": 4, "baselines": 5,
+STAGE_ORDER = {"shared": 0, "data": 1, "models": 2, "runs": 3, "inference": 4, "training": 4, "classical": 5,
                "reporting": 5, "bench": 6, "entry": 7}
 
 
@@ -69,7 +69,7 @@ def test_no_import_from_a_later_stage(path: Path) -> None:
 def test_the_layering_check_sees_a_violation(tmp_path: Path) -> None:
     """The check itself: a data module importing the training stage is caught."""
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from hpa_lightning.training.run import train\n")
+    bad.write_text("def f():\n    from hpa_lightning.training.job import train\n")
     assert any(STAGE_ORDER[stage_of(m)] > STAGE_ORDER["data"] for m in imports_of(bad))
 
 
@@ -85,3 +85,40 @@ def test_entry_points_are_thin() -> None:
     for name in ENTRY_POINTS:
         lines = (PACKAGE / f"{name}.py").read_text().count("\n")
         assert lines <= 140, f"hpa_lightning/{name}.py: {lines} lines"
+
+
+def _family(name: str) -> str:
+    """A module name and its plural are one name to a reader (baseline.py beside baselines/)."""
+    return name.removesuffix("s")
+
+
+def test_one_name_per_module() -> None:
+    """No module or subpackage name appears twice in the package, not even as a plural: a name says where to look."""
+    names: dict[str, list[str]] = {}
+    for path in MODULES:
+        if path.stem not in ("__init__", "__main__", "sitecustomize"):
+            names.setdefault(_family(path.stem), []).append(str(path.relative_to(PACKAGE)))
+    for package in {path.parent for path in MODULES if path.name == "__init__.py" and path.parent != PACKAGE}:
+        names.setdefault(_family(package.name), []).append(f"{package.relative_to(PACKAGE)}/")
+    twice = {name: where for name, where in names.items() if len(where) > 1}
+    assert not twice, f"names used twice: {twice}"
+
+
+STUBS = sorted(PACKAGE.rglob("__init__.pyi"))
+
+
+@pytest.mark.parametrize("stub", STUBS, ids=lambda p: str(p.parent.relative_to(PACKAGE)))
+def test_every_lazy_name_resolves(stub: Path) -> None:
+    """The lazy public names (lazy_loader stubs) resolve: a stale stub fails only when someone first uses the name.
+
+    The stubs stay because they are measured: `python -m hpa_lightning.train --help` takes 0.85 s with them and 6.7 s
+    with every subpackage imported eagerly, `pack --help` 0.36 s against 4.9 s (2 CPU cores, 2026-12-03)."""
+    import importlib
+
+    package = importlib.import_module(module_name(stub.with_suffix(".py")))
+    tree = ast.parse(stub.read_text())
+    imported = {alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    assert set(package.__all__) == imported, f"{stub}: __all__ and the imports differ"
+    for name in package.__all__:
+        assert getattr(package, name) is not None, f"{stub}: {name}"

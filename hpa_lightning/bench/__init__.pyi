@@ -1,13 +1,13 @@
-from .augment import bench_augment
+from .augment_speed import bench_augment
+from .bench_data import tiled_dataset
 from .common import PROFILES, SECTIONS, TARGETS, Profile
-from .datasets import tiled_dataset
-from .gpu import bench_gpu
+from .gpu_speed import bench_gpu
 from .jpeg import bench_jpeg, jpeg_dataset
 from .loading import bench_loading
 from .overhead import bench_overhead, project_recipe
-from .packing import bench_packing
-from .report import render_report
-from .run import main, quiet_libraries
+from .packing_speed import bench_packing
+from .suite import main, quiet_libraries
+from .summary import render_report
 from .thresholds import bench_thresholds
 
 __all__ = [

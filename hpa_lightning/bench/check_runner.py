@@ -1,4 +1,4 @@
-"""How the GPU check keeps what it measured (hpa_lightning/bench/gpu_check.py): one deadline for the whole check,
+"""How the GPU check keeps what it measured (hpa_lightning/bench/acceptance.py): one deadline for the whole check,
 a report rewritten whole after every change, parts run in their own process group and killed at their time.
 
 A lent machine's run is stopped at its time limit (SIGKILL) or by SIGTERM; what is written by then is what comes

@@ -1,7 +1,7 @@
 """One benchmark configuration in a process of its own: `python -m hpa_lightning.bench.gpu_part SPEC.json`.
 
 The GPU check runs its compiled configuration so: a compiler that crashes, hangs or leaves the device unusable costs
-that part only, and the check ends it at its time (bench/gpu_check.py writes the spec: data, recipe, batch, windows,
+that part only, and the check ends it at its time (bench/acceptance.py writes the spec: data, recipe, batch, windows,
 `stop_in_s`, and where the figures go).
 """
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from hpa_lightning.bench.common import PROFILES
-    from hpa_lightning.bench.gpu import Windows, gpu_run
+    from hpa_lightning.bench.gpu_speed import Windows, gpu_run
 
     started = time.monotonic()
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())

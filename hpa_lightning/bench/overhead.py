@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpa_lightning.bench.bench_data import tiled_dataset
 from hpa_lightning.bench.common import REPO, Profile, median, note, seed_all
-from hpa_lightning.bench.datasets import tiled_dataset
 from hpa_lightning.bench.loading import dm_loader_of, shutdown_workers
 
 

@@ -102,7 +102,7 @@ class HPADataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.synthetic and not (self.root / "train.csv").is_file():
-            from hpa_lightning.data.synth.dataset import generate
+            from hpa_lightning.data.simulator.dataset import generate
 
             self.root.parent.mkdir(parents=True, exist_ok=True)
             with exclusive(self.root):  # parallel jobs wait for the one generating it

@@ -47,7 +47,7 @@ from hpa_lightning.data.sources import (
 )
 from hpa_lightning.errors import DataError
 from hpa_lightning.files import atomic_folder, exclusive, remove_stale_temporaries, write_json_atomic
-from hpa_lightning.resources import available_cpus
+from hpa_lightning.machine import available_cpus
 
 log = logging.getLogger(__name__)
 

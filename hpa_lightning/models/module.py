@@ -19,7 +19,7 @@ from hpa_lightning.models.augment import DeviceTransform
 from hpa_lightning.models.epoch_metrics import EpochOutputs
 from hpa_lightning.models.net import is_pretrained
 from hpa_lightning.models.param_groups import head_parameter_names, parameter_groups
-from hpa_lightning.targets import CREATE_MODEL, canonical_targets, check_targets, trusted_targets
+from hpa_lightning.targets import CREATE_MODEL, check_targets, trusted_targets
 
 # Keys that nodes of checkpoints written before the nodes became constructor arguments carry beside them: a display
 # `name` in the loss and scheduler, the module's and the trainer's switches in the model node.
@@ -53,7 +53,7 @@ class HPAModule(L.LightningModule):
     """All constructor arguments are plain containers (saved as hyperparameters; safe for `weights_only` loading).
 
     The nodes are built as written: the user's own configuration is trusted. What is read back from a checkpoint is
-    not: `load_from_checkpoint` / `from_checkpoint` check every `_target_` first (hpa_lightning.targets).
+    not: `load_from_checkpoint` checks every `_target_` first (hpa_lightning.targets).
 
     Args:
         model: Hydra node of the network factory (`_target_: hpa_lightning.models.net.create_model`, name,
@@ -81,8 +81,7 @@ class HPAModule(L.LightningModule):
                  class_names: Sequence[str] = CLASS_NAMES, crop: dict | None = None,
                  scheduler_interval: str = "step", channels_last: bool = False, compile: bool = False):  # noqa: A002
         super().__init__()
-        # checkpoints of older layouts: saved again under the current names and shapes
-        model, loss, optimizer, scheduler = (canonical_targets(node) for node in (model, loss, optimizer, scheduler))
+        # checkpoints written before the nodes were constructor arguments: saved again in today's shape
         model, loss, scheduler, switches = current_nodes(model, loss, scheduler)
         channels_last = bool(switches.get("channels_last", channels_last))
         compile = bool(switches.get("compile", compile))  # noqa: A001
@@ -223,28 +222,18 @@ class HPAModule(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu",
-                        trust: Sequence[str] = ()) -> HPAModule:
-        """Load for evaluation: weights only (no pickled code), only allowlisted or trusted (`trust`, or
-        HPA_TRUST_TARGETS) `_target_`s, and never re-fetch pretrained weights."""
-        checkpoint = safe_torch_load(Path(path), map_location)
-        hparams = dict(checkpoint["hyper_parameters"])
-        check_targets(hparams, str(path), "hyper_parameters", trusted_targets(trust))
-        hparams["model"] = {**hparams["model"], "pretrained": False}
-        module = cls(**hparams)
-        module.load_state_dict(checkpoint["state_dict"])
-        return module.eval()
-
-    @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
                              trust: Sequence[str] = (), **kwargs):
-        """Lightning's loader, after the same checks as `from_checkpoint`: the file must load with
-        `weights_only=True` and name only allowlisted or trusted `_target_`s (Lightning instantiates whatever it
-        holds). `kwargs` are the caller's own and are not checked."""
+        """Lightning's loader, after checks: the file must load with `weights_only=True` and name only allowlisted or
+        trusted (`trust`, or HPA_TRUST_TARGETS) `_target_`s, since Lightning instantiates whatever it holds; the
+        network is built without fetching pretrained weights (the checkpoint's own replace them). `kwargs` are the
+        caller's own and are not checked."""
         if hparams_file is not None:
             raise ValueError(f"{hparams_file}: hparams_file is not supported; checkpoints carry their hyperparameters")
         checkpoint = safe_torch_load(Path(checkpoint_path))
-        check_targets(checkpoint.get("hyper_parameters", {}), str(checkpoint_path), "hyper_parameters",
-                      trusted_targets(trust))
+        hparams = checkpoint.get("hyper_parameters", {})
+        check_targets(hparams, str(checkpoint_path), "hyper_parameters", trusted_targets(trust))
+        if isinstance(hparams.get("model"), dict) and "model" not in kwargs:
+            kwargs["model"] = {**hparams["model"], "pretrained": False}
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, strict=strict,
                                             weights_only=True, **kwargs)

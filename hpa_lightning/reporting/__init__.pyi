@@ -1,4 +1,4 @@
-from .report import write_report
+from .comparison import write_report
 from .wandb_hooks import WandbHooks
 from .wandb_panels import log_results
 from .wandb_run import build_logger, finish_run

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from hpa_lightning.reporting.explain import class_maps, overlay, rgb_composite
+from hpa_lightning.reporting.cam import class_maps, overlay, rgb_composite
 from hpa_lightning.reporting.wandb_run import PANEL_DEFAULTS, logger_kwargs, wandb_node
 from hpa_lightning.runs import layout
 
@@ -48,7 +48,7 @@ def sample_images(results: dict, run_dir: Path, count: int) -> list[tuple[np.nda
 
 
 def sample_class_maps(results: dict, run_dir: Path, count: int) -> list[tuple[np.ndarray, str]]:
-    """The same samples' class maps (reporting/explain.py) of their most probable class, by the run's best model."""
+    """The same samples' class maps (reporting/cam.py) of their most probable class, by the run's best model."""
     import torch
 
     from hpa_lightning.inference.load import load_model

@@ -1,6 +1,6 @@
 from .callbacks import FiniteCheckpointGuard, FreezeBackbone, InterruptCheckpoint, LRTrace, RNGState
 from .finetune import resolve_recipe
-from .run import build_module, prepare_datamodule, train
+from .job import build_module, prepare_datamodule, train
 
 __all__ = [
     "FiniteCheckpointGuard",

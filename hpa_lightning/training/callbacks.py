@@ -10,6 +10,7 @@ replaced from the command line (`~callbacks.lr_trace`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import random
 from pathlib import Path
@@ -88,6 +89,19 @@ class InterruptCheckpoint(L.Callback):
         if trainer.is_global_zero:
             print(f"\ninterrupted at epoch {trainer.current_epoch}, step {trainer.global_step}; checkpoint saved to "
                   f"{self.ckpt_path}\nresume with: python -m hpa_lightning.resume {self.run_dir}", flush=True)
+
+
+@contextlib.contextmanager
+def interrupt_exit_codes(interrupt: InterruptCheckpoint | None):
+    """Exit 130 on Ctrl-C and 143 on SIGTERM (Lightning exits 1 on Ctrl-C, and its SIGTERM exception would exit 0)."""
+    try:
+        yield
+    except SIGTERMException:
+        raise SystemExit(EXIT_TERMINATED) from None
+    except SystemExit:
+        if interrupt is not None and interrupt.interrupt_exit_code is not None:
+            raise SystemExit(interrupt.interrupt_exit_code) from None
+        raise
 
 
 class RNGState(L.Callback):

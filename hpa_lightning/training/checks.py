@@ -1,4 +1,4 @@
-"""Checks before training: which checkpoint a run resumes from, room for its checkpoints, finite weights."""
+"""Checks before training: room for the run's checkpoints, finite weights."""
 
 from __future__ import annotations
 
@@ -8,42 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpa_lightning.errors import RunSetupError
-from hpa_lightning.runs import layout
 
 if TYPE_CHECKING:  # the train entry point runs these checks before it imports the training stack
     import torch
-
-
-class RunComplete(Exception):
-    """`resume=auto` found a finished run (a requeued job that had already completed): nothing to do, exit 0."""
-
-
-def resume_checkpoint(run_dir: Path, resume: bool | str, ckpt_path: str | None) -> str | None:
-    """The checkpoint `fit` continues from: `ckpt_path`, or with `resume` the run folder's `checkpoints/last.ckpt`.
-
-    `resume=true` with nothing to resume from is an error (never a silent fresh start); `resume=auto` (used by
-    requeued cluster jobs) resumes when there is a checkpoint and starts fresh otherwise.
-    """
-    if ckpt_path:
-        if ckpt_path != "last" and not Path(ckpt_path).is_file():
-            raise RunSetupError(f"ckpt_path={ckpt_path}: file not found")
-        if ckpt_path == "last":
-            resume = True
-        else:
-            return ckpt_path
-    if resume in (False, None, "false", "False"):
-        return None
-    last = layout.checkpoint(run_dir)
-    if (run_dir / layout.RESULTS).is_file():
-        if resume == "auto":
-            raise RunComplete(f"{run_dir}: already complete (results.json exists); nothing to resume")
-        raise RunSetupError(f"resume: {run_dir} already finished (results.json exists); start a new run instead")
-    if last.is_file():
-        return str(last)
-    if resume == "auto":
-        return None
-    raise RunSetupError(f"resume=true: nothing to resume in {run_dir} (no checkpoints/last.ckpt); "
-                        f"point hydra.run.dir at the interrupted run's folder")
 
 
 def check_output_dir(run_dir: Path, need_bytes: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpa_lightning.bench import bundle
+from hpa_lightning.bench import device_wheels as bundle
 from tests.conftest import REPO
 
 OPTIONAL_USER = "try:\n    import hpa_test_optional\nexcept ImportError:\n    pass\n"

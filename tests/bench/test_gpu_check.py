@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from hpa_lightning.bench.acceptance import GPU, REHEARSAL, grow_batch, measure, plan, run_check, summary
 from hpa_lightning.bench.check_runner import CheckReport, Deadline
-from hpa_lightning.bench.gpu_check import GPU, REHEARSAL, grow_batch, measure, plan, run_check, summary
 from tests.conftest import REPO, compose_config
 
 DEVICE_FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool brings back from $OUT

@@ -15,9 +15,9 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from hpa_lightning.classes import CLASS_NAMES, class_set
+from hpa_lightning.data.simulator.dataset import generate
 from hpa_lightning.data.sources import read_label_table
 from hpa_lightning.data.store import build_store
-from hpa_lightning.data.synth.dataset import generate
 from hpa_lightning.errors import DataError
 from hpa_lightning.metrics import summarize
 from tests.conftest import REPO, compose_config, run_train

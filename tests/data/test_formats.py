@@ -16,6 +16,7 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from hpa_lightning.classes import CHANNELS
+from hpa_lightning.data.simulator.dataset import generate
 from hpa_lightning.data.sources import (
     CHANNEL_PLANES,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -25,7 +26,6 @@ from hpa_lightning.data.sources import (
     resize_square,
 )
 from hpa_lightning.data.store import build_store
-from hpa_lightning.data.synth.dataset import generate
 from hpa_lightning.errors import DataError
 from tests.conftest import png_declaring
 
@@ -171,7 +171,7 @@ def test_large_jpgs_are_decoded_by_dct_scaling_within_jpeg_error_of_the_full_dec
     assert np.percentile(difference, 99) <= np.percentile(jpeg_error, 99) + 1, np.percentile(difference, 99)
     assert difference.max() <= 2 * jpeg_error.max(), (difference.max(), jpeg_error.max())
     # predict decodes as the packer does
-    from hpa_lightning.inference.predict import ImageFolderDataset
+    from hpa_lightning.inference.predictor import ImageFolderDataset
 
     drafts.clear()
     dataset = ImageFolderDataset(root / "train", store.ids[:3], SIZE)

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from hpa_lightning.data.simulator.dataset import generate
 from hpa_lightning.data.split import prepare_split
 from hpa_lightning.data.store import build_store
-from hpa_lightning.data.synth.dataset import generate
 from hpa_lightning.errors import DataError
 from tests.data.test_formats import rgb_plane_jpg
 

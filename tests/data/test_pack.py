@@ -251,7 +251,7 @@ def test_a_filesystem_without_locks_still_packs(kaggle_folder: Path, tmp_path: P
 
 
 def test_available_cpus_follow_the_affinity_mask_and_the_slurm_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpa_lightning.resources import available_cpus
+    from hpa_lightning.machine import available_cpus
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)

@@ -16,8 +16,8 @@ from PIL import Image
 
 from hpa_lightning import synth as synth_cli
 from hpa_lightning.classes import CHANNELS, KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES, NUM_CLASSES
-from hpa_lightning.data import synth
-from hpa_lightning.data.synth import dataset as synth_dataset
+from hpa_lightning.data import simulator as synth
+from hpa_lightning.data.simulator import dataset as synth_dataset
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 

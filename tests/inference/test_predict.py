@@ -19,9 +19,9 @@ from hpa_lightning import metrics
 from hpa_lightning.classes import CHANNELS, CLASS_NAMES
 from hpa_lightning.errors import InferenceError
 from hpa_lightning.export import main as export_main
-from hpa_lightning.inference.export import export_model
+from hpa_lightning.inference.export_folder import export_model
 from hpa_lightning.inference.load import load_model
-from hpa_lightning.inference.predict import resolve_input
+from hpa_lightning.inference.predictor import resolve_input
 from hpa_lightning.inference.tta import TTA_VIEWS, crop_windows, tta_probabilities, tta_views
 from hpa_lightning.models.module import HPAModule
 from hpa_lightning.predict import main as predict_main
@@ -43,7 +43,7 @@ def write_sample_submission(root: Path, ids: list[str]) -> None:
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Kaggle-style test folder: synthetic images in test/ and a sample_submission.csv in shuffled order."""
-    from hpa_lightning.data.synth.dataset import generate
+    from hpa_lightning.data.simulator.dataset import generate
 
     root = generate(tmp_path_factory.mktemp("held_out") / "kaggle_test", n=12, seed=123, size=48, workers=1)
     (root / "train").rename(root / "test")
@@ -427,7 +427,7 @@ def crop_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_model_trained_on_crops_predicts_as_it_was_validated(crop_run: Path, held_out: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
-    from hpa_lightning.inference.predict import ImageFolderDataset
+    from hpa_lightning.inference.predictor import ImageFolderDataset
 
     model = load_model(crop_run)
     assert model.crop == {"size": 24, "eval": "center"}

@@ -103,6 +103,6 @@ def test_focal_lovasz_config_builds_the_sum_and_survives_a_checkpoint(tmp_path) 
     assert module.criterion.losses[0].gamma == pytest.approx(0.2)  # the experiment's gamma reaches the focal term
     path = tmp_path / "m.ckpt"
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
-    assert isinstance(HPAModule.from_checkpoint(path).criterion, WeightedLossSum)
+    assert isinstance(HPAModule.load_from_checkpoint(path, map_location="cpu").criterion, WeightedLossSum)
     assert {"hpa_lightning.models.losses.WeightedLossSum", "hpa_lightning.models.losses.LovaszHingeLoss"} <= set(
         ALLOWED_TARGETS)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import hpa_lightning.baselines.run  # noqa: F401 - registers conf/baseline_model/ as the baseline's model group
-from hpa_lightning.reporting.reproduce import plan
+import hpa_lightning.classical.pipeline  # noqa: F401 - registers conf/baseline_model/ as the baseline's model group
+from hpa_lightning.reporting.poster import plan
 from tests.conftest import REPO, compose_config
 
 

@@ -138,7 +138,7 @@ def test_a_job_failing_before_training_gets_a_failed_run(tmp_path: Path) -> None
 
 
 def test_class_maps_of_the_sample_images_land_in_the_run(finished_run, tmp_path: Path) -> None:
-    """With the run's best checkpoint: the samples' class maps (reporting/explain.py) as W&B images."""
+    """With the run's best checkpoint: the samples' class maps (reporting/cam.py) as W&B images."""
     from hpa_lightning.models.module import HPAModule
 
     run_dir, results = finished_run

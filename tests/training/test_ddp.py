@@ -82,7 +82,7 @@ def test_two_process_ddp_metrics_equal_a_single_process_evaluation(tmp_path: Pat
     datamodule = instantiate(cfg.data, num_workers=0, persistent_workers=False)
     datamodule.prepare_data()
     datamodule.setup("test")
-    module = HPAModule.from_checkpoint(results["best_checkpoint"])
+    module = HPAModule.load_from_checkpoint(results["best_checkpoint"], map_location="cpu")
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     trainer.test(module, datamodule=datamodule, verbose=False)
     single = module.epoch_results["test"]

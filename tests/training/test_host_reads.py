@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from hpa_lightning.errors import NonFiniteLossError
 from hpa_lightning.models.module import HPAModule
 from hpa_lightning.runs.outputs import plain
-from hpa_lightning.training.run import build_callbacks
+from hpa_lightning.training.job import build_callbacks
 from tests.conftest import compose_config
 
 READS = ("item", "__bool__", "nonzero", "tolist", "__float__", "__int__", "__index__")

@@ -114,7 +114,7 @@ def test_bad_data_root_is_one_clear_line(tmp_path: Path, shared_cache: Path) -> 
 @pytest.mark.parametrize(("pretrained", "frozen", "ratios"),
                          [(True, 1, [1 / 9, 1 / 3, 1.0]), (False, 0, [1.0, 1.0, 1.0])])
 def test_auto_recipe_follows_the_pretrained_weights(pretrained: bool, frozen: int, ratios: list[float]) -> None:
-    from hpa_lightning.training.run import resolve_finetune
+    from hpa_lightning.training.job import resolve_finetune
 
     cfg = compose_config(["+experiment=focal_g02", f"model.pretrained={str(pretrained).lower()}"])
     assert resolve_finetune(cfg) == ["frozen_epochs", "lr_ratios", "layer_decay"]
@@ -128,7 +128,7 @@ def test_auto_recipe_follows_the_pretrained_weights(pretrained: bool, frozen: in
 
 def test_every_callback_comes_from_the_config_group_and_can_be_removed(tmp_path: Path) -> None:
     from hpa_lightning.training.callbacks import FreezeBackbone, InterruptCheckpoint
-    from hpa_lightning.training.run import build_callbacks, resolve_finetune
+    from hpa_lightning.training.job import build_callbacks, resolve_finetune
 
     cfg = compose_config(["+experiment=focal_g02", "model.pretrained=true", f"paths.output_dir={tmp_path}"])
     resolve_finetune(cfg)
@@ -164,7 +164,7 @@ def test_the_demo_preset_keeps_every_swept_arms_schedule(arm: str, schedule: str
     (["model.name=resnet18", "finetune.layer_decay=0.8"], 0.8),
 ])
 def test_layer_decay_auto_is_for_pretrained_transformers(overrides: list[str], layer_decay: float | None) -> None:
-    from hpa_lightning.training.run import resolve_finetune
+    from hpa_lightning.training.job import resolve_finetune
 
     cfg = compose_config(overrides)
     resolve_finetune(cfg)
@@ -173,7 +173,7 @@ def test_layer_decay_auto_is_for_pretrained_transformers(overrides: list[str], l
 
 def test_a_layer_decay_outside_0_1_is_one_line() -> None:
     from hpa_lightning.errors import FrozenStageError
-    from hpa_lightning.training.run import resolve_finetune
+    from hpa_lightning.training.job import resolve_finetune
 
     with pytest.raises(FrozenStageError, match=r"finetune.layer_decay=1.5: expected auto, null or a factor in \(0, 1"):
         resolve_finetune(compose_config(["finetune.layer_decay=1.5"]))
@@ -189,7 +189,7 @@ def test_a_layer_decay_outside_0_1_is_one_line() -> None:
 ])
 def test_the_model_node_gets_the_size_it_trains_on(overrides: list[str], img_size: int | None,
                                                    dynamic: bool) -> None:
-    from hpa_lightning.training.run import resolve_model
+    from hpa_lightning.training.job import resolve_model
 
     cfg = compose_config(overrides)
     assert cfg.model.img_size == "auto" and cfg.model.dynamic_img_size == "auto"
@@ -199,7 +199,7 @@ def test_the_model_node_gets_the_size_it_trains_on(overrides: list[str], img_siz
 
 def test_an_explicit_network_size_other_than_the_training_size_is_one_line() -> None:
     from hpa_lightning.errors import ConfigError
-    from hpa_lightning.training.run import resolve_model
+    from hpa_lightning.training.job import resolve_model
 
     cfg = compose_config(["model.name=vit_tiny_patch16_224", "data.image_size=64", "model.img_size=224"])
     with pytest.raises(ConfigError, match=r"model.img_size=224: vit_tiny_patch16_224 trains on data.image_size=64 px"):
@@ -213,7 +213,7 @@ def test_an_explicit_network_size_other_than_the_training_size_is_one_line() -> 
 ])
 def test_a_model_node_that_cannot_be_built_is_one_line_before_any_data(overrides: list[str], message: str) -> None:
     from hpa_lightning.errors import ConfigError
-    from hpa_lightning.training.run import resolve_model
+    from hpa_lightning.training.job import resolve_model
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         resolve_model(compose_config(overrides))
@@ -236,18 +236,18 @@ def test_scratch_is_one_switch_and_the_demo_shares_it() -> None:
 
 
 def test_the_log_says_which_recipe_runs(caplog: pytest.LogCaptureFixture) -> None:
-    from hpa_lightning.training.run import log_recipe, resolve_finetune
+    from hpa_lightning.training.job import log_recipe, resolve_finetune
 
     scratch = compose_config(["+preset=scratch"])
     resolve_finetune(scratch)
-    with caplog.at_level("INFO", logger="hpa_lightning.training.run"):
+    with caplog.at_level("INFO", logger="hpa_lightning.training.job"):
         log_recipe(scratch)
     assert caplog.messages == ["recipe: scratch (no pretrained weights; AdamW lr=0.002, schedule cosine, "
                                "frozen_epochs=0, LR ratios [1.0, 1.0, 1.0])"]
     caplog.clear()
     poster_from_scratch = compose_config(["model.pretrained=false"])
     resolve_finetune(poster_from_scratch)
-    with caplog.at_level("INFO", logger="hpa_lightning.training.run"):
+    with caplog.at_level("INFO", logger="hpa_lightning.training.job"):
         log_recipe(poster_from_scratch)
     assert caplog.messages[0].startswith("recipe: poster (no pretrained weights; SGD lr=0.02, schedule constant")
     assert "+preset=scratch is the recipe for it" in caplog.messages[1]

@@ -1,5 +1,5 @@
-"""Records what every Python process of a run imports, for the device bundle (bench/bundle.py), and hides what the
-lent machine's image would not have where the code that asks for it can do without.
+"""Records what every Python process of a run imports, for the device bundle (bench/device_wheels.py), and hides
+what the lent machine's image would not have where the code that asks for it can do without.
 
 Put this folder first on PYTHONPATH and set HPA_TRACE_IMPORTS=<folder> (and HPA_TRACE_IMAGE=<the image's package
 list>): every interpreter started so (subprocesses, the synthetic generator's workers, Hydra's jobs) writes

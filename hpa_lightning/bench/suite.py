@@ -45,20 +45,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpa_lightning.bench.augment import bench_augment
+from hpa_lightning.bench.augment_speed import bench_augment
+from hpa_lightning.bench.bench_data import png_sizes, tiled_dataset
 from hpa_lightning.bench.common import PROFILES, SECTIONS, Profile, note
-from hpa_lightning.bench.datasets import png_sizes, tiled_dataset
-from hpa_lightning.bench.gpu import bench_gpu
+from hpa_lightning.bench.gpu_speed import bench_gpu
 from hpa_lightning.bench.jpeg import bench_jpeg
 from hpa_lightning.bench.loading import bench_loading
 from hpa_lightning.bench.overhead import bench_overhead, build_module, overhead_datamodule, project_recipe
-from hpa_lightning.bench.packing import bench_packing
-from hpa_lightning.bench.report import collect_targets, headline_ratios, render_report
+from hpa_lightning.bench.packing_speed import bench_packing
+from hpa_lightning.bench.summary import collect_targets, headline_ratios, render_report
 from hpa_lightning.bench.thresholds import bench_thresholds
 from hpa_lightning.cli import fail, parse_key_values
 from hpa_lightning.errors import UsageError
 from hpa_lightning.files import write_json_atomic
-from hpa_lightning.resources import available_cpus
+from hpa_lightning.machine import available_cpus
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from hpa_lightning.files import write_json_atomic
 from hpa_lightning.runs import layout
-from hpa_lightning.training.run import build_module, prepare_datamodule, resolve_finetune, resolve_model
+from hpa_lightning.training.job import build_module, prepare_datamodule, resolve_finetune, resolve_model
 
 
 def plot_lr_curve(frame: pd.DataFrame, suggestion: float | None, path: Path, title: str) -> None:

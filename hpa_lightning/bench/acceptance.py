@@ -9,7 +9,7 @@ Parts, in this order, each recorded whatever the others did:
   sweep     two learning rates under `hydra/launcher=gpu_pool`, each job on a GPU of its own claim
   compiled  `model.compile` at the eager size with the best images/s, in a process of its own (a compiler crash or
             hang costs only this part)
-  bundle    (rehearsal only) the device bundle read off the rehearsal's imports (hpa_lightning/bench/bundle.py)
+  bundle    (rehearsal only) the device bundle read off the rehearsal's imports (hpa_lightning/bench/device_wheels.py)
 
 One deadline for the whole check (budget_s): each part gets what is left after the least the later parts need, a
 part that cannot get its least is recorded as skipped. gpu_check.json and summary.txt are rewritten after every batch
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from hpa_lightning import SOURCE_ROOT
 from hpa_lightning.bench.check_runner import CheckReport, Deadline, describe, is_out_of_memory
-from hpa_lightning.bench.gpu import Windows
+from hpa_lightning.bench.gpu_speed import Windows
 
 ORDER = ("bench", "train", "predict", "sweep", "compiled")
 
@@ -195,9 +195,9 @@ def grow_batch(run_one: Callable[[int], dict], settings: CheckSettings, report: 
 def bench_part(out: Path, settings: CheckSettings, workers: int, report: CheckReport, reserve_s: float) -> None:
     import torch
 
+    from hpa_lightning.bench.bench_data import tiled_dataset
     from hpa_lightning.bench.common import PROFILES
-    from hpa_lightning.bench.datasets import tiled_dataset
-    from hpa_lightning.bench.gpu import gpu_run
+    from hpa_lightning.bench.gpu_speed import gpu_run
     from hpa_lightning.bench.overhead import project_recipe
     from hpa_lightning.data.datamodule import HPADataModule
 
@@ -256,7 +256,7 @@ def compiled_part(out: Path, settings: CheckSettings, report: CheckReport, env: 
 
 
 def predict_inputs(out: Path, settings: CheckSettings, workers: int) -> None:
-    from hpa_lightning.data.synth import generate
+    from hpa_lightning.data.simulator import generate
 
     if (out / "held_out" / "test").is_dir():
         return
@@ -350,7 +350,7 @@ def _run_parts(out: Path, report_dir: Path, workers: int, settings: CheckSetting
 
 
 def bundle_part(trace_dir: Path, report: CheckReport) -> None:
-    from hpa_lightning.bench.bundle import resolve
+    from hpa_lightning.bench.device_wheels import resolve
 
     try:
         resolution = resolve(trace_dir)

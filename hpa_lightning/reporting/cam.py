@@ -132,7 +132,7 @@ def explain(args: dict[str, object]) -> dict[str, object]:
     from hpa_lightning.errors import InferenceError
     from hpa_lightning.files import atomic_folder
     from hpa_lightning.inference.load import load_model
-    from hpa_lightning.inference.predict import ImageFolderDataset, resolve_device, resolve_input
+    from hpa_lightning.inference.predictor import ImageFolderDataset, resolve_device, resolve_input
     from hpa_lightning.models.augment import center_crop
     from hpa_lightning.targets import trust_in_this_process
 

@@ -14,11 +14,11 @@ import pytest
 from numpy.lib.format import open_memmap
 from sklearn.linear_model import LogisticRegression
 
-from hpa_lightning.baselines.features import FeatureSpec, area_weights, extract_features
-from hpa_lightning.baselines.one_vs_all import fit_predict_one_vs_all
-from hpa_lightning.baselines.run import BASELINE_MODELS
-from hpa_lightning.baselines.run import run_baseline as run_baseline_in_process
 from hpa_lightning.classes import CLASS_NAMES
+from hpa_lightning.classical.features import FeatureSpec, area_weights, extract_features
+from hpa_lightning.classical.one_vs_all import fit_predict_one_vs_all
+from hpa_lightning.classical.pipeline import BASELINE_MODELS
+from hpa_lightning.classical.pipeline import run_baseline as run_baseline_in_process
 from hpa_lightning.data.split import channel_stats
 from hpa_lightning.errors import ConfigError
 from tests.conftest import REPO, assert_metrics_equal_sklearn, compose_config

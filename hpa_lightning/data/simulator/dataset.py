@@ -22,11 +22,11 @@ import numpy as np
 
 from hpa_lightning import SOURCE_ROOT
 from hpa_lightning.classes import CHANNELS, NUM_CLASSES
-from hpa_lightning.data.synth.labels import ID_STREAM, LABEL_STREAM, RENDER_STREAM, make_ids, sample_labels
-from hpa_lightning.data.synth.landmarks import draw_microtubules, draw_nuclei, draw_reticulum
-from hpa_lightning.data.synth.patterns import GREEN_PAINTERS
-from hpa_lightning.data.synth.png import png_gray8
-from hpa_lightning.data.synth.scene import (
+from hpa_lightning.data.simulator.labels import ID_STREAM, LABEL_STREAM, RENDER_STREAM, make_ids, sample_labels
+from hpa_lightning.data.simulator.landmarks import draw_microtubules, draw_nuclei, draw_reticulum
+from hpa_lightning.data.simulator.patterns import GREEN_PAINTERS
+from hpa_lightning.data.simulator.png import png_gray8
+from hpa_lightning.data.simulator.scene import (
     CYTOKINETIC_BRIDGE_CLASS,
     MITOTIC_SPINDLE_CLASS,
     Canvas,
@@ -34,7 +34,7 @@ from hpa_lightning.data.synth.scene import (
     unit_noise,
 )
 from hpa_lightning.files import atomic_folder, remove_stale_temporaries
-from hpa_lightning.resources import available_cpus
+from hpa_lightning.machine import available_cpus
 
 
 def render_sample(
@@ -123,7 +123,7 @@ def _run_workers(train_dir: Path, n: int, seed: int, size: int, texture_noise: f
     )
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = "1"  # one single-threaded process per core
-    code = "import sys; from hpa_lightning.data.synth.dataset import _worker_main; _worker_main(sys.argv[1])"
+    code = "import sys; from hpa_lightning.data.simulator.dataset import _worker_main; _worker_main(sys.argv[1])"
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for w in range(workers):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpa_lightning.bench.augment import bench_augment
+from hpa_lightning.bench.augment_speed import bench_augment
 from hpa_lightning.bench.common import Profile, note, sync_device
 from hpa_lightning.bench.loading import TimedIterable, dm_loader_of, shutdown_workers
 from hpa_lightning.bench.overhead import build_module

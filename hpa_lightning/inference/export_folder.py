@@ -137,7 +137,7 @@ def export_ensemble(sources: str, out: str | Path, weights: str = "") -> Path:
     """Write an ensemble (several runs, comma-separated, or a folder of runs such as a fold sweep) as one folder:
     `member<i>/` each a single-model export, and a card.json with the members' weights and the ensemble's
     thresholds (chosen on the members' validation predictions, out of fold for folds; see runs/ensemble.py)."""
-    from hpa_lightning.inference.predict import load_members
+    from hpa_lightning.inference.predictor import load_members
 
     out = Path(out)
     _check_out(out)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from hpa_lightning.data.synth.scene import LINE_STEP, Canvas, Cell, Scene, blur
+from hpa_lightning.data.simulator.scene import LINE_STEP, Canvas, Cell, Scene, blur
 
 _TIP_POINTS = 4  # points of a microtubule end drawn as a comet
 

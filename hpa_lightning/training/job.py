@@ -31,11 +31,16 @@ from hpa_lightning.runs.attempts import AttemptLog
 from hpa_lightning.runs.outputs import check_thresholds, plain, target_name, write_evaluation, write_results
 from hpa_lightning.runs.status import JobHooks
 from hpa_lightning.targets import check_targets, own_factory, trusted_targets
-from hpa_lightning.training.callbacks import EMAWeightAverage, InterruptCheckpoint, SWAWeightAverage
-from hpa_lightning.training.checks import check_output_dir, checkpoint_bytes, resume_checkpoint
+from hpa_lightning.training.callbacks import (
+    EMAWeightAverage,
+    InterruptCheckpoint,
+    SWAWeightAverage,
+    interrupt_exit_codes,
+)
+from hpa_lightning.training.checks import check_output_dir, checkpoint_bytes
+from hpa_lightning.training.continuation import continue_csv_logs, resume_checkpoint
 from hpa_lightning.training.ddp import end_ddp_job, keep_ddp_children_in_this_job
 from hpa_lightning.training.finetune import resolve_layer_decay, resolve_recipe
-from hpa_lightning.training.resume import continue_csv_logs, interrupt_exit_codes
 from hpa_lightning.training.speed import resolve_speed_defaults
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sklearn.base import is_classifier
 
 from hpa_lightning import CONF_DIR
-from hpa_lightning.baselines.features import FeatureSpec, extract_features
-from hpa_lightning.baselines.one_vs_all import fit_predict_one_vs_all
+from hpa_lightning.classical.features import FeatureSpec, extract_features
+from hpa_lightning.classical.one_vs_all import fit_predict_one_vs_all
 from hpa_lightning.errors import ConfigError
 from hpa_lightning.runs.outputs import check_thresholds, plain, write_evaluation, write_results
 

@@ -17,7 +17,7 @@ from hpa_lightning.files import atomic_folder, write_text_atomic
 
 def tiled_dataset(cache: Path, n: int, unique: int, size: int, texture_noise: float, workers: int) -> Path:
     """`n` samples at `size` px: `unique` rendered by hpa_lightning.synth, repeated as hard links under new ids."""
-    from hpa_lightning.data.synth.dataset import generate
+    from hpa_lightning.data.simulator.dataset import generate
 
     unique = min(unique, n)
     rendered = cache / f"synth-n{unique}-px{size}-noise{texture_noise:g}"

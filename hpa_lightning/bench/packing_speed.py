@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from hpa_lightning.bench.bench_data import subset_dataset
 from hpa_lightning.bench.common import REPO, Profile, note
-from hpa_lightning.bench.datasets import subset_dataset
 from hpa_lightning.classes import CHANNELS
 from hpa_lightning.data.store import store_path
 

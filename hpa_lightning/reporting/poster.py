@@ -63,7 +63,7 @@ def machine() -> dict:
         memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         pass
-    from hpa_lightning.resources import available_cpus
+    from hpa_lightning.machine import available_cpus
 
     return {"cpu": cpu, "cpus_used": available_cpus(), "memory_gib": memory, "platform": platform.platform(),
             "python": platform.python_version(), "gpu": None}

@@ -34,9 +34,9 @@ from hpa_lightning.errors import DataError, InferenceError
 from hpa_lightning.files import atomic_path
 from hpa_lightning.inference.load import CARD_NAME, ENSEMBLE_FORMAT, InferenceModel, load_model
 from hpa_lightning.inference.tta import TTA_REDUCTIONS, crop_windows, tta_probabilities, tta_views
+from hpa_lightning.machine import available_cpus
 from hpa_lightning.models.augment import center_crop
 from hpa_lightning.models.meta import cannot_take
-from hpa_lightning.resources import available_cpus
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.ensemble import ensemble_evaluation, member_runs, member_weights
 from hpa_lightning.targets import trust_in_this_process

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import numpy as np
 
 from hpa_lightning.classes import NUM_CLASSES
-from hpa_lightning.data.synth.landmarks import bump, random_walks, segment_points
-from hpa_lightning.data.synth.scene import LINE_STEP, Canvas, Cell, Scene, blur, cell_window
+from hpa_lightning.data.simulator.landmarks import bump, random_walks, segment_points
+from hpa_lightning.data.simulator.scene import LINE_STEP, Canvas, Cell, Scene, blur, cell_window
 
 _Pattern = Callable[[Scene, Canvas, np.ndarray], None]
 
