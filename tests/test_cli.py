@@ -22,6 +22,9 @@ BAD_INPUT = {
     "report": ("hpa_lightning.report", [MISSING]),
     "resume": ("hpa_lightning.resume", [MISSING]),
     "rerun_failed": ("hpa_lightning.rerun_failed", [MISSING]),
+    "rerun_failed flag": ("hpa_lightning.rerun_failed", [".", "--dry-run"]),
+    "report flag": ("hpa_lightning.report", [".", "--out", "x"]),
+    "resume without folder": ("hpa_lightning.resume", ["trust=a.B"]),
     "synth": ("hpa_lightning.synth", ["n=ten"]),
     "bench": ("hpa_lightning.bench", ["sections=nope"]),
     "train override": ("hpa_lightning.train", ["trainer.no_such_key=1"]),
@@ -57,3 +60,26 @@ def test_train_and_lr_find_check_the_command_line_before_importing_the_training_
             "print(sorted({'torch', 'lightning', 'timm', 'wandb'} & set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stderr[-2000:]
+
+
+def test_one_parser_for_folders_own_keys_and_hydra_overrides() -> None:
+    """report, resume and rerun_failed take their folder(s), their own keys and, for the jobs they relaunch, Hydra
+    overrides through the one key=value parser of every command that does not compose conf/."""
+    import pytest
+
+    from hpa_lightning.cli import parse_key_values
+    from hpa_lightning.errors import UsageError
+
+    own = {"jobs": 1, "dry_run": False, "trust": ""}
+    args = parse_key_values(["sweep", "jobs=4", "optimizer.lr=0.1", "dry_run=true", "+extra=1", "~callbacks.lr",
+                             "trust=a.B"], own, "rerun_failed", positional="sweep_dir", overrides=True)
+    assert args == {"jobs": 4, "dry_run": True, "trust": "a.B", "sweep_dir": "sweep",
+                    "overrides": ["optimizer.lr=0.1", "+extra=1", "~callbacks.lr"]}
+    assert parse_key_values(["a", "b", "out=r"], {"out": None}, "report", positional="folders", many=True) == {
+        "out": "r", "folders": ["a", "b"]}
+    for argv, message in ((["a", "b"], "unknown argument 'b'"), (["jobs=4"], "SWEEP_DIR missing"),
+                          (["a", "--dry-run"], "write dry_run=true"), (["a", "jobs=four"], "not a valid int")):
+        with pytest.raises(UsageError, match=message):
+            parse_key_values(argv, own, "rerun_failed", positional="sweep_dir")
+    with pytest.raises(UsageError, match="unknown argument 'optimizer.lr=0.1'"):  # no overrides: not passed on
+        parse_key_values(["a", "optimizer.lr=0.1"], own, "rerun_failed", positional="sweep_dir")

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from torch import Tensor, nn
 
 from hpa_lightning.checkpoints import safe_torch_load  # the one reader of checkpoint files
@@ -32,11 +32,19 @@ def current_nodes(model: dict, loss: dict, scheduler: dict | None) -> tuple[dict
     switches returned apart, {key: value}), the model node given the factory it always meant when it had none."""
     model = {"_target_": CREATE_MODEL, **model}
     switches = {key: model.pop(key) for key in _OLD_MODEL_SWITCHES if key in model}
-    loss = {k: v for k, v in loss.items() if k != _OLD_DISPLAY_KEY} if str(loss.get("_target_", "")).startswith(
-        "hpa_lightning.") else loss
-    if scheduler and str(scheduler.get("_target_", "")).startswith("hpa_lightning."):
-        scheduler = {k: v for k, v in scheduler.items() if k != _OLD_DISPLAY_KEY}
-    return model, loss, scheduler, switches
+    return model, _without_display_name(loss), _without_display_name(scheduler), switches
+
+
+def _without_display_name(node: dict | None) -> dict | None:
+    """The node without the old display `name` when its callable takes no `name` (a loss of one's own may)."""
+    if not node or _OLD_DISPLAY_KEY not in node:
+        return node
+    try:
+        parameters = inspect.signature(get_object(str(node.get("_target_")))).parameters
+    except Exception:  # noqa: BLE001 - building the node reports what is wrong with its target
+        return node
+    takes_name = _OLD_DISPLAY_KEY in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return node if takes_name else {k: v for k, v in node.items() if k != _OLD_DISPLAY_KEY}
 
 
 def network_from_node(model: dict, num_classes: int) -> nn.Module:

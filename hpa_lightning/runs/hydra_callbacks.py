@@ -26,6 +26,19 @@ class ControllerHydraConfig(Callback):
         HydraConfig.instance().set_config(config)
 
 
+def _is_slurm_launcher(target: object) -> bool:
+    """Whether a launcher `_target_` is submitit's SLURM launcher (or a subclass of it), by type."""
+    from hydra.utils import get_object
+
+    try:
+        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+
+        launcher = get_object(str(target))
+    except Exception:  # noqa: BLE001 - no submitit plugin, or a launcher Hydra itself will report
+        return False
+    return isinstance(launcher, type) and issubclass(launcher, SlurmLauncher)
+
+
 class ReportPendingJobs(Callback):
     """Runs a `PendingWatcher` over a multirun whose launcher is submitit's SLURM launcher; does nothing otherwise."""
 
@@ -37,7 +50,7 @@ class ReportPendingJobs(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         launcher = config.hydra.launcher
-        if not str(launcher.get("_target_", "")).endswith("submitit_launcher.SlurmLauncher"):
+        if not _is_slurm_launcher(launcher.get("_target_")):
             return
         submitit_root = Path(str(launcher.submitit_folder).split("%j")[0]).resolve()
         self.watcher = PendingWatcher(submitit_root).__enter__()

@@ -28,7 +28,7 @@ def target_name(node) -> str | None:
     multi_step_lr; a sum of losses joins its terms' names with `+`."""
     if not node or "_target_" not in node:
         return None
-    if str(node["_target_"]).endswith(".WeightedLossSum") and node.get("losses"):
+    if isinstance(node.get("losses"), (list, tuple)) and node["losses"]:  # a sum of losses, whatever class sums them
         return "+".join(str(target_name(term)) for term in node["losses"])
     last = str(node["_target_"]).rsplit(".", 1)[-1]
     snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", last).lower()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, open_dict
 
 from hpa_lightning.checkpoints import safe_torch_load
@@ -157,6 +157,15 @@ def resolve_finetune(cfg: DictConfig) -> list[str]:
     return auto
 
 
+def _is_sgd(target: object) -> bool:
+    """Whether an optimizer `_target_` is SGD or a subclass of it (ASGD is not, whatever its name says)."""
+    try:
+        optimizer = get_object(str(target))
+    except Exception:  # noqa: BLE001 - the optimizer is built (and its error reported) later; this is a log line
+        return False
+    return isinstance(optimizer, type) and issubclass(optimizer, torch.optim.SGD)
+
+
 def log_recipe(cfg: DictConfig) -> None:
     """One line saying which recipe runs (+preset=scratch or the poster's), and a warning when the poster's
     fine-tuning recipe meets a network without pretrained weights."""
@@ -168,7 +177,7 @@ def log_recipe(cfg: DictConfig) -> None:
              str(cfg.optimizer.get("_target_", "?")).rsplit(".", 1)[-1],
              float(cfg.optimizer.lr), target_name(plain(cfg.scheduler)) or "none", int(cfg.finetune.frozen_epochs),
              groups)
-    if not pretrained and cfg.get("recipe", "poster") == "poster" and "SGD" in str(cfg.optimizer.get("_target_")):
+    if not pretrained and cfg.get("recipe", "poster") == "poster" and _is_sgd(cfg.optimizer.get("_target_")):
         log.warning("training from scratch with the poster's fine-tuning recipe (SGD lr=%g): it learns slowly "
                     "without pretrained weights; +preset=scratch is the recipe for it", float(cfg.optimizer.lr))
 

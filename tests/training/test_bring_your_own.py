@@ -129,6 +129,9 @@ def test_display_names_come_from_the_targets() -> None:
     assert target_name({"_target_": "torch.optim.lr_scheduler.MultiStepLR"}) == "multi_step_lr"
     assert target_name({"_target_": "labcode.AsymmetricLoss"}) == "asymmetric"
     assert target_name(None) is None
+    # a sum is named by its terms (configuration), whatever class sums them
+    terms = [{"_target_": "hpa_lightning.models.losses.FocalLoss"}, {"_target_": "labcode.AsymmetricLoss"}]
+    assert target_name({"_target_": "labcode.MySum", "losses": terms}) == "focal+asymmetric"
 
 
 def test_checkpoints_of_the_old_node_shapes_still_load(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from hpa_lightning.classes import CLASS_NAMES
@@ -251,6 +252,18 @@ def test_the_log_says_which_recipe_runs(caplog: pytest.LogCaptureFixture) -> Non
         log_recipe(poster_from_scratch)
     assert caplog.messages[0].startswith("recipe: poster (no pretrained weights; SGD lr=0.02, schedule constant")
     assert "+preset=scratch is the recipe for it" in caplog.messages[1]
+    # the warning is about SGD by type: ASGD (an "SGD" in its name) is not warned about, a subclass of SGD is
+    for optimizer, warned in (("torch.optim.ASGD", False), ("tests.training.test_train.NesterovSGD", True)):
+        caplog.clear()
+        own = compose_config(["model.pretrained=false", f"optimizer._target_={optimizer}"])
+        resolve_finetune(own)
+        with caplog.at_level("INFO", logger="hpa_lightning.training.job"):
+            log_recipe(own)
+        assert any("+preset=scratch" in message for message in caplog.messages) == warned, optimizer
+
+
+class NesterovSGD(torch.optim.SGD):
+    """A lab's SGD of its own (the warning must recognise it by type)."""
 
 
 @pytest.mark.slow
