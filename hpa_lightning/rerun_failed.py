@@ -1,4 +1,4 @@
-"""Relaunching the failed jobs of a sweep with their original overrides.
+"""Relaunch the failed jobs of a sweep with their original overrides.
 
     python -m hpa_lightning.rerun_failed SWEEP_DIR                       # rerun every failed job, one at a time
     python -m hpa_lightning.rerun_failed SWEEP_DIR jobs=4                # up to 4 at once (GPU jobs claim a GPU each)
