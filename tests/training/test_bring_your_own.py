@@ -1,5 +1,5 @@
-"""A researcher's own code, from a module outside the package, built from configuration as written (README, "Bring
-your own"); the same code named by a checkpoint or a saved run is refused until the user trusts it by its exact name.
+"""A researcher's own code, from a module outside the package, built from configuration as written (docs/extending.md);
+the same code named by a checkpoint or a saved run is refused until the user trusts it by its exact name.
 
 `labcode` (written by the `lab` fixture into a temporary folder put on the path) holds what a lab would write: a
 multi-label loss (asymmetric loss, Ridnik et al. 2021), a backbone factory, an augmentation and a callback; `labconf/`
