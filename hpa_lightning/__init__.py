@@ -1,8 +1,8 @@
 """hpa_lightning: protein localisation from Human Protein Atlas RGBY microscopy with Lightning + Hydra.
 
-Subpackages follow the data flow (docs/architecture.md): data -> models -> training -> runs -> inference -> reporting,
-with baselines and bench beside them; the modules at this level are the entry points (`python -m hpa_lightning.X`)
-and the helpers every stage shares.
+Subpackages follow the data flow (docs/architecture.md): data -> models -> runs -> training and inference ->
+classical (the baselines) and reporting -> bench; the modules at this level are the entry points
+(`python -m hpa_lightning.X`) and the helpers every stage shares.
 """
 
 from pathlib import Path

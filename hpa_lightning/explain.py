@@ -5,8 +5,8 @@
 
 Input is a folder as for predict (Kaggle layout or {Id}_{channel} files). For each image (the `ids`, else the
 first `limit`), the chosen classes (`predicted`: those at or above the run's thresholds; `topK`; or class ids) get
-a map: CAM where the head is a linear layer after average pooling, Grad-CAM otherwise (hpa_lightning/reporting/
-explain.py). `out` gets `<Id>_rgb.png`, `<Id>_classNN.png` (the map over the composite) and `index.html` to open in a
+a map: CAM where the head is a linear layer after average pooling, Grad-CAM otherwise (hpa_lightning/reporting/cam.py).
+`out` gets `<Id>_rgb.png`, `<Id>_classNN.png` (the map over the composite) and `index.html` to open in a
 browser. Bad input is one `error: ...` line and exit status 2; `out` is written complete or not at all.
 """
 

@@ -2,8 +2,8 @@
 [work=DIR] [download=true]`).
 
 1. rehearses the GPU check on the CPU with the import tracer (`python -m hpa_lightning.gpu_check rehearse=true`),
-2. reads off it the distributions the check imports that the lent machine's image lacks (hpa_lightning/bench/
-   bundle.py), at the versions installed here,
+2. reads off it the distributions the check imports that the lent machine's image lacks
+   (hpa_lightning/bench/device_wheels.py), at the versions installed here,
 3. downloads their wheels for CPython 3.12 on manylinux x86-64 into `dest` (ignored by git; a pure-Python one
    published only as source is built here), removes any other wheel there,
 4. installs them from `dest` alone into a scratch folder, as the lent machine will (no index, no dependencies),

@@ -20,8 +20,15 @@ def documents() -> list[Path]:
     return [path for path in found if path.is_file()]
 
 
-def named_paths(text: str) -> set[str]:
+# a path broken after a slash at the end of a line (docstrings wrap at 120 columns): joined again before matching
+WRAPPED = re.compile(r"/\n[ \t#]*(?=[\w./-]+\.(?:py|pyi|yaml|md|csv|txt|sh)\b)")
+
+
+def named_paths(text: str, wrapped: bool = False) -> set[str]:
+    """The paths `text` names; `wrapped` (Python sources) also those broken after a slash at a line's end (in
+    Markdown such a line ends a folder of a listing, not a path)."""
     names = set()
+    text = WRAPPED.sub("/", text) if wrapped else text
     for match in PATH.finditer(text):
         name = match.group(1).rstrip("/.")
         following = text[match.end():match.end() + 1]
@@ -35,7 +42,7 @@ def test_every_named_path_exists() -> None:
     missing = []
     for document in documents():
         text = document.read_text(errors="replace")
-        for name in sorted(named_paths(text)):
+        for name in sorted(named_paths(text, wrapped=document.suffix == ".py")):
             if not (REPO / name).exists():
                 missing.append(f"{document.relative_to(REPO)}: {name}")
     assert not missing, "\n".join(missing)
@@ -45,3 +52,5 @@ def test_the_check_sees_paths_and_skips_patterns() -> None:
     assert named_paths("see hpa_lightning/models/net.py and conf/data/*.yaml, docs/results/<run>") == {
         "hpa_lightning/models/net.py"}
     assert named_paths("(tests/training/test_ddp.py)") == {"tests/training/test_ddp.py"}
+    assert named_paths("(hpa_lightning/reporting/\n    cam.py) and hpa_lightning/data/\nThe", wrapped=True) == {
+        "hpa_lightning/reporting/cam.py", "hpa_lightning/data"}
