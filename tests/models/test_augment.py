@@ -229,7 +229,8 @@ def test_checkpoints_of_either_form_load(tmp_path: Path) -> None:
     module = HPAModule(**args, augment=plain(compose_config().augment))
     assert not [key for key in module.state_dict() if key.startswith("transform.augment.")]
     new = tmp_path / "new.ckpt"
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, new)
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(),
+                "pytorch-lightning_version": "2.6.6"}, new)
     # the kornia names are allowlisted
     assert describe(HPAModule.load_from_checkpoint(new, map_location="cpu").transform.augment) == POSTER
 

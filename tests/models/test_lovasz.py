@@ -102,7 +102,8 @@ def test_focal_lovasz_config_builds_the_sum_and_survives_a_checkpoint(tmp_path) 
     assert [type(term).__name__ for term in module.criterion.losses] == ["FocalLoss", "LovaszHingeLoss"]
     assert module.criterion.losses[0].gamma == pytest.approx(0.2)  # the experiment's gamma reaches the focal term
     path = tmp_path / "m.ckpt"
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(),
+                "pytorch-lightning_version": "2.6.6"}, path)
     assert isinstance(HPAModule.load_from_checkpoint(path, map_location="cpu").criterion, WeightedLossSum)
     assert {"hpa_lightning.models.losses.WeightedLossSum", "hpa_lightning.models.losses.LovaszHingeLoss"} <= set(
         ALLOWED_TARGETS)
