@@ -15,13 +15,22 @@ from __future__ import annotations
 import sys
 
 from hpa_lightning.cli import fail, parse_key_values
+from hpa_lightning.data.sources import KAGGLE_IMAGE_DIR
 from hpa_lightning.errors import UserError
-from hpa_lightning.reporting.cam import DEFAULTS, PROG, explain
+
+PROG = "hpa_lightning.explain"
+DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "explain", "ids": "", "classes": "predicted",
+                               "method": "auto", "limit": 16, "image_dir": KAGGLE_IMAGE_DIR, "device": "auto",
+                               "sixteen_bit": "", "trust": ""}
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        result = explain(parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG))
+        args = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG)
+        # imported only now (torch, timm), so that --help and a mistyped key answer at once
+        from hpa_lightning.reporting.cam import explain
+
+        result = explain(args)
     except UserError as err:  # bad arguments, data or model files, an untrusted _target_
         fail(err)
     print(f"explained {result['images']} images ({result['maps']} class maps, {', '.join(result['methods'])}) with "

@@ -28,10 +28,10 @@ from pathlib import Path
 
 from hpa_lightning.cli import fail, parse_key_values
 from hpa_lightning.errors import UsageError, UserError
-from hpa_lightning.inference.export_folder import PROG, export_ensemble, export_model
-from hpa_lightning.inference.load import CARD_NAME, WEIGHTS_NAME
 from hpa_lightning.runs.layout import RESULTS
 from hpa_lightning.targets import trust_in_this_process
+
+PROG = "hpa_lightning.export"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args["ckpt"] or not args["out"]:
             raise UsageError(f"{PROG}: ckpt=RUN_DIR|CKPT and out=DIR are required")
         trust_in_this_process(str(args["trust"]))
+        # imported only now (torch, timm: ~4 s on 2 cores), so that --help and a mistyped key answer at once
+        from hpa_lightning.inference.export_folder import export_ensemble, export_model
+        from hpa_lightning.inference.load import CARD_NAME, WEIGHTS_NAME
+
         source = Path(str(args["ckpt"]))
         several = "," in str(source) or (source.is_dir() and not (source / RESULTS).is_file()
                                           and not (source / CARD_NAME).is_file())

@@ -31,16 +31,30 @@ needs nothing); a network of your own factory is rebuilt only with `trust=<its _
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from hpa_lightning.cli import fail, parse_key_values
+from hpa_lightning.data.sources import DEFAULT_MAX_IMAGE_PIXELS, KAGGLE_IMAGE_DIR
 from hpa_lightning.errors import UserError
-from hpa_lightning.inference.load import InferenceModel
-from hpa_lightning.inference.predictor import DEFAULTS, PROG, run
+
+if TYPE_CHECKING:
+    from hpa_lightning.inference.load import InferenceModel
+
+PROG = "hpa_lightning.predict"
+DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "submission.csv", "tta": 1, "batch_size": 32,
+                               "workers": -1, "image_dir": KAGGLE_IMAGE_DIR, "device": "auto", "image_size": 0,
+                               "channels_last": True, "progress": True, "sixteen_bit": "", "tta_crops": 0,
+                               "tta_reduce": "mean", "weights": "", "trust": "",
+                               "classes": "", "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS}
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        result = run(parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG))
+        args = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG)
+        # imported only now (torch, timm: ~4 s on 2 cores), so that --help and a mistyped key answer at once
+        from hpa_lightning.inference.predictor import run
+
+        result = run(args)
     except UserError as err:  # bad arguments, data or model files, an untrusted _target_
         fail(err)
     model: InferenceModel = result["model"]

@@ -194,6 +194,9 @@ def _channel_plane(rgb: np.ndarray, path: Path, channel: str) -> np.ndarray:
     return (half + (total & half & 1)).astype(np.uint8)
 
 
+# Kaggle's layout puts the images to predict in <input>/test/; predict and explain look there first.
+KAGGLE_IMAGE_DIR = "test"
+
 # HPA images are at most about 3072 x 3072 px (9.4 Mpx). A channel file whose header declares more pixels than this
 # bound is an image bomb (a 400 KB PNG can declare 20000 x 20000 px, 400 MB once decoded) or not a microscopy image:
 # it is refused from its header, before anything is decoded (data.max_image_pixels; pack and predict:

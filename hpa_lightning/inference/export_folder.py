@@ -22,8 +22,6 @@ from hpa_lightning.inference.load import (
 )
 from hpa_lightning.inference.tta import TTA_VIEWS
 
-PROG = "hpa_lightning.export"
-
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version

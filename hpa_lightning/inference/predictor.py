@@ -23,6 +23,7 @@ from hpa_lightning.classes import CHANNELS, class_set
 from hpa_lightning.data.sources import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_EXTENSIONS,
+    KAGGLE_IMAGE_DIR,
     SIXTEEN_BIT_RULES,
     channel_path,
     check_id,
@@ -41,17 +42,7 @@ from hpa_lightning.runs import layout
 from hpa_lightning.runs.ensemble import ensemble_evaluation, member_runs, member_weights
 from hpa_lightning.targets import trust_in_this_process
 
-PROG = "hpa_lightning.predict"
-
-
 SAMPLE_SUBMISSION = "sample_submission.csv"
-
-
-DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "submission.csv", "tta": 1, "batch_size": 32,
-                               "workers": -1, "image_dir": "test", "device": "auto", "image_size": 0,
-                               "channels_last": True, "progress": True, "sixteen_bit": "", "tta_crops": 0,
-                               "tta_reduce": "mean", "weights": "", "trust": "",
-                               "classes": "", "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS}
 
 
 _FILE_PATTERN = re.compile(rf"^(?P<id>.+)_(?P<channel>{'|'.join(CHANNELS)})"
@@ -72,7 +63,7 @@ def _image_folder(root: Path, image_dir: str) -> Path:
     candidate = root / image_dir
     if candidate.is_dir():
         return candidate
-    if image_dir != DEFAULTS["image_dir"]:
+    if image_dir != KAGGLE_IMAGE_DIR:
         raise DataError(f"{candidate}: image folder not found")
     return root  # images directly in the input folder
 
@@ -131,7 +122,7 @@ def _scan_ids(image_dir: Path) -> list[str]:
     return sorted(ids)
 
 
-def resolve_input(root: str | Path, image_dir: str = "test") -> PredictInput:
+def resolve_input(root: str | Path, image_dir: str = KAGGLE_IMAGE_DIR) -> PredictInput:
     """The Ids to predict (sample_submission order, else sorted) and the folder of their images, all files checked."""
     root = Path(root)
     folder = _image_folder(root, image_dir)

@@ -119,12 +119,6 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
     Image.fromarray(rgb).save(path)
 
 
-PROG = "hpa_lightning.explain"
-DEFAULTS: dict[str, object] = {"ckpt": None, "input": None, "out": "explain", "ids": "", "classes": "predicted",
-                               "method": "auto", "limit": 16, "image_dir": "test", "device": "auto",
-                               "sixteen_bit": "", "trust": ""}
-
-
 def explain(args: dict[str, object]) -> dict[str, object]:
     """Class maps of the images of `input` (the `ids`, else the first `limit`) for the chosen classes, written to
     the folder `out` (PNG composites, one PNG a map, index.html) under a temporary name renamed when complete."""

@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.inference.export_folder import export_model
-from hpa_lightning.inference.predictor import DEFAULTS
 from hpa_lightning.inference.predictor import run as predict_run
 from hpa_lightning.models.module import HPAModule
 from hpa_lightning.models.net import first_layers
+from hpa_lightning.predict import DEFAULTS
 from hpa_lightning.runs.outputs import plain
 from hpa_lightning.training.callbacks import FreezeBackbone, LRTrace
 from hpa_lightning.training.job import resolve_finetune, resolve_model
