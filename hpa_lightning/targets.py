@@ -52,6 +52,7 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "hpa_lightning.training.callbacks.FreezeBackbone",
     "hpa_lightning.training.callbacks.LRTrace",
     "hpa_lightning.training.callbacks.RNGState",
+    "hpa_lightning.training.mid_epoch.MidEpochState",
     "hpa_lightning.training.callbacks.FiniteCheckpointGuard",
     "hpa_lightning.training.callbacks.InterruptCheckpoint",
     "hpa_lightning.training.callbacks.EMAWeightAverage",

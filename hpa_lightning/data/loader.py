@@ -110,29 +110,117 @@ def collate_batch(batch):
 
 
 class ThreadedDataLoader(DataLoader):
-    """A DataLoader that reads batches with `read_threads` threads of this process instead of worker processes.
+    """A DataLoader that reads batches with `read_threads` threads of this process instead of worker processes, and
+    that can be stopped mid-epoch and resumed to exactly where it was.
 
     Reading a packed batch is one memcpy out of the page cache that releases the GIL, so threads run it in parallel
     while the training loop goes on, without the per-batch shared-memory segment and inter-process hand-over that
     worker processes need. `read_ahead` batches are in flight, delivered in sampler order. Sampling, DDP samplers
     (Lightning re-creates this class with a DistributedSampler) and `len` are the DataLoader's own; with
-    `read_threads=0` it is a plain single-process DataLoader.
+    `read_threads=0` it is a plain single-process DataLoader (or a multi-process one with `num_workers`).
+
+    Resuming: an epoch's batches are drawn from the sampler when its first batch is asked for, after Lightning has
+    set the sampler's epoch. `state_dict` holds the random state the draw started from and how many batches were
+    delivered; Lightning saves it in every checkpoint and hands it back to `load_state_dict` when a run restarts
+    mid-epoch. The next epoch then draws the same batches again from the saved state, without advancing the
+    process's generators (they were restored to the moment of the checkpoint), and skips the delivered ones
+    unread. Any sampler whose order comes from the global torch generator, the loader's `generator` or its epoch
+    (Random, WeightedRandom, Distributed and Lightning's DistributedSamplerWrapper) is resumed exactly; the
+    samples themselves draw nothing (augmentation runs on the device, after the loader).
     """
 
     def __init__(self, *args, read_threads: int = 2, read_ahead: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.read_threads = read_threads
         self.read_ahead = read_ahead
+        self._epoch = _EpochBatches(self)
+        self._resume_from: dict | None = None
+
+    @property
+    def _index_sampler(self):
+        # what every DataLoader iterator (single- or multi-process, persistent workers too) draws indices from
+        return self._epoch
 
     def __iter__(self) -> Iterator:
+        return self._delivering()
+
+    def _delivering(self) -> Iterator:
+        """This epoch's batches, counted as they are delivered. A generator: nothing is drawn before the first
+        batch is asked for (Lightning creates the first epoch's iterator before it restores a checkpoint)."""
+        resume, self._resume_from = self._resume_from, None
+        self._epoch.draw(resume)
         if self.num_workers > 0 or self.read_threads <= 0:
-            return super().__iter__()
-        # The DataLoader's own iterator draws a base seed for its workers from the global generator before the
-        # sampler draws its own: drawn here too, the shuffled order is the same whatever the worker_type.
-        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        batches = self.batch_sampler if self.batch_sampler is not None else self.sampler
-        return _read_batches(self.dataset, batches, self.collate_fn, self.read_threads,
-                             self.read_ahead or 2 * self.read_threads)
+            with torch.random.fork_rng(devices=[]):  # the iterator's seed for its workers, who draw nothing
+                batches = super().__iter__()
+        else:
+            batches = _read_batches(self.dataset, self._epoch, self.collate_fn, self.read_threads,
+                                    self.read_ahead or 2 * self.read_threads)
+        for batch in batches:
+            self._epoch.delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        """Where the current epoch is: the random state its batches were drawn from and the batches delivered (plain
+        tensors and numbers, so checkpoints load with `weights_only=True`)."""
+        return self._epoch.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume the epoch `state_dict` describes at the next `iter`; a finished or unstarted epoch (a checkpoint of
+        an epoch's end) leaves the next epoch to be drawn afresh."""
+        unfinished = state_dict.get("rng") is not None and state_dict.get("delivered", 0) < state_dict.get(
+            "batches", 0)
+        self._resume_from = dict(state_dict) if unfinished else None
+
+
+class _EpochBatches:
+    """One epoch of a `ThreadedDataLoader`: its batches of indices (what its iterators take as their sampler), drawn
+    once when the epoch starts, the random state they were drawn from and how many were delivered."""
+
+    def __init__(self, loader: ThreadedDataLoader):
+        self.loader = loader
+        self.batches: list = []
+        self.rng: dict | None = None
+        self.delivered = 0
+        self.skipped = 0
+
+    def _sampler(self):
+        return DataLoader._index_sampler.fget(self.loader)  # the batch sampler (or sampler) the loader was built with
+
+    def __len__(self) -> int:
+        return len(self._sampler())
+
+    def __iter__(self) -> Iterator:
+        return iter(self.batches[self.skipped:])
+
+    def _random_state(self) -> dict:
+        generator = self.loader.generator
+        return {"torch": torch.get_rng_state(), "generator": None if generator is None else generator.get_state()}
+
+    def _draw(self) -> list:
+        # as the DataLoader's own iterator: first its workers' base seed, then the sampler's order
+        torch.empty((), dtype=torch.int64).random_(generator=self.loader.generator)
+        return list(self._sampler())
+
+    def draw(self, resume: dict | None) -> None:
+        if resume is None:
+            self.rng, self.delivered = self._random_state(), 0
+            self.batches = self._draw()
+        else:
+            self.rng, self.delivered = resume["rng"], int(resume["delivered"])
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(self.rng["torch"])
+                if self.rng.get("generator") is not None and self.loader.generator is not None:
+                    self.loader.generator.set_state(self.rng["generator"])  # left after the draw, as it was then
+                self.batches = self._draw()
+            if len(self.batches) != int(resume["batches"]):
+                raise RuntimeError(f"resuming mid-epoch: the checkpoint's epoch had {resume['batches']} batches, this "
+                                   f"loader draws {len(self.batches)}; resume with the data settings of the run")
+        self.skipped = self.delivered
+
+    def state_dict(self) -> dict:
+        if self.rng is None:
+            return {}
+        return {"rng": self.rng, "delivered": self.delivered, "batches": len(self.batches)}
 
 
 def _read_batches(dataset: Dataset, batches, collate_fn, threads: int, depth: int) -> Iterator:

@@ -25,6 +25,8 @@ from hpa_lightning.targets import CREATE_MODEL, check_targets, trusted_targets
 # `name` in the loss and scheduler, the module's and the trainer's switches in the model node.
 _OLD_DISPLAY_KEY = "name"
 _OLD_MODEL_SWITCHES = ("channels_last", "compile", "sync_batchnorm")
+# a checkpoint's record of a non-finite training loss not yet reported (saved mid-epoch, between two checks)
+NONFINITE_KEY = "hpa_nonfinite_loss_unreported"
 
 
 def current_nodes(model: dict, loss: dict, scheduler: dict | None) -> tuple[dict, dict, dict | None, dict]:
@@ -171,6 +173,15 @@ class HPAModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.check_finite_loss()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # a checkpoint between two checks (mid-epoch, on SIGTERM) keeps what the next check has to report
+        if self._nonfinite_seen is not None:
+            checkpoint[NONFINITE_KEY] = bool(self._nonfinite_seen)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        seen = checkpoint.get(NONFINITE_KEY)
+        self._nonfinite_seen = None if seen is None else torch.tensor(bool(seen), device=self.device)
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         logits = self(batch["image"])

@@ -182,6 +182,10 @@ class FreezeBackbone(L.Callback):
                 "trainer.strategy=ddp_find_unused_parameters_true (the frozen body takes no part in the backward "
                 "pass); or set finetune.frozen_epochs=0")
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a run resumed mid-epoch continues its epoch without Lightning calling on_train_epoch_start again
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # set from the epoch, not toggled once: a run resumed after the unfreeze epoch comes back unfrozen
         pl_module.body_frozen = self._frozen(trainer.current_epoch)

@@ -62,3 +62,57 @@ class RealWarning(L.Callback):
         import warnings
 
         warnings.warn("an unexpected condition worth a look", UserWarning, stacklevel=1)
+
+
+class SignalAt(L.Callback):
+    """Send signal `sig` (TERM or KILL) to this process at one point of a run, as a cluster preempting it (TERM, with a
+    grace period) or a node dying (KILL) would:
+
+    - `train`: after training batch `step` (global step);
+    - `validation`: after the first validation batch of epoch `epoch` (during fit);
+    - `before_checkpoints`: when epoch `epoch`'s validation has ended, before the checkpoint callbacks see it;
+    - `test`: after the first batch of the test evaluation;
+    - `outputs`: while the run folder is written, after the predictions and before results.json.
+    """
+
+    def __init__(self, at: str = "train", sig: str = "TERM", step: int = 3, epoch: int = 0):
+        if at not in ("train", "validation", "before_checkpoints", "test", "outputs"):
+            raise ValueError(f"SignalAt: unknown point {at!r}")
+        self.at, self.signum, self.step, self.epoch = at, signal.Signals[f"SIG{sig}"], step, epoch
+        self.sent = False
+
+    def _send(self) -> None:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.at == "train" and trainer.global_step == self.step:
+            self._send()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.at == "validation" and trainer.state.fn == "fit" and not trainer.sanity_checking \
+                and trainer.current_epoch == self.epoch:
+            self._send()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.at == "before_checkpoints" and trainer.state.fn == "fit" and trainer.current_epoch == self.epoch:
+            self._send()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.at == "test":
+            self._send()
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if self.at != "outputs":
+            return
+        from hpa_lightning.training import job
+
+        write_evaluation = job.write_evaluation
+
+        def write_then_signal(*args, **kwargs):
+            written = write_evaluation(*args, **kwargs)  # the predictions and thresholds are on disk now
+            self._send()
+            return written
+
+        job.write_evaluation = write_then_signal
