@@ -22,5 +22,5 @@ def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> obj
     except FileNotFoundError:
         raise InferenceError(f"{path}: file not found") from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
         raise InferenceError(f"{path}: not a readable checkpoint ({reason})") from None

@@ -50,3 +50,8 @@ class NonFiniteCheckpointError(UserError, RuntimeError):
 
 class FrozenStageError(UserError, RuntimeError):
     """A trainer set-up under which the frozen stage cannot be honoured; one line naming the config key."""
+
+
+class StorageFullError(UserError, OSError):
+    """A file could not be written for lack of space (a full disk, a quota, a file-size limit); the message names
+    the file and the space it needs. What was there before is left intact."""

@@ -7,6 +7,7 @@ Kept free of heavy imports: the synthetic generator's fresh worker interpreters 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -16,6 +17,11 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from hpa_lightning.errors import StorageFullError
+
+# what a write fails with when the space runs out: a full disk, a quota, a file-size limit (RLIMIT_FSIZE)
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def pid_alive(pid: int) -> bool:
@@ -47,28 +53,51 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     for tmp in target.parent.glob(glob.escape(prefix) + "*"):
         pid = tmp.name[len(prefix):].split("-")[0]
         if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # a file written through a temporary (a checkpoint)
+                tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
 
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count} bytes"
+
+
+def no_space(path: Path, needed: int | None = None) -> StorageFullError:
+    """The one-line error for a write of `path` that ran out of space: the file, the space it needs, what is free."""
+    try:
+        free = f"{_size(shutil.disk_usage(Path(path).parent).free)} free on its disk"
+    except OSError:
+        free = "its disk is not readable"
+    need = f"needs {_size(needed)}, " if needed is not None else ""
+    return StorageFullError(f"{path}: no space left to write it ({need}{free}); what was there before is intact")
+
+
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, size: int | None = None) -> Iterator[Path]:
     """A hidden temporary sibling to write `path` through: renamed onto `path` when the block ends normally, removed
-    when it raises, so a reader never sees half a file and a crash never leaves one behind under the real name."""
+    when it raises, so a reader never sees half a file and a crash never leaves one behind under the real name.
+    Running out of space (`size`: the bytes the file needs, when known) is a `StorageFullError` naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{temporary_sibling(path).name}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in NO_SPACE_ERRNOS:
+            raise no_space(path, size) from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    data = text.encode()
+    with atomic_path(path, size=len(data)) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json_atomic(path: Path, payload: object) -> None:

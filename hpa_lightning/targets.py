@@ -48,6 +48,7 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     # the rest of a run's configuration: data, trainer, callbacks, loggers, Hydra callbacks, baseline estimators
     "hpa_lightning.data.datamodule.HPADataModule",
     "lightning.pytorch.Trainer",
+    "hpa_lightning.training.checkpoint_io.AtomicCheckpointIO",
     "lightning.pytorch.callbacks.ModelCheckpoint",
     "hpa_lightning.training.callbacks.FreezeBackbone",
     "hpa_lightning.training.callbacks.LRTrace",

@@ -4,7 +4,6 @@ and config it used, val/test summaries, results.json (last: its presence marks a
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hpa_lightning import metrics
 from hpa_lightning.errors import ConfigError
-from hpa_lightning.files import atomic_path, write_json_atomic
+from hpa_lightning.files import write_json_atomic, write_text_atomic
 from hpa_lightning.logs import summary
 from hpa_lightning.runs import layout
 
@@ -43,8 +42,7 @@ def write_predictions(path: Path, ids: list[str], probs: np.ndarray, targets: np
                        pd.DataFrame(targets.astype(np.uint8), columns=[f"true_{c}" for c in range(probs.shape[1])])],
                       axis=1)
     frame["Predicted"] = [" ".join(str(c) for c in np.flatnonzero(row)) for row in decisions]
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6f")
+    write_text_atomic(path, frame.to_csv(index=False, float_format="%.6f"))
 
 
 def split_summary(result: dict[str, np.ndarray], thresholds: np.ndarray, ensure_one: bool,
@@ -92,8 +90,8 @@ def write_evaluation(cfg: DictConfig, run_dir: Path, val: dict[str, np.ndarray],
     for name, result, path in (("val", val, layout.VAL_PREDICTIONS), ("test", test, layout.TEST_PREDICTIONS)):
         write_predictions(run_dir / path, ids[name], result["probs"], result["targets"],
                           metrics.decide(result["probs"], thresholds, ensure_one=ensure_one))
-    shutil.copyfile(split_dir / layout.SPLIT, run_dir / layout.SPLIT)
-    (run_dir / layout.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(run_dir / layout.SPLIT, (split_dir / layout.SPLIT).read_text())
+    write_text_atomic(run_dir / layout.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     min_pos = int(cfg.get("report_min_positives", 20))
     return {"class_names": list(class_names), "thresholds": thresholds.tolist(),
             "thresholds_strategy": settings["strategy"],

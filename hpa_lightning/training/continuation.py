@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from hpa_lightning.errors import RunSetupError, UsageError
+from hpa_lightning.errors import RunSetupError, UsageError, UserError
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.rerun import config_dir_overrides, read_hydra_config
 
@@ -37,17 +37,57 @@ def resume_checkpoint(run_dir: Path, resume: bool | str, ckpt_path: str | None) 
             return ckpt_path
     if resume in (False, None, "false", "False"):
         return None
-    last = layout.checkpoint(run_dir)
     if (run_dir / layout.RESULTS).is_file():
         if resume == "auto":
             raise RunComplete(f"{run_dir}: already complete (results.json exists); nothing to resume")
         raise RunSetupError(f"resume: {run_dir} already finished (results.json exists); start a new run instead")
-    if last.is_file():
-        return str(last)
+    candidates = checkpoint_candidates(run_dir)
+    if candidates:
+        return str(candidates[0])
     if resume == "auto":
         return None
     raise RunSetupError(f"resume=true: nothing to resume in {run_dir} (no checkpoints/last.ckpt); "
                         f"point hydra.run.dir at the interrupted run's folder")
+
+
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """The run's checkpoints in the order a resume tries them: `last.ckpt`, then the others (best.ckpt, ...) newest
+    first. The temporaries of a checkpoint being written are not among them (they do not end in .ckpt)."""
+    last = layout.checkpoint(run_dir)
+    others = [path for path in last.parent.glob("*.ckpt") if path.name != last.name and path.is_file()]
+    others.sort(key=lambda path: path.stat().st_mtime, reverse=True)
+    return ([last] if last.is_file() else []) + others
+
+
+def load_resume_checkpoint(run_dir: Path, resume_from: str) -> tuple[str, dict]:
+    """The checkpoint a run continues from, loaded (`weights_only=True`): `resume_from`, or, when that is one of the
+    run's own checkpoints and cannot be read (truncated by a crash or a full disk, not a training checkpoint), the
+    newest readable one of the run. Each checkpoint passed over is one warning line naming it and why; none readable
+    is a `RunSetupError` naming them. A `ckpt_path=` of the user's own is loaded as given, without a fallback."""
+    import logging
+
+    from hpa_lightning.checkpoints import safe_torch_load
+
+    path = Path(resume_from)
+    candidates = checkpoint_candidates(run_dir)
+    if path not in candidates:
+        return resume_from, safe_torch_load(path)
+    passed_over = []
+    for candidate in candidates[candidates.index(path):]:
+        try:
+            checkpoint = safe_torch_load(candidate)
+            if not (isinstance(checkpoint, dict) and "loops" in checkpoint and "state_dict" in checkpoint):
+                raise RunSetupError(f"{candidate}: not a training checkpoint (no loop state); it cannot be resumed")
+        except UserError as err:
+            passed_over.append(str(err))
+            logging.getLogger(__name__).warning("resume: %s; trying the run's older checkpoints", err)
+            continue
+        if passed_over:
+            logging.getLogger(__name__).warning(
+                "resume: continuing from %s (epoch %s, step %s), the newest readable checkpoint of the run", candidate,
+                checkpoint.get("epoch"), checkpoint.get("global_step"))
+        return str(candidate), checkpoint
+    raise RunSetupError(f"resume: no readable checkpoint in {path.parent} ({'; '.join(passed_over)})")
 
 
 REPLACED = ("hydra.run.dir=", "resume=", "ckpt_path=")

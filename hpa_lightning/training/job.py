@@ -13,7 +13,6 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, open_dict
 
-from hpa_lightning.checkpoints import safe_torch_load
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES
 from hpa_lightning.data.datamodule import HPADataModule
 from hpa_lightning.errors import ConfigError
@@ -38,7 +37,7 @@ from hpa_lightning.training.callbacks import (
     interrupt_exit_codes,
 )
 from hpa_lightning.training.checks import check_output_dir, checkpoint_bytes
-from hpa_lightning.training.continuation import continue_csv_logs, resume_checkpoint
+from hpa_lightning.training.continuation import continue_csv_logs, load_resume_checkpoint, resume_checkpoint
 from hpa_lightning.training.ddp import end_ddp_job, keep_ddp_children_in_this_job
 from hpa_lightning.training.finetune import resolve_layer_decay, resolve_recipe
 from hpa_lightning.training.speed import resolve_speed_defaults
@@ -207,7 +206,7 @@ def train(cfg: DictConfig, hooks: JobHooks | None = None) -> dict:
     interrupt = next((c for c in callbacks if isinstance(c, InterruptCheckpoint)), None)
     loggers = build_loggers(cfg, hooks or JobHooks())
     if resume_from:
-        checkpoint = safe_torch_load(Path(resume_from))
+        resume_from, checkpoint = load_resume_checkpoint(run_dir, resume_from)
         check_same_classes(checkpoint, resume_from, datamodule)
         continue_csv_logs(loggers, int(checkpoint["global_step"]))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

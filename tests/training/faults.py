@@ -8,6 +8,8 @@ import sys
 
 import lightning as L
 
+from hpa_lightning.training.checkpoint_io import AtomicCheckpointIO
+
 
 class InterruptAfterEpoch(L.Callback):
     """Raise Ctrl-C (KeyboardInterrupt) at the end of training epoch `epoch`, as a user would."""
@@ -116,3 +118,22 @@ class SignalAt(L.Callback):
             return written
 
         job.write_evaluation = write_then_signal
+
+
+class SignalDuringCheckpointWrite(AtomicCheckpointIO):
+    """The project's checkpoint writer, sending signal `sig` to this process halfway through writing checkpoint
+    number `nth` (1 = the first one the run writes), as a preemption or a dying node would."""
+
+    def __init__(self, sig: str = "KILL", nth: int = 2):
+        super().__init__()
+        self.signum, self.nth, self.count = signal.Signals[f"SIG{sig}"], nth, 0
+
+    def write(self, handle, data) -> None:
+        self.count += 1
+        if self.count != self.nth:
+            return super().write(handle, data)
+        half = len(data) // 2
+        handle.write(data[:half])
+        handle.flush()
+        os.kill(os.getpid(), self.signum)
+        handle.write(data[half:])
