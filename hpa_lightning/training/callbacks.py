@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import random
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -54,6 +56,12 @@ class InterruptCheckpoint(L.Callback):
     deletes the file at teardown, where this project wants resuming to be asked for and `last.ckpt` to stay.
 
     `interrupt` keeps the exception's exit status (130 Ctrl-C, 143 SIGTERM): Lightning turns Ctrl-C into exit 1.
+
+    Under DDP a SIGTERM may reach one rank only (one node of a multi-node job preempted). Lightning 2.6's handler
+    then broadcasts from inside the signal handler, a collective the other ranks are not in (gloo aborts: "collective
+    mismatch"), and otherwise stops only on rank 0's signal. During fit this callback's handler just notes the
+    signal; after every training batch the ranks agree on it (one all-reduce) and all stop at that same step, where
+    Lightning stops a single process, so that the checkpoint is saved by every rank together.
     """
 
     def __init__(self, dirpath: str | Path, run_dir: str | Path):
@@ -62,6 +70,41 @@ class InterruptCheckpoint(L.Callback):
         self.saved: str | None = None
         self.interrupt_exit_code: int | None = None
         self._validated_step: int | None = None
+        self._sigterm_noted = False
+        self._replaced_handler: object = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            self._replaced_handler = signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum: int, frame: object) -> None:
+        self._sigterm_noted = True
+
+    def _agree_on_sigterm(self, trainer: L.Trainer) -> None:
+        if self._replaced_handler is None:
+            return
+        noted = torch.tensor([int(self._sigterm_noted)], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(noted, op=torch.distributed.ReduceOp.MAX)
+        if bool(noted):  # Lightning raises its SIGTERMException on every rank at its next check
+            trainer._signal_connector.received_sigterm = True  # noqa: SLF001 - what its own handler sets
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        # not at the epoch's last batch: its validation follows, and a stop inside a DDP validation is resumed
+        # without it (Lightning 2.6); there the ranks agree at the epoch's end, and stop after it
+        if not trainer.is_last_batch:
+            self._agree_on_sigterm(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._agree_on_sigterm(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handler()
+
+    def _restore_handler(self) -> None:
+        if self._replaced_handler is not None:
+            signal.signal(signal.SIGTERM, self._replaced_handler)
+            self._replaced_handler = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -79,6 +122,7 @@ class InterruptCheckpoint(L.Callback):
             callback.on_validation_end(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
         if isinstance(exception, INTERRUPTS):
             self.interrupt_exit_code = exit_code_for(exception)
         if not isinstance(exception, CHECKPOINTED_STOPS) or trainer.state.fn != "fit" or not all_finite(pl_module):

@@ -75,16 +75,19 @@ class SignalAt(L.Callback):
     - `before_checkpoints`: when epoch `epoch`'s validation has ended, before the checkpoint callbacks see it;
     - `test`: after the first batch of the test evaluation;
     - `outputs`: while the run folder is written, after the predictions and before results.json.
+
+    Under DDP only rank `rank` is signalled, as when a node of a multi-node job is preempted.
     """
 
-    def __init__(self, at: str = "train", sig: str = "TERM", step: int = 3, epoch: int = 0):
+    def __init__(self, at: str = "train", sig: str = "TERM", step: int = 3, epoch: int = 0, rank: int = 0):
         if at not in ("train", "validation", "before_checkpoints", "test", "outputs"):
             raise ValueError(f"SignalAt: unknown point {at!r}")
         self.at, self.signum, self.step, self.epoch = at, signal.Signals[f"SIG{sig}"], step, epoch
+        self.rank = rank  # under DDP, the one rank that gets the signal
         self.sent = False
 
     def _send(self) -> None:
-        if not self.sent:
+        if not self.sent and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == self.rank:
             self.sent = True
             os.kill(os.getpid(), self.signum)
 
