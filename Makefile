@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_ARGS ?= +experiment=focal_g02 +preset=demo scheduler=cosine
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-slurm mutation lint format bench gpu-check gpu-bundle reproduce clean
+.PHONY: help install demo test test-fast test-faults test-slurm mutation lint format bench gpu-check gpu-bundle reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,11 +27,16 @@ demo: $(STAMP)  ## train + test focal_g02 on the synthetic data on CPU, print th
 # TEST_WORKERS="-p no:xdist" runs it in one process.
 TEST_WORKERS ?= -n logical --maxprocesses=4 --dist loadgroup --no-loadscope-reorder
 
-test: $(STAMP)  ## run the whole test suite (the real-SLURM tests are `make test-slurm`)
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slurm" $(TEST_WORKERS) tests
+test: $(STAMP)  ## run the whole test suite (the real-SLURM tests are `make test-slurm`, the fault matrix `make test-faults`)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slurm and not faults" $(TEST_WORKERS) tests
 
 test-fast: $(STAMP)  ## tests without the end-to-end trainings
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow and not slurm" $(TEST_WORKERS) tests
+
+# Every cell of the fault-injection matrix (a signal at each point of a run, TERM and KILL, DDP included, then resume):
+# about 30 trainings, so beside `make test`, which runs its fast cells. CI runs both.
+test-faults: $(STAMP)  ## the fault-injection matrix: preempted or killed at every point, resumed to the same run
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m faults $(TEST_WORKERS) tests/training/test_faults.py
 
 # A one-node SLURM cluster (Debian packages, as root) for the launcher tests; stopped again whatever the outcome.
 # Where it cannot be installed or started, the tests skip and say why.
