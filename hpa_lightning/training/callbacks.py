@@ -57,11 +57,13 @@ class InterruptCheckpoint(L.Callback):
 
     `interrupt` keeps the exception's exit status (130 Ctrl-C, 143 SIGTERM): Lightning turns Ctrl-C into exit 1.
 
-    Under DDP a SIGTERM may reach one rank only (one node of a multi-node job preempted). Lightning 2.6's handler
-    then broadcasts from inside the signal handler, a collective the other ranks are not in (gloo aborts: "collective
-    mismatch"), and otherwise stops only on rank 0's signal. During fit this callback's handler just notes the
-    signal; after every training batch the ranks agree on it (one all-reduce) and all stop at that same step, where
-    Lightning stops a single process, so that the checkpoint is saved by every rank together.
+    Where the stop lands: during fit this callback's SIGTERM handler only notes the signal, and the run stops at the
+    end of a training batch (at an epoch's last batch: once the epoch is complete), never inside a validation.
+    Lightning 2.6's own handler stops a validation at its next batch, and a run stopped inside its epoch-end
+    validation resumes without that validation or the epoch's logged metrics. Under DDP a SIGTERM may reach one rank
+    only (one node of a multi-node job preempted); Lightning's handler then broadcasts from inside the signal
+    handler, a collective the other ranks are not in (gloo aborts: "collective mismatch"). Here the ranks agree on
+    the signal after each batch (one all-reduce) and all stop at the same step, saving the checkpoint together.
     """
 
     def __init__(self, dirpath: str | Path, run_dir: str | Path):
@@ -71,10 +73,11 @@ class InterruptCheckpoint(L.Callback):
         self.interrupt_exit_code: int | None = None
         self._validated_step: int | None = None
         self._sigterm_noted = False
+        self._sigterm_held = False
         self._replaced_handler: object = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             self._replaced_handler = signal.signal(signal.SIGTERM, self._note_sigterm)
 
     def _note_sigterm(self, signum: int, frame: object) -> None:
@@ -83,16 +86,17 @@ class InterruptCheckpoint(L.Callback):
     def _agree_on_sigterm(self, trainer: L.Trainer) -> None:
         if self._replaced_handler is None:
             return
-        noted = torch.tensor([int(self._sigterm_noted)], device=trainer.strategy.root_device)
-        torch.distributed.all_reduce(noted, op=torch.distributed.ReduceOp.MAX)
-        if bool(noted):  # Lightning raises its SIGTERMException on every rank at its next check
+        noted = self._sigterm_noted
+        if trainer.world_size > 1:
+            flag = torch.tensor([int(noted)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            noted = bool(flag)
+        if noted:  # Lightning raises its SIGTERMException (on every rank) at its next check
             trainer._signal_connector.received_sigterm = True  # noqa: SLF001 - what its own handler sets
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        # not at the epoch's last batch: its validation follows, and a stop inside a DDP validation is resumed
-        # without it (Lightning 2.6); there the ranks agree at the epoch's end, and stop after it
-        if not trainer.is_last_batch:
+        if not trainer.is_last_batch:  # the last batch's validation follows: decided at the epoch's end
             self._agree_on_sigterm(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -106,9 +110,19 @@ class InterruptCheckpoint(L.Callback):
             signal.signal(signal.SIGTERM, self._replaced_handler)
             self._replaced_handler = None
 
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        # a stop agreed before a validation inside an epoch (val_check_interval < 1) waits until it has ended
+        if trainer.state.fn == "fit" and trainer.received_sigterm:
+            self._sigterm_held = True
+            trainer._signal_connector.received_sigterm = False  # noqa: SLF001 - set back in on_validation_end
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._validated_step = trainer.global_step
+        if self._sigterm_held:
+            self._sigterm_held = False
+            trainer._signal_connector.received_sigterm = True  # noqa: SLF001
 
     def _finish_epoch_checkpoints(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Lightning runs the checkpoint callbacks after every other epoch-end hook. An interrupt in between would
