@@ -1,8 +1,12 @@
-"""The one way a folder is published (files.atomic_folder): whole under its name, or not at all."""
+"""The one way a folder is published (files.atomic_folder) and a file written (files.atomic_path): whole under its
+name, or not at all."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +53,30 @@ def test_a_concurrent_builders_complete_folder_wins(tmp_path: Path) -> None:
         target.mkdir()  # another process published its complete store meanwhile
         (target / "meta.json").write_text("theirs")
     assert (target / "meta.json").read_text() == "theirs" and siblings(target) == ["store"]
+
+
+def test_a_file_that_runs_out_of_space_is_one_line_and_the_old_one_stays(tmp_path: Path) -> None:
+    """results.json written when the disk is full (a file-size limit stands in: writes beyond fail with EFBIG as on a
+    full disk): one line naming the file and the space it needs, the previous results intact, no temporary left."""
+    target = tmp_path / "results.json"
+    target.write_text('{"old": true}\n')
+    script = f"""
+import resource, signal, sys
+from hpa_lightning.errors import StorageFullError
+from hpa_lightning.files import write_json_atomic
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    write_json_atomic({str(target)!r}, {{"values": list(range(5000))}})
+except StorageFullError as err:
+    print(err)
+    sys.exit(2)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stdout.splitlines()
+    assert line.startswith(f"{target}: no space left to write it (needs ") and "free on its disk" in line
+    needed = len(json.dumps({"values": list(range(5000))}, indent=2)) + 1
+    assert f"needs {needed} bytes" in line
+    assert target.read_text() == '{"old": true}\n'
+    assert siblings(target) == ["results.json"]

@@ -82,7 +82,8 @@ def test_resume_passes_over_an_unreadable_last_checkpoint_saying_so(tmp_path: Pa
     assert chosen == str(run / "checkpoints" / "epoch0.ckpt") and checkpoint["epoch"] == 1
     lines = [record.getMessage() for record in caplog.records]
     assert lines[0].startswith(f"resume: {last}: not a readable checkpoint")
-    assert str(run / "checkpoints" / "best.ckpt") in lines[1] and lines[1].endswith("trying the run's older checkpoints")
+    assert str(run / "checkpoints" / "best.ckpt") in lines[1]
+    assert lines[1].endswith("trying the run's older checkpoints")
     assert lines[2] == f"resume: continuing from {chosen} (epoch 1, step 10), the newest readable checkpoint of the run"
 
 
