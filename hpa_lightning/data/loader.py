@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hpa_lightning.data.store import PackedStore
+from hpa_lightning.errors import ConfigError
 
 
 class PackedDataset(Dataset):
@@ -213,8 +214,9 @@ class _EpochBatches:
                     self.loader.generator.set_state(self.rng["generator"])  # left after the draw, as it was then
                 self.batches = self._draw()
             if len(self.batches) != int(resume["batches"]):
-                raise RuntimeError(f"resuming mid-epoch: the checkpoint's epoch had {resume['batches']} batches, this "
-                                   f"loader draws {len(self.batches)}; resume with the data settings of the run")
+                raise ConfigError(f"resuming mid-epoch: the checkpoint's epoch had {resume['batches']} batches, this "
+                                  f"loader draws {len(self.batches)}; resume with the run's data.batch_size, "
+                                  f"data.oversample and trainer.devices / trainer.num_nodes")
         self.skipped = self.delivered
 
     def state_dict(self) -> dict:

@@ -57,13 +57,13 @@ class InterruptCheckpoint(L.Callback):
 
     `interrupt` keeps the exception's exit status (130 Ctrl-C, 143 SIGTERM): Lightning turns Ctrl-C into exit 1.
 
-    Where the stop lands: during fit this callback's SIGTERM handler only notes the signal, and the run stops at the
-    end of a training batch (at an epoch's last batch: once the epoch is complete), never inside a validation.
-    Lightning 2.6's own handler stops a validation at its next batch, and a run stopped inside its epoch-end
-    validation resumes without that validation or the epoch's logged metrics. Under DDP a SIGTERM may reach one rank
-    only (one node of a multi-node job preempted); Lightning's handler then broadcasts from inside the signal
-    handler, a collective the other ranks are not in (gloo aborts: "collective mismatch"). Here the ranks agree on
-    the signal after each batch (one all-reduce) and all stop at the same step, saving the checkpoint together.
+    Where the stop lands: during fit this callback's SIGTERM handler stops the run at the end of the training batch
+    (at an epoch's last batch: once the epoch is complete), never inside a validation. Lightning 2.6's own handler
+    stops a validation at its next batch, and a run stopped inside its epoch-end validation resumes without that
+    validation or the epoch's logged metrics. Under DDP a SIGTERM may reach one rank only (one node of a multi-node
+    job preempted); Lightning's handler then broadcasts from inside the signal handler, a collective the other ranks
+    are not in (gloo aborts: "collective mismatch"). Here each rank notes the signal, the ranks agree on it after
+    each batch (one all-reduce) and all stop at the same step, saving the checkpoint together.
     """
 
     def __init__(self, dirpath: str | Path, run_dir: str | Path):
@@ -74,17 +74,22 @@ class InterruptCheckpoint(L.Callback):
         self._validated_step: int | None = None
         self._sigterm_noted = False
         self._sigterm_held = False
-        self._replaced_handler: object = None
+        self._handler_installed = False
+        self._replaced_handler: object = None  # what SIGTERM did before fit (Lightning's handler)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._replaced_handler = signal.signal(signal.SIGTERM, self._note_sigterm)
+            self._replaced_handler = signal.signal(signal.SIGTERM, lambda signum, frame: self._note_sigterm(trainer))
+            self._handler_installed = True
 
-    def _note_sigterm(self, signum: int, frame: object) -> None:
+    def _note_sigterm(self, trainer: L.Trainer) -> None:
         self._sigterm_noted = True
+        if trainer.world_size == 1 and not trainer.validating:
+            # Lightning stops at the end of this batch; ranks of a DDP run stop where they agree to
+            trainer._signal_connector.received_sigterm = True  # noqa: SLF001 - what its own handler sets
 
     def _agree_on_sigterm(self, trainer: L.Trainer) -> None:
-        if self._replaced_handler is None:
+        if not self._handler_installed:
             return
         noted = self._sigterm_noted
         if trainer.world_size > 1:
@@ -106,9 +111,10 @@ class InterruptCheckpoint(L.Callback):
         self._restore_handler()
 
     def _restore_handler(self) -> None:
-        if self._replaced_handler is not None:
-            signal.signal(signal.SIGTERM, self._replaced_handler)
-            self._replaced_handler = None
+        if self._handler_installed:
+            # None: a handler not installed from Python, which Python cannot put back; the default is the closest
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._replaced_handler is None else self._replaced_handler)
+            self._handler_installed = False
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:

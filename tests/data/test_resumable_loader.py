@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, WeightedRandomSampler
 
 from hpa_lightning.data.loader import ThreadedDataLoader
+from hpa_lightning.errors import ConfigError
 
 SAMPLES, BATCH = 37, 4
 
@@ -106,7 +107,7 @@ def test_resuming_with_other_data_settings_is_one_clear_error() -> None:
     state = loader.state_dict()
     other = ThreadedDataLoader(Indices(), batch_size=BATCH * 2, shuffle=True, read_threads=2)
     other.load_state_dict(state)
-    with pytest.raises(RuntimeError, match="had 9 batches, this loader draws 5"):
+    with pytest.raises(ConfigError, match="had 9 batches, this loader draws 5; resume with the run's data.batch_size"):
         batches(other)
 
 

@@ -135,8 +135,8 @@ def test_every_callback_comes_from_the_config_group_and_can_be_removed(tmp_path:
     resolve_finetune(cfg)
     callbacks = build_callbacks(cfg)
     names = [type(c).__name__ for c in callbacks]
-    assert names == ["FreezeBackbone", "LRTrace", "RNGState", "FiniteCheckpointGuard", "InterruptCheckpoint",
-                     "ModelCheckpoint", "ModelCheckpoint"]
+    assert names == ["FreezeBackbone", "LRTrace", "RNGState", "MidEpochState", "FiniteCheckpointGuard",
+                     "InterruptCheckpoint", "ModelCheckpoint", "ModelCheckpoint"]
     assert next(c for c in callbacks if isinstance(c, FreezeBackbone)).frozen_epochs == 1  # `auto`, resolved
     fewer = compose_config(["+experiment=focal_g02", "~callbacks.lr_trace", "~callbacks.interrupt_checkpoint",
                            f"paths.output_dir={tmp_path}"])
