@@ -167,8 +167,12 @@ def runset_settings(sweep: Sweep):
 def build_workspace(sweep: Sweep):
     import wandb_workspaces.workspaces as ws
 
+    sections = [section(sweep) for section in SECTIONS]
+    for i, section in enumerate(sections):
+        for j, panel in enumerate(section.panels):
+            panel._id = f"hpa{i}p{j}"  # wandb-workspaces draws random ids: the same sweep gives the same spec
     return ws.Workspace(entity=sweep.entity or "", project=sweep.project, name=f"sweep {sweep.group}"[:100],
-                        sections=[section(sweep) for section in SECTIONS], runset_settings=runset_settings(sweep))
+                        sections=sections, runset_settings=runset_settings(sweep))
 
 
 def spec_json(workspace) -> str:

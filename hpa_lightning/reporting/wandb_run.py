@@ -226,7 +226,8 @@ def _read_offline_run_once(run_folder: Path) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
     log_file = next(run_folder.glob("run-*.wandb"))
-    out: dict[str, Any] = {"name": None, "group": None, "tags": [], "config": {}, "history": [], "summary": {},
+    out: dict[str, Any] = {"name": None, "group": None, "job_type": None, "tags": [], "config": {}, "history": [],
+                           "summary": {},
                            "exit_code": None}
 
     def key_of(item) -> str:
@@ -238,6 +239,7 @@ def _read_offline_run_once(run_folder: Path) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out.update(name=record.run.display_name, group=record.run.run_group, tags=list(record.run.tags),
+                       job_type=record.run.job_type,
                        project=record.run.project, id=record.run.run_id)
             out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":

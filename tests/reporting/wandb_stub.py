@@ -18,10 +18,11 @@ def answer(body: dict) -> dict:
         variables = body.get("variables") or {}
         return {"project": {"id": "UHJvamVjdDox", "internalId": "UHJvamVjdDox", "name": variables.get("projectName"),
                             "entityName": variables.get("entityName")}}
-    if "projects(" in query or "projects (" in query:
+    if "GetProjects" in query or "models(" in query:
         name = (body.get("variables") or {}).get("entity") or "stub-team"
         return {"models": {"edges": [{"node": {"id": "UHJvamVjdDox", "name": "hpa_lightning", "entityName": name,
-                                               "createdAt": "2026-01-01T00:00:00", "isBenchmark": False}}],
+                                               "createdAt": "2026-01-01T00:00:00", "isBenchmark": False,
+                                               "user": None}}],
                            "pageInfo": {"endCursor": None, "hasNextPage": False}}}
     if "viewer" in query:
         return {"viewer": VIEWER}
@@ -53,6 +54,11 @@ class StubServer:
             def do_GET(self) -> None:  # noqa: N802
                 stub.requests.append({"path": self.path, "body": None, "host": self.headers.get("Host")})
                 self.send_response(404)
+                self.end_headers()
+
+            def do_CONNECT(self) -> None:  # noqa: N802 - a client tunnelling elsewhere through HTTPS_PROXY=stub
+                stub.requests.append({"path": self.path, "body": None, "host": self.path})
+                self.send_response(403)
                 self.end_headers()
 
             def log_message(self, *args) -> None:
