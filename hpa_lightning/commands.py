@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "resume": "hpa_lightning.resume",
     "rerun-failed": "hpa_lightning.rerun_failed",
     "report": "hpa_lightning.report",
+    "dashboard": "hpa_lightning.dashboard",
     "reproduce": "hpa_lightning.reproduce",
     "synth": "hpa_lightning.synth",
     "bench": "hpa_lightning.bench",

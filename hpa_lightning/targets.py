@@ -64,6 +64,7 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "lightning.pytorch.loggers.MLFlowLogger",
     "hpa_lightning.runs.hydra_callbacks.ControllerHydraConfig",
     "hpa_lightning.runs.hydra_callbacks.ReportPendingJobs",
+    "hpa_lightning.reporting.wandb_sweep_end.SweepDashboard",
     "sklearn.ensemble.RandomForestClassifier",
     "sklearn.linear_model.LogisticRegression",
 )

@@ -17,7 +17,7 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "hpa_lightning"
 ENTRY_POINTS = {"train", "lr_find", "baseline", "pack", "predict", "export", "report", "resume", "rerun_failed",
-                "explain", "synth", "gpu_check", "gpu_bundle", "reproduce", "commands"}
+                "explain", "synth", "gpu_check", "gpu_bundle", "reproduce", "commands", "dashboard"}
 SHARED = {"__init__", "classes", "errors", "files", "cli", "logs", "machine", "targets", "metrics",
           "checkpoints"}
 STAGE_ORDER = {"shared": 0, "data": 1, "models": 2, "runs": 3, "inference": 4, "training": 4, "classical": 5,

@@ -154,7 +154,8 @@ def conf_targets() -> set[str]:
 def test_allowlist_is_exactly_what_the_configs_name() -> None:
     shipped = conf_targets() | {"hpa_lightning.runs.hydra_callbacks.ControllerHydraConfig",
                                 "hpa_lightning.models.losses.bce_loss",
-                                "torch.optim.Adam", "hpa_lightning.runs.hydra_callbacks.ReportPendingJobs"}
+                                "torch.optim.Adam", "hpa_lightning.runs.hydra_callbacks.ReportPendingJobs",
+                                "hpa_lightning.reporting.wandb_sweep_end.SweepDashboard"}
     assert shipped == set(ALLOWED_TARGETS)
     for name in ALLOWED_TARGETS:
         assert resolve_allowed(name, "conf") == name

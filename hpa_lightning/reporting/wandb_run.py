@@ -14,7 +14,11 @@
   process (all later jobs of a sweep worker); here it is translated into this run's `mode` instead.
 - Group: `group` when set, else the sweep folder's name in a multirun (one group per launch; reruns made by
   `hpa_lightning.rerun_failed` inside the sweep folder join it); tags: the experiment name (from the config).
-- Config: the whole resolved job config as a plain dict (Lightning adds the module's hyperparameters).
+- Sweep jobs (runs/swept.py): job type = the job's arm (its swept `key=value`s but seed and fold), tags += its swept
+  `key=value`s, and `choices` in the config holds its config groups' choices (`choices.loss`), so that
+  `python -m hpa_lightning.dashboard SWEEP_DIR` can group the curves by arm and plot the swept keys.
+- Config: the whole resolved job config as a nested dict (`optimizer.lr` is a W&B key; Lightning adds the module's
+  hyperparameters).
 - Metrics: whatever Lightning logs (per-epoch train/val/test metrics, `lr/<group>` per step from `LRTrace`).
 - At the end of a successful job (`log_results`): the summary (val/test macro F1 at 0.5 and tuned, ROC AUC, device,
   GPU), `results/per_class` (a table: class id and name, val/test F1 at 0.5 and tuned, test ROC AUC, positives,
@@ -37,6 +41,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from hpa_lightning.runs import swept
+
 log = logging.getLogger(__name__)
 
 
@@ -52,26 +58,48 @@ def wandb_node(cfg: DictConfig) -> DictConfig | None:
     return None
 
 
-def _sweep_group(run_dir: Path) -> str | None:
+def _hydra_multirun():
+    """Hydra's config of this job when it is a multirun job, else None."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
-            return Path(hydra_cfg.sweep.dir).name
-    if (run_dir.parent / "multirun.yaml").is_file():  # a rerun placed in its sweep folder
-        return run_dir.parent.name
+            return hydra_cfg
+    return None
+
+
+def _sweep_dir(run_dir: Path) -> Path | None:
+    """The sweep folder this job belongs to: its multirun's, or the one a rerun was placed in; None for a single run."""
+    hydra_cfg = _hydra_multirun()
+    if hydra_cfg is not None:
+        return Path(hydra_cfg.sweep.dir)
+    if (run_dir.parent / swept.MULTIRUN_FILE).is_file():  # a rerun placed in its sweep folder
+        return run_dir.parent
     return None
 
 
 def _job_suffix() -> str:
+    hydra_cfg = _hydra_multirun()
+    return f"-{hydra_cfg.job.num}" if hydra_cfg is not None else ""
+
+
+def sweep_identity(run_dir: Path) -> dict | None:
+    """A sweep job's W&B identity: its arm (job type), swept `key=value` tags and its config groups' choices."""
     from hydra.core.hydra_config import HydraConfig
 
+    sweep_dir = _sweep_dir(run_dir)
+    if sweep_dir is None:
+        return None
+    overrides, choices = [], {}
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
-            return f"-{hydra_cfg.job.num}"
-    return ""
+        overrides = list(hydra_cfg.overrides.task)
+        choices = {str(k): str(v) for k, v in hydra_cfg.runtime.choices.items()
+                   if v is not None and not str(k).startswith("hydra")}
+    values = swept.job_values(overrides, swept.sweep_keys_of(swept.read_multirun(sweep_dir)))
+    return {"group": sweep_dir.name, "job_type": swept.arm_of(values), "tags": swept.tags_of(values),
+            "choices": choices}
 
 
 def logger_kwargs(node: DictConfig, cfg: DictConfig) -> tuple[dict, dict]:
@@ -88,10 +116,14 @@ def logger_kwargs(node: DictConfig, cfg: DictConfig) -> tuple[dict, dict]:
     Path(kwargs["save_dir"]).mkdir(parents=True, exist_ok=True)
     if not kwargs.get("name"):
         kwargs["name"] = f"{cfg.experiment_name}{_job_suffix()}"
-    if not kwargs.get("group"):
-        kwargs["group"] = _sweep_group(run_dir)
     kwargs["tags"] = [str(t) for t in (kwargs.get("tags") or [])]
-    kwargs["config"] = OmegaConf.to_container(cfg, resolve=True)
+    kwargs["config"] = OmegaConf.to_container(cfg, resolve=True)  # nested: `optimizer.lr` is a W&B config key
+    sweep = sweep_identity(run_dir)
+    if sweep is not None:  # the dashboard (reporting/wandb_dashboard.py) groups and plots by these
+        kwargs["group"] = kwargs.get("group") or sweep["group"]
+        kwargs["job_type"] = sweep["job_type"]
+        kwargs["tags"] = list(dict.fromkeys(kwargs["tags"] + sweep["tags"]))
+        kwargs["config"][CHOICES_KEY] = sweep["choices"]
     return kwargs, panels
 
 
@@ -194,7 +226,8 @@ def _read_offline_run_once(run_folder: Path) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
     log_file = next(run_folder.glob("run-*.wandb"))
-    out: dict[str, Any] = {"name": None, "group": None, "tags": [], "config": {}, "history": [], "summary": {},
+    out: dict[str, Any] = {"name": None, "group": None, "job_type": None, "tags": [], "config": {}, "history": [],
+                           "summary": {},
                            "exit_code": None}
 
     def key_of(item) -> str:
@@ -206,6 +239,7 @@ def _read_offline_run_once(run_folder: Path) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out.update(name=record.run.display_name, group=record.run.run_group, tags=list(record.run.tags),
+                       job_type=record.run.job_type,
                        project=record.run.project, id=record.run.run_id)
             out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
@@ -221,4 +255,7 @@ def _read_offline_run_once(run_folder: Path) -> dict:
     return out
 
 
+# The config key under which a sweep job logs its config groups' choices (`choices.loss` = "bce"): a swept group
+# (`loss=bce,focal`, `+experiment=...`) is a dashboard axis through it.
+CHOICES_KEY = "choices"
 PANEL_DEFAULTS = {"samples": 8, "curves": True, "per_class": True, "curve_points": 41, "class_maps": True}
