@@ -17,7 +17,6 @@ from hpa_lightning.runs import swept
 from tests.conftest import REPO, run_train
 from tests.reporting.wandb_stub import StubServer
 
-pytest.importorskip("wandb_workspaces")
 USER_SWEEP = ["optimizer.lr=0.01,0.02", "loss=bce,focal"]
 
 
