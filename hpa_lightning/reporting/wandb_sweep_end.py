@@ -7,11 +7,14 @@ a W&B logger, or with `mode: disabled`, it does nothing. Trouble with W&B is a w
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+
+from hpa_lightning.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +36,36 @@ def publish(sweep_dir: Path, mode: str) -> list[str]:
             sweep.entity = dashboard.default_entity()
         return [f"W&B dashboard: {dashboard.save_workspace(dashboard.build_workspace(sweep))}"]
     spec = sweep_dir / dashboard.SPEC_FILE
-    spec.write_text(dashboard.spec_json(dashboard.build_workspace(sweep)) + "\n")
+    write_text_atomic(spec, dashboard.spec_json(dashboard.build_workspace(sweep)) + "\n")
     return [f"W&B dashboard (offline): {spec}", "publish it later with:",
             f"  wandb sync {sweep_dir}/*/wandb/offline-run-*",
             f"  python -m hpa_lightning.dashboard {sweep_dir} save=true"]
 
 
 class SweepDashboard(Callback):
-    def on_multirun_end(self, config, **kwargs) -> None:
+    """Publishes the dashboard when the multirun ends. Hydra's sweepers raise the first failed job's error after all
+    jobs ran, before `on_multirun_end`: a sweep with a failed job gets its dashboard when the process exits."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[Path, str] | None = None
+
+    def on_multirun_start(self, config, **kwargs) -> None:
         from hpa_lightning.reporting.wandb_run import is_wandb_node
 
         node = next((n for n in (config.get("logger") or {}).values() if n is not None and is_wandb_node(n)), None)
-        if node is None:
+        if node is None or wandb_mode(node) not in ("online", "offline"):
             return
-        mode = wandb_mode(node)
-        if mode not in ("online", "offline"):
+        # resolved now: the folder's name holds the start time
+        self._pending = (Path(str(config.hydra.sweep.dir)), wandb_mode(node))
+        atexit.register(self._publish)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        self._publish()
+
+    def _publish(self) -> None:
+        if self._pending is None:
             return
-        sweep_dir = Path(str(config.hydra.sweep.dir))
+        (sweep_dir, mode), self._pending = self._pending, None
         try:
             lines = publish(sweep_dir, mode)
         except Exception as err:  # noqa: BLE001 - a dashboard is an extra; the jobs are done and recorded

@@ -225,3 +225,18 @@ def test_report_wandb_publishes_the_comparison_as_a_report(sweep, tmp_path: Path
     assert json.dumps(table)[1:200] in spec  # the comparison table, as Markdown
     assert spec.count("data:image/png;base64,") == len(list((tmp_path / "rep").glob("*.png")))
     assert folder.name in spec and "W&B report: " in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_failed_job_still_gets_its_dashboard(tmp_path: Path, shared_cache: Path) -> None:
+    """Hydra's sweeper raises the failed job's error after the sweep, before on_multirun_end: the dashboard is made
+    as the process exits, and the sweep still fails."""
+    folder = tmp_path / "sweep"
+    proc = run_train(["-m", "+preset=tiny", "data.synthetic.n=120", "data.image_size=24", "trainer.max_epochs=1",
+                      "logger=wandb", "optimizer.lr=0.01,-1", f"hydra.sweep.dir={folder}"], shared_cache, REPO,
+                     extra_env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "Invalid learning rate" in proc.stdout + proc.stderr
+    written = json.loads((folder / "wandb_workspace.json").read_text())
+    assert "optimizer.lr" in json.dumps(written)
+    assert f"python -m hpa_lightning.dashboard {folder} save=true" in proc.stdout
