@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from hpa_lightning.runs import gpus
@@ -338,7 +339,13 @@ def test_every_job_has_its_own_wandb_run(sweep) -> None:
     assert len({found[0] for found in runs.values()}) == 3
     for num in range(3):
         run = read_offline_run(runs[num][0], wait_s=60)
-        assert run["group"] == folder.name and run["name"] == f"default-{num}" and run["tags"] == ["default"]
+        assert run["group"] == folder.name and run["name"] == f"default-{num}"
+        # the experiment, then the job's swept value as Hydra gave it to the job (1e30 -> 1e+30): the dashboard's
+        # axes; its arm is the W&B job type
+        [swept] = [o for o in yaml.safe_load((folder / str(num) / ".hydra" / "overrides.yaml").read_text())
+                   if o.startswith("optimizer.lr=")]
+        assert float(swept.split("=")[1]) == float(LRS[num])
+        assert run["tags"] == ["default", swept] and run["job_type"] == swept
         assert run["config"]["optimizer"]["lr"] == float(LRS[num])  # the resolved job config
         if num == 1:
             assert run["exit_code"] == 1 and run["summary"]["error"].startswith("NonFiniteLossError")

@@ -2,8 +2,10 @@
 at each point of a real training job, then `resume` (or `resume=auto`, as a requeued job), must end with the weights,
 best.ckpt, metrics.csv, results.json and predictions of the uninterrupted run, bit for bit (CPU, data workers on).
 
-The cells of `make test` are the issue's own case (SIGTERM at step 18 of 36), a kill while a checkpoint is written, an
-unreadable last.ckpt and a full disk; the rest of the matrix is marked `faults` (`make test-faults`, run by CI).
+The cells of `make test` are the issue's own case (SIGTERM at step 18 of 36) and a full disk; the rest of the matrix
+(a kill while a checkpoint is written, an unreadable last.ckpt, every point x TERM/KILL, other samplers, DDP) is marked
+`faults` (`make test-faults`, run by CI); tests/training/test_checkpoint_io.py checks the writer and the fallback
+without training.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def test_sigterm_mid_epoch_then_resume_is_the_uninterrupted_run(reference: Path,
     assert_same_run(reference, run)
 
 
+@pytest.mark.faults
 def test_kill_while_a_checkpoint_is_written_leaves_the_previous_one_and_resumes(reference: Path, tmp_path: Path,
                                                                                  shared_cache: Path) -> None:
     """SIGKILL halfway through writing the run's 3rd checkpoint (epoch 1's): epoch 0's checkpoints stay whole under
@@ -121,6 +124,7 @@ def test_kill_while_a_checkpoint_is_written_leaves_the_previous_one_and_resumes(
     assert_same_run(reference, run)
 
 
+@pytest.mark.faults
 def test_unreadable_last_checkpoint_falls_back_to_the_newest_readable_one(reference: Path, tmp_path: Path,
                                                                           shared_cache: Path) -> None:
     """A last.ckpt truncated by something outside the project (a copy, a filesystem) is one line naming it; the resume
