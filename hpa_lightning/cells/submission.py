@@ -12,6 +12,7 @@ image; a mask string is checked once per image however many triples repeat it.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -124,7 +125,10 @@ def read_submission(path: str | Path, *, truth: bool = False) -> dict[str, Image
 
 
 def write_submission(path: str | Path, images: Sequence[ImageCells]) -> None:
-    """The CSV of `images`, written whole (a temporary sibling renamed when complete)."""
-    lines = [",".join(COLUMNS)]
-    lines += [f"{image.id},{image.width},{image.height},{format_prediction_string(image.cells)}" for image in images]
-    write_text_atomic(Path(path), "\n".join(lines) + "\n")
+    """The CSV of `images`, written whole (a temporary sibling renamed when complete); csv quoting keeps an ID with a
+    comma one field, as the reader reads it."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    writer.writerows((image.id, image.width, image.height, format_prediction_string(image.cells)) for image in images)
+    write_text_atomic(Path(path), text.getvalue())
