@@ -1,6 +1,8 @@
 """The package is laid out by the stages of the data flow, and no stage imports a later one.
 
-Stages, earliest first: the shared helpers at the top level (classes, errors, files, cli, ...), data, models, runs
+Stages, earliest first: the shared helpers at the top level (classes, errors, files, cli, ...), cells (the HPA 2021
+single-cell submission format and metric: needs only the shared helpers, and whatever reads or writes cell
+submissions later, data to reporting, may import it), data, models, runs
 (run-folder names, results writer, job status), then inference and training beside each other, then classical (the
 baselines) and reporting, bench, and last the entry points (`python -m hpa_lightning.X`). Stages of one rank never
 import each other. Imports anywhere in a module count, including those inside functions.
@@ -17,11 +19,12 @@ from tests.conftest import REPO
 
 PACKAGE = REPO / "hpa_lightning"
 ENTRY_POINTS = {"train", "lr_find", "baseline", "pack", "predict", "export", "report", "resume", "rerun_failed",
-                "explain", "synth", "gpu_check", "gpu_bundle", "reproduce", "commands", "dashboard"}
+                "explain", "synth", "gpu_check", "gpu_bundle", "reproduce", "commands", "dashboard",
+                "evaluate_cells"}
 SHARED = {"__init__", "classes", "errors", "files", "cli", "logs", "machine", "targets", "metrics",
           "checkpoints"}
-STAGE_ORDER = {"shared": 0, "data": 1, "models": 2, "runs": 3, "inference": 4, "training": 4, "classical": 5,
-               "reporting": 5, "bench": 6, "entry": 7}
+STAGE_ORDER = {"shared": 0, "cells": 1, "data": 2, "models": 3, "runs": 4, "inference": 5, "training": 5,
+               "classical": 6, "reporting": 6, "bench": 7, "entry": 8}
 
 
 def stage_of(module: str) -> str:
