@@ -28,7 +28,7 @@ demo: $(STAMP)  ## train + test focal_g02 on the synthetic data on CPU, print th
 TEST_WORKERS ?= -n logical --maxprocesses=4 --dist loadgroup --no-loadscope-reorder
 
 test: $(STAMP)  ## run the whole test suite (the real-SLURM tests are `make test-slurm`, the fault matrix `make test-faults`)
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slurm and not faults" $(TEST_WORKERS) tests
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q --durations=15 -m "not slurm and not faults" $(TEST_WORKERS) tests
 
 test-fast: $(STAMP)  ## tests without the end-to-end trainings
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow and not slurm" $(TEST_WORKERS) tests

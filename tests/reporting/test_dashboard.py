@@ -51,7 +51,7 @@ def test_swept_keys_of_a_users_sweep_and_the_arms() -> None:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> tuple[Path, subprocess.CompletedProcess]:
     folder = tmp_path_factory.mktemp("dashboard") / "sweep"
-    proc = run_train(["-m", "+preset=tiny", "data.synthetic.n=120", "data.image_size=24", "trainer.max_epochs=2",
+    proc = run_train(["-m", "+preset=tiny", "data.synthetic.n=120", "data.image_size=24", "trainer.max_epochs=1",
                       "logger=wandb", *USER_SWEEP, f"hydra.sweep.dir={folder}"], shared_cache, REPO,
                      extra_env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -2,10 +2,10 @@
 at each point of a real training job, then `resume` (or `resume=auto`, as a requeued job), must end with the weights,
 best.ckpt, metrics.csv, results.json and predictions of the uninterrupted run, bit for bit (CPU, data workers on).
 
-The cells of `make test` are the issue's own case (SIGTERM at step 18 of 36) and a full disk; the rest of the matrix
-(a kill while a checkpoint is written, an unreadable last.ckpt, every point x TERM/KILL, other samplers, DDP) is marked
-`faults` (`make test-faults`, run by CI); tests/training/test_checkpoint_io.py checks the writer and the fallback
-without training.
+The cell of `make test` is the issue's own case (SIGTERM at step 18 of 36); the rest of the matrix (a full disk, a kill
+while a checkpoint is written, an unreadable last.ckpt, every point x TERM/KILL, other samplers, DDP) is marked
+`faults` (`make test-faults`, run by CI); tests/training/test_checkpoint_io.py and tests/test_files.py check the
+writers, the full disk and the fallback without training.
 """
 
 from __future__ import annotations
@@ -156,6 +156,7 @@ def limit_file_size(size: int):
     return apply
 
 
+@pytest.mark.faults
 def test_full_disk_while_writing_a_checkpoint_stops_with_one_line_and_resumes(reference: Path, tmp_path: Path,
                                                                                shared_cache: Path) -> None:
     """A small filesystem (tmpfs, mounted by the test) with room for epoch 0's two checkpoints and not for epoch 1's:
