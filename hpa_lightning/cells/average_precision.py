@@ -70,7 +70,8 @@ def pairwise_iou(pred_masks: Sequence[str], truth_masks: Sequence[str], height: 
     """IoU of every (predicted, truth) pair of an image's mask strings, shape (len(pred), len(truth))."""
     if not pred_masks or not truth_masks:
         return np.zeros((len(pred_masks), len(truth_masks)))
-    rles = [{"size": [height, width], "counts": mask_counts(text)} for text in (*pred_masks, *truth_masks)]
+    rles = [{"size": [height, width], "counts": mask_counts(text, height * width)}
+            for text in (*pred_masks, *truth_masks)]
     ious = coco_mask.iou(rles[:len(pred_masks)], rles[len(pred_masks):], [0] * len(truth_masks))
     return np.asarray(ious, dtype=float).reshape(len(pred_masks), len(truth_masks))
 

@@ -36,12 +36,30 @@ def encode_mask(mask: np.ndarray) -> str:
     return base64.b64encode(zlib.compress(rle_counts(mask), zlib.Z_BEST_COMPRESSION)).decode("ascii")
 
 
-def mask_counts(text: str) -> bytes:
-    """The RLE counts inside a mask string; `DataError` (no location: the caller adds it) if it is not one."""
+def max_counts_bytes(pixels: int) -> int:
+    """The longest RLE counts of a mask of `pixels` pixels: at most pixels + 1 runs, each at most 7 five-bit groups."""
+    return 7 * (pixels + 1)
+
+
+def mask_counts(text: str, pixels: int | None = None) -> bytes:
+    """The RLE counts inside a mask string; `DataError` (no location: the caller adds it) if it is not one. With
+    `pixels` (the image's H x W), a string that decompresses to more than any mask of that size could hold is refused
+    before it is inflated further: a few kB of zlib can expand to gigabytes, and submissions come from others."""
     try:
-        return zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+        compressed = base64.b64decode(text.encode("ascii"), validate=True)
+        if pixels is None:
+            return zlib.decompress(compressed)
+        inflater = zlib.decompressobj()
+        limit = max_counts_bytes(pixels)
+        counts = inflater.decompress(compressed, limit + 1)
     except (binascii.Error, zlib.error, UnicodeEncodeError, ValueError):
         raise DataError(f"mask {_short(text)} is not base64 of zlib-compressed RLE counts") from None
+    if len(counts) > limit or inflater.unconsumed_tail:
+        raise DataError(f"mask {_short(text)} inflates to more than {limit} bytes, more than the RLE counts of any "
+                        f"mask of {pixels} pixels")
+    if not inflater.eof:
+        raise DataError(f"mask {_short(text)} is not base64 of zlib-compressed RLE counts (the stream is cut short)")
+    return counts
 
 
 def counts_total(counts: bytes) -> int:
@@ -77,7 +95,7 @@ def counts_total(counts: bytes) -> int:
 def rle_of(text: str, height: int, width: int) -> dict[str, object]:
     """The pycocotools RLE object of a mask string for an image of `height` x `width`, checked to cover exactly that
     many pixels (`DataError` otherwise): safe to hand to `pycocotools.mask.decode`, `area` or `iou`."""
-    counts = mask_counts(text)
+    counts = mask_counts(text, height * width)
     total = counts_total(counts)
     if total != height * width:
         raise DataError(f"mask {_short(text)} covers {total} pixels, not ImageHeight x ImageWidth = {height} x {width}"

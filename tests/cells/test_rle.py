@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from hpa_lightning.cells.rle import counts_total, decode_mask, encode_mask, rle_counts
+from hpa_lightning.cells.rle import counts_total, decode_mask, encode_mask, max_counts_bytes, rle_counts, rle_of
 from hpa_lightning.errors import DataError
 
 
@@ -100,3 +100,15 @@ def test_a_bad_mask_string_is_one_line(text: str, message: str) -> None:
     with pytest.raises(DataError) as err:
         decode_mask(text, 5, 5)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_zlib_bomb_is_refused_before_it_is_inflated() -> None:
+    """A 50 kB mask string that inflates to 50 MB (a truth or prediction file comes from someone else): refused
+    after inflating at most the longest counts a mask of the row's size can have."""
+    bomb = base64.b64encode(zlib.compress(b"1" * 50_000_000, 9)).decode("ascii")
+    assert len(bomb) < 100_000
+    with pytest.raises(DataError, match=f"inflates to more than {max_counts_bytes(20)} bytes"):
+        rle_of(bomb, 4, 5)
+    truncated = base64.b64encode(zlib.compress(rle_counts(np.ones((4, 5), bool)), 9)[:-3]).decode("ascii")
+    with pytest.raises(DataError, match="cut short"):
+        rle_of(truncated, 4, 5)
