@@ -8,6 +8,7 @@ Light at import (no Lightning): the train entry point asks `resume_checkpoint` b
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import yaml
 from hpa_lightning.errors import RunSetupError, UsageError, UserError
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.rerun import config_dir_overrides, read_hydra_config
+
+log = logging.getLogger(__name__)
 
 
 class RunComplete(Exception):
@@ -64,8 +67,6 @@ def load_resume_checkpoint(run_dir: Path, resume_from: str) -> tuple[str, dict]:
     run's own checkpoints and cannot be read (truncated by a crash or a full disk, not a training checkpoint), the
     newest readable one of the run. Each checkpoint passed over is one warning line naming it and why; none readable
     is a `RunSetupError` naming them. A `ckpt_path=` of the user's own is loaded as given, without a fallback."""
-    import logging
-
     from hpa_lightning.checkpoints import safe_torch_load
 
     path = Path(resume_from)
@@ -80,10 +81,10 @@ def load_resume_checkpoint(run_dir: Path, resume_from: str) -> tuple[str, dict]:
                 raise RunSetupError(f"{candidate}: not a training checkpoint (no loop state); it cannot be resumed")
         except UserError as err:
             passed_over.append(str(err))
-            logging.getLogger(__name__).warning("resume: %s; trying the run's older checkpoints", err)
+            log.warning("resume: %s; trying the run's older checkpoints", err)
             continue
         if passed_over:
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "resume: continuing from %s (epoch %s, step %s), the newest readable checkpoint of the run", candidate,
                 checkpoint.get("epoch"), checkpoint.get("global_step"))
         return str(candidate), checkpoint
