@@ -17,8 +17,8 @@ from torch import nn
 from hpa_lightning.classes import CLASS_NAMES
 from hpa_lightning.data.simulator import generate, render_sample
 from hpa_lightning.explain import main as explain_main
+from hpa_lightning.models.class_maps import class_maps, raw_class_maps
 from hpa_lightning.models.module import HPAModule
-from hpa_lightning.reporting.cam import class_maps, raw_class_maps
 
 
 @pytest.fixture(scope="module")
