@@ -1,7 +1,7 @@
 """Per-cell class probabilities of an image, turned into its submission row and its `cells.csv` rows.
 
-Every way of scoring cells (class activation mass, a cell model on crops, their blend; `inference/cells.py`, and the
-test split of a `data=hpa2021_cells` run) ends here, so all of them write the same files.
+Every way of scoring cells (class activation mass, a cell model on crops, their blend: `inference/cell_scoring.py`;
+the test split of a `data=hpa2021_cells` run) ends here, so all of them write the same files.
 """
 
 from __future__ import annotations

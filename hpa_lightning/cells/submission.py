@@ -124,11 +124,15 @@ def read_submission(path: str | Path, *, truth: bool = False) -> dict[str, Image
     return images
 
 
-def write_submission(path: str | Path, images: Sequence[ImageCells]) -> None:
-    """The CSV of `images`, written whole (a temporary sibling renamed when complete); csv quoting keeps an ID with a
-    comma one field, as the reader reads it."""
+def submission_text(images: Sequence[ImageCells]) -> str:
+    """The CSV of `images`; csv quoting keeps an ID with a comma one field, as the reader reads it."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(COLUMNS)
     writer.writerows((image.id, image.width, image.height, format_prediction_string(image.cells)) for image in images)
-    write_text_atomic(Path(path), text.getvalue())
+    return text.getvalue()
+
+
+def write_submission(path: str | Path, images: Sequence[ImageCells]) -> None:
+    """The CSV of `images`, written whole (a temporary sibling renamed when complete)."""
+    write_text_atomic(Path(path), submission_text(images))

@@ -6,7 +6,7 @@ exactly the logit. Grad-CAM (Selvaraju et al. 2017) for any other head (e.g. `gl
 maps weighted by the spatial mean of the class logit's gradient, through a ReLU. Written here rather than taken from
 the `grad-cam` package, which would bring the GUI build of OpenCV and torchvision for these few lines; the tests hold
 both methods to the identities above. Drawn over images by `reporting/cam.py`, measured inside cells by
-`inference/cells.py`.
+`inference/cell_scoring.py`.
 """
 
 from __future__ import annotations
