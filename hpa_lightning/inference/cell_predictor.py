@@ -72,7 +72,8 @@ def _models(args: dict[str, object], method: str) -> tuple[InferenceModel | None
     return image_model, cell_model
 
 
-def _segmenter(cells: str, scale: float) -> tuple[Path | None, Segmenter | None]:
+def mask_source(cells: str, scale: float) -> tuple[Path | None, Segmenter | None]:
+    """`cells=`: a folder of masks (folder, None), or `classical`: segmentation at `scale` (None, segmenter)."""
     if cells == CLASSICAL:
         if not 0.0 < scale <= 1.0:
             raise InferenceError(f"segment_scale={scale}: must be in (0, 1]")
@@ -109,7 +110,7 @@ def run(args: dict[str, object]) -> dict[str, object]:
     device = resolve_device(str(args["device"]))
     workers = int(args["workers"]) if int(args["workers"]) >= 0 else default_workers()
     data = resolve_input(str(args["input"]), str(args["image_dir"]))
-    masks, segment = _segmenter(str(args["cells"]), float(args["segment_scale"]))
+    masks, segment = mask_source(str(args["cells"]), float(args["segment_scale"]))
     trust_in_this_process(str(args.get("trust", "")))
     image_model, cell_model = _models(args, method)
     first = image_model or cell_model

@@ -172,6 +172,23 @@ def combine(method: str, image_probs: np.ndarray | None, cam: np.ndarray | None,
     return with_negative(np.clip(scores, 0.0, 1.0), class_names)
 
 
+def image_cell_scores(model: InferenceModel, image: torch.Tensor, labels: np.ndarray, boxes: tuple[CellBox, ...],
+                      tta: int = 1, channels_last: bool = False, cam_method: str = "auto",
+                      with_cam: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image model's (C,) probabilities of the uint8 (4, S, S) image (its `tta` views) and, `with_cam`, its
+    (cells, C) cam scores (`cam_scores`; the maps of the image itself, upsampled to S bilinearly)."""
+    device = next(model.net.parameters()).device
+    uint8 = image[None].to(device)
+    with torch.no_grad():
+        probs = _probabilities(model, uint8, tta, channels_last)[0].float().cpu().numpy()
+    if not with_cam:
+        return probs, None
+    every = torch.arange(model.num_classes, device=device)[None]
+    raw, _ = raw_class_maps(model.net, model.standardize(uint8), every, cam_method)
+    maps = F.interpolate(raw.float(), size=uint8.shape[-2:], mode="bilinear", align_corners=False)
+    return probs, cam_scores(maps[0].cpu().numpy(), labels, boxes, probs)
+
+
 def _probabilities(model: InferenceModel, uint8: torch.Tensor, tta: int, channels_last: bool) -> torch.Tensor:
     return tta_probabilities(model.net, model.standardize(uint8), tta, channels_last)
 
@@ -205,14 +222,9 @@ def score_cells(dataset: CellImageDataset, method: str, image_model: InferenceMo
                 continue
             image_probs = cam = crop = None
             if image_model is not None:
-                uint8 = item.image[None].to(device)
-                with torch.no_grad():
-                    image_probs = _probabilities(image_model, uint8, tta, channels_last)[0].float().cpu().numpy()
-                if method != "image":
-                    every = torch.arange(image_model.num_classes, device=device)[None]
-                    raw, _ = raw_class_maps(image_model.net, image_model.standardize(uint8), every, cam_method)
-                    maps = F.interpolate(raw.float(), size=uint8.shape[-2:], mode="bilinear", align_corners=False)
-                    cam = cam_scores(maps[0].cpu().numpy(), item.labels, item.boxes, image_probs)
+                image_probs, cam = image_cell_scores(image_model, item.image, item.labels, item.boxes, tta=tta,
+                                                     channels_last=channels_last, cam_method=cam_method,
+                                                     with_cam=method != "image")
             if cell_model is not None:
                 parts = []
                 with torch.no_grad():

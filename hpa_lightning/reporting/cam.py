@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from hpa_lightning.models.class_maps import CAM_METHODS, class_maps
+
+if TYPE_CHECKING:
+    from hpa_lightning.inference.cell_scoring import CellImageDataset
+    from hpa_lightning.inference.load import InferenceModel
 
 
 def rgb_composite(image: np.ndarray) -> np.ndarray:
@@ -48,12 +53,41 @@ def chosen_classes(probs: np.ndarray, thresholds: np.ndarray, rule: str, ensure_
     return [ids for _ in probs]
 
 
+CELL_DRAW_SIDE = 1024  # the longest side of the cell outline picture: 2048 px HPA images halved, small ones as they are
+
+
+def cell_outlines(full: np.ndarray, labels: np.ndarray, captions: dict[int, str]) -> np.ndarray:
+    """(h, w, 3) uint8: the RGB composite of a uint8 (4, H, W) image with every cell's outline in white and its
+    caption (its top labels) at its centre, at most CELL_DRAW_SIDE px on the longest side."""
+    from PIL import ImageDraw
+    from scipy import ndimage
+    from skimage.segmentation import find_boundaries
+
+    height, width = labels.shape
+    scale = min(1.0, CELL_DRAW_SIDE / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    rgb = np.asarray(Image.fromarray(rgb_composite(full)).resize(size, Image.Resampling.BILINEAR)).copy()
+    small = np.asarray(Image.fromarray(labels.astype(np.int32)).resize(size, Image.Resampling.NEAREST))
+    rgb[find_boundaries(small, mode="inner")] = 255
+    picture = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(picture)
+    ids = sorted(captions)
+    for cell_id, (cy, cx) in zip(ids, ndimage.center_of_mass(small > 0, small, ids), strict=True):
+        if np.isfinite(cy):
+            draw.multiline_text((float(cx), float(cy)), captions[cell_id], fill=(255, 255, 0), anchor="mm",
+                                align="center")
+    return np.asarray(picture)
+
+
 def write_index(folder: Path, entries: list[dict], title: str) -> Path:
     """index.html: per image its composite, then each explained class's map with name and probability."""
     rows = []
     for entry in entries:
         cells = [f'<figure><img src="{html.escape(entry["composite"])}" width="256"><figcaption>'
                  f'{html.escape(entry["id"])} (RGB composite)</figcaption></figure>']
+        if entry.get("cells"):
+            cells.append(f'<figure><img src="{html.escape(entry["cells"])}" width="512"><figcaption>cells and their '
+                         f'top labels (cell_score=cam)</figcaption></figure>')
         cells += [f'<figure><img src="{html.escape(m["file"])}" width="256"><figcaption>{m["class_id"]} '
                   f'{html.escape(m["class_name"])}: p={m["probability"]:.3f}</figcaption></figure>'
                   for m in entry["maps"]]
@@ -67,6 +101,24 @@ def write_index(folder: Path, entries: list[dict], title: str) -> Path:
 
 def save_png(path: Path, rgb: np.ndarray) -> None:
     Image.fromarray(rgb).save(path)
+
+
+def _cells_picture(cell_data: CellImageDataset, index: int, model: InferenceModel, top: int) -> np.ndarray:
+    """The outlines of image `index`'s cells, each with its `top` labels by cam score (as `predict cell_score=cam`)."""
+    from hpa_lightning.data.sources import load_full_sample
+    from hpa_lightning.errors import InferenceError
+    from hpa_lightning.inference.cell_scoring import image_cell_scores, with_negative
+
+    item = cell_data[index]
+    if item.error:
+        raise InferenceError(item.error)
+    _, cam = image_cell_scores(model, item.image, item.labels, item.boxes)
+    scores = with_negative(np.clip(cam, 0.0, 1.0), list(model.class_names))
+    captions = {box.cell_id: "\n".join(f"{model.class_names[k]} {scores[j, k]:.2f}"
+                                       for k in np.argsort(-scores[j], kind="stable")[:top])
+                for j, box in enumerate(item.boxes)}
+    full = load_full_sample(cell_data.image_dir, item.image_id, cell_data.sixteen_bit, cell_data.max_pixels)
+    return cell_outlines(full, item.labels, captions)
 
 
 def explain(args: dict[str, object]) -> dict[str, object]:
@@ -104,6 +156,13 @@ def explain(args: dict[str, object]) -> dict[str, object]:
     dataset = ImageFolderDataset(data.image_dir, ids, model.image_size,
                                  str(args["sixteen_bit"]) or model.extra.get("sixteen_bit", "divide"))
     crop = model.crop or {}
+    cell_data = None
+    if args.get("cells"):
+        from hpa_lightning.inference.cell_predictor import mask_source
+        from hpa_lightning.inference.cell_scoring import CellImageDataset
+
+        masks, segment = mask_source(str(args["cells"]), float(args["segment_scale"]))
+        cell_data = CellImageDataset(data.image_dir, ids, masks, segment, model.image_size, None, dataset.sixteen_bit)
     entries, methods = [], set()
     with atomic_folder(out) as tmp:
         for i, sample_id in enumerate(ids):
@@ -131,6 +190,9 @@ def explain(args: dict[str, object]) -> dict[str, object]:
                 save_png(tmp / name, overlay(rgb, maps[0, k]))
                 entry["maps"].append({"file": name, "class_id": class_id, "class_name": model.class_names[class_id],
                                       "probability": float(probs[0, class_id])})
+            if cell_data is not None:
+                entry["cells"] = f"{safe}_cells.png"
+                save_png(tmp / entry["cells"], _cells_picture(cell_data, i, model, int(args["cell_labels"])))
             entries.append(entry)
         index = write_index(tmp, entries, f"Class maps ({', '.join(sorted(methods))}) of {model.source}")
     return {"out": out, "index": out / index.name, "images": len(entries), "methods": sorted(methods),

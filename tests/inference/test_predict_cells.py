@@ -242,3 +242,23 @@ def test_a_model_of_the_2018_classes_or_missing_cell_model_is_refused(cell_folde
     code, _, err = predict(capsys, f"ckpt={image_run}", f"input={root}", f"cells={tmp_path / 'nowhere'}",
                            f"out={tmp_path / 's.csv'}")
     assert code == 2 and "not a folder of cell masks" in err
+
+
+def test_explain_outlines_every_cell_with_its_top_labels(cell_folder, models, tmp_path, capsys) -> None:
+    from skimage.segmentation import find_boundaries
+
+    from hpa_lightning.explain import main as explain_main
+
+    root, masks_dir, masks = cell_folder
+    image_run, _ = models
+    explain_main([f"ckpt={image_run}", f"input={root}", f"cells={masks_dir}", f"out={tmp_path / 'x'}", "classes=top1",
+                  "device=cpu", "sixteen_bit=divide"])
+    assert "explained 3 images" in capsys.readouterr().out
+    for image_id, labels in masks.items():
+        picture = np.asarray(Image.open(tmp_path / "x" / f"{image_id}_cells.png"))
+        assert picture.shape == (*labels.shape, 3)
+        edge = picture[find_boundaries(labels, mode="inner")]
+        white_or_caption = (edge[:, 0] == 255) & (edge[:, 1] == 255)
+        assert white_or_caption.all()
+        assert (picture == [255, 255, 0]).all(axis=-1).sum() > 20  # captions drawn
+    assert "_cells.png" in (tmp_path / "x" / "index.html").read_text()
