@@ -23,16 +23,11 @@ import numpy as np
 from hpa_lightning import SOURCE_ROOT
 from hpa_lightning.classes import CHANNELS, NUM_CLASSES
 from hpa_lightning.data.simulator.labels import ID_STREAM, LABEL_STREAM, RENDER_STREAM, make_ids, sample_labels
-from hpa_lightning.data.simulator.landmarks import draw_microtubules, draw_nuclei, draw_reticulum
+from hpa_lightning.data.simulator.landmarks import stain_landmarks
 from hpa_lightning.data.simulator.patterns import GREEN_PAINTERS
 from hpa_lightning.data.simulator.png import png_gray8
-from hpa_lightning.data.simulator.scene import (
-    CYTOKINETIC_BRIDGE_CLASS,
-    MITOTIC_SPINDLE_CLASS,
-    Canvas,
-    build_scene,
-    unit_noise,
-)
+from hpa_lightning.data.simulator.scene import CYTOKINETIC_BRIDGE_CLASS, MITOTIC_SPINDLE_CLASS, Canvas
+from hpa_lightning.data.simulator.sensor import expose
 from hpa_lightning.files import atomic_folder, remove_stale_temporaries
 from hpa_lightning.machine import available_cpus
 
@@ -56,31 +51,12 @@ def render_sample(
     # Dividing / mitotic cells also appear in unlabelled images so blue / red alone do not reveal classes 16 / 17.
     mitotic = bool(rng.random() < 0.12) or MITOTIC_SPINDLE_CLASS in labels
     dividing = bool(rng.random() < 0.12) or CYTOKINETIC_BRIDGE_CLASS in labels
-    sc = build_scene(size, rng, mitotic, dividing, zoom)
-    red = draw_microtubules(sc)
-    yellow = draw_reticulum(sc)
-    blue = draw_nuclei(sc)
-    # cell-to-cell brightness differences of the stains
-    red, blue, yellow = (ch * sc.gain_map(rng.uniform(0.7, 1.0, len(sc.cells))) for ch in (red, blue, yellow))
-    # Separate streams for green and for the sensor model, so labels do not shift the landmark channels' noise.
-    green_rng, out_rng = (np.random.default_rng(s) for s in rng.integers(0, 2**63, size=2).tolist())
-    sc.rng = green_rng
+    sc, (red, blue, yellow), green_rng, out_rng = stain_landmarks(size, rng, mitotic, dividing, zoom)
     cv = Canvas(size)
     for c in labels:
         strength = green_rng.uniform(0.5, 1.0)
         GREEN_PAINTERS[c](sc, cv, (strength * green_rng.uniform(0.6, 1.0, len(sc.cells))).astype(np.float32))
-    green = cv.render()
-    out = np.empty((4, size, size), dtype=np.uint8)
-    gains = out_rng.uniform((0.45, 0.5, 0.55, 0.45), (0.9, 1.0, 1.0, 0.9))
-    background = out_rng.uniform(0.5, 6.0, 4)
-    for ch, img in enumerate((red, green, blue, yellow)):
-        v = img * np.float32(gains[ch] * 255.0 / (float(img.max()) + 1e-6)) + np.float32(background[ch])
-        # Mild sensor noise: read noise plus a shot-noise-like term growing with the signal.
-        v += unit_noise(out_rng, (size, size)) * (np.float32(0.4) + np.float32(0.25) * np.sqrt(v))
-        if texture_noise > 0:
-            v += np.float32(texture_noise) * (np.float32(10.0) + np.float32(8.0) * unit_noise(out_rng, (size, size)))
-        out[ch] = np.clip(np.rint(v), 0, 255).astype(np.uint8)
-    return out
+    return expose((red, cv.render(), blue, yellow), out_rng, texture_noise)
 
 
 def _plan(n: int, seed: int) -> tuple[list[list[int]], list[str]]:
