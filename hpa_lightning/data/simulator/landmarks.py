@@ -146,13 +146,13 @@ def draw_nuclei(sc: Scene) -> np.ndarray:
 
 
 def stain_landmarks(
-    size: int, rng: np.random.Generator, mitotic: bool, dividing: bool, zoom: float
+    size: int, rng: np.random.Generator, mitotic: bool, dividing: bool, zoom: float, count: tuple[int, int] = (3, 6)
 ) -> tuple[Scene, tuple[np.ndarray, np.ndarray, np.ndarray], np.random.Generator, np.random.Generator]:
     """The scene and its landmark channels (red, blue, yellow), then the green and sensor generators split off.
 
     The scene's own generator becomes the green one (``sc.rng``), as the painters draw from ``sc.rng``.
     """
-    sc = build_scene(size, rng, mitotic, dividing, zoom)
+    sc = build_scene(size, rng, mitotic, dividing, zoom, count)
     red = draw_microtubules(sc)
     yellow = draw_reticulum(sc)
     blue = draw_nuclei(sc)
