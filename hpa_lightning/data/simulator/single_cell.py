@@ -201,7 +201,7 @@ def render_cell_sample(labels: Sequence[int], size: int, rng: np.random.Generato
     return CellSample(image, cell_mask, nuclei_mask, cell_labels, shown or [NEGATIVE])
 
 
-def write_masks(folder: Path, image_id: str, cells: np.ndarray, nuclei: np.ndarray) -> tuple[Path, Path]:
+def _write_masks(folder: Path, image_id: str, cells: np.ndarray, nuclei: np.ndarray) -> tuple[Path, Path]:
     """`{ID}_cell_mask.png` and `{ID}_nuclei_mask.png` as 16-bit label PNGs.
 
     Stand-in for `hpa_lightning.cells.masks.write_masks` (same signature) until that is merged; the caller writes
@@ -220,7 +220,7 @@ def save_cell_sample(root: Path, image_id: str, sample: CellSample, with_cells: 
     parent gathers (`write_cell_tables`), its labels and truth triples."""
     truth: list[tuple[int, str]] = []
     if with_cells:
-        write_masks(root / MASK_DIR, image_id, sample.cell_mask, sample.nuclei_mask)
+        _write_masks(root / MASK_DIR, image_id, sample.cell_mask, sample.nuclei_mask)
         for cell_id, cell_labels in enumerate(sample.cell_labels, start=1):
             mask = encode_mask(sample.cell_mask == cell_id)
             truth += [(label, mask) for label in cell_labels]
