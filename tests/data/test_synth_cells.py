@@ -179,3 +179,21 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         synth_cli.main([f"out={tmp_path / 'x'}", "classes=hpa2019"])
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_interrupted_generate_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpa_lightning.data.simulator import single_cell
+
+    calls = {"n": 0}
+    real = single_cell.render_cell_sample
+
+    def flaky(*args: object, **kwargs: object) -> synth.CellSample:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(single_cell, "render_cell_sample", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        synth.generate(tmp_path / "hpa", n=5, size=32, workers=1, classes="hpa2021", cells=True)
+    assert list(tmp_path.iterdir()) == []
