@@ -1,4 +1,5 @@
-"""Synthetic HPA 2018 data in the Kaggle layout; `generate` is the way in."""
+"""Synthetic HPA data: 2018 in the Kaggle layout, or 2021 with cell masks and per-cell truth; `generate` is the way
+in."""
 
 import lazy_loader
 

@@ -4,6 +4,9 @@ Labels follow the Kaggle per-class frequencies. Images are a few cells with land
 red microtubules, yellow ER) and a green protein channel whose pattern is drawn from the labels *relative to
 those landmarks*, so a model has to read green against the other channels.
 
+With ``classes="hpa2021"`` the same cells carry HPA 2021's classes instead, drawn by the 2018 painters in a random
+subset of the cells, with cell / nuclei masks and the truth of every cell (``cells=True``; single_cell.py).
+
 Rendering a sample and writing a whole dataset with worker processes (CLI: hpa_lightning/synth.py).
 """
 
@@ -22,17 +25,20 @@ import numpy as np
 
 from hpa_lightning import SOURCE_ROOT
 from hpa_lightning.classes import CHANNELS, NUM_CLASSES
-from hpa_lightning.data.simulator.labels import ID_STREAM, LABEL_STREAM, RENDER_STREAM, make_ids, sample_labels
-from hpa_lightning.data.simulator.landmarks import draw_microtubules, draw_nuclei, draw_reticulum
+from hpa_lightning.data.simulator import single_cell
+from hpa_lightning.data.simulator.labels import (
+    ID_STREAM,
+    LABEL_STREAM,
+    PATTERN_STREAM,
+    RENDER_STREAM,
+    make_ids,
+    sample_labels,
+)
+from hpa_lightning.data.simulator.landmarks import stain_landmarks
 from hpa_lightning.data.simulator.patterns import GREEN_PAINTERS
 from hpa_lightning.data.simulator.png import png_gray8
-from hpa_lightning.data.simulator.scene import (
-    CYTOKINETIC_BRIDGE_CLASS,
-    MITOTIC_SPINDLE_CLASS,
-    Canvas,
-    build_scene,
-    unit_noise,
-)
+from hpa_lightning.data.simulator.scene import CYTOKINETIC_BRIDGE_CLASS, MITOTIC_SPINDLE_CLASS, Canvas
+from hpa_lightning.data.simulator.sensor import expose
 from hpa_lightning.files import atomic_folder, remove_stale_temporaries
 from hpa_lightning.machine import available_cpus
 
@@ -56,31 +62,12 @@ def render_sample(
     # Dividing / mitotic cells also appear in unlabelled images so blue / red alone do not reveal classes 16 / 17.
     mitotic = bool(rng.random() < 0.12) or MITOTIC_SPINDLE_CLASS in labels
     dividing = bool(rng.random() < 0.12) or CYTOKINETIC_BRIDGE_CLASS in labels
-    sc = build_scene(size, rng, mitotic, dividing, zoom)
-    red = draw_microtubules(sc)
-    yellow = draw_reticulum(sc)
-    blue = draw_nuclei(sc)
-    # cell-to-cell brightness differences of the stains
-    red, blue, yellow = (ch * sc.gain_map(rng.uniform(0.7, 1.0, len(sc.cells))) for ch in (red, blue, yellow))
-    # Separate streams for green and for the sensor model, so labels do not shift the landmark channels' noise.
-    green_rng, out_rng = (np.random.default_rng(s) for s in rng.integers(0, 2**63, size=2).tolist())
-    sc.rng = green_rng
+    sc, (red, blue, yellow), green_rng, out_rng = stain_landmarks(size, rng, mitotic, dividing, zoom)
     cv = Canvas(size)
     for c in labels:
         strength = green_rng.uniform(0.5, 1.0)
         GREEN_PAINTERS[c](sc, cv, (strength * green_rng.uniform(0.6, 1.0, len(sc.cells))).astype(np.float32))
-    green = cv.render()
-    out = np.empty((4, size, size), dtype=np.uint8)
-    gains = out_rng.uniform((0.45, 0.5, 0.55, 0.45), (0.9, 1.0, 1.0, 0.9))
-    background = out_rng.uniform(0.5, 6.0, 4)
-    for ch, img in enumerate((red, green, blue, yellow)):
-        v = img * np.float32(gains[ch] * 255.0 / (float(img.max()) + 1e-6)) + np.float32(background[ch])
-        # Mild sensor noise: read noise plus a shot-noise-like term growing with the signal.
-        v += unit_noise(out_rng, (size, size)) * (np.float32(0.4) + np.float32(0.25) * np.sqrt(v))
-        if texture_noise > 0:
-            v += np.float32(texture_noise) * (np.float32(10.0) + np.float32(8.0) * unit_noise(out_rng, (size, size)))
-        out[ch] = np.clip(np.rint(v), 0, 255).astype(np.uint8)
-    return out
+    return expose((red, cv.render(), blue, yellow), out_rng, texture_noise)
 
 
 def _plan(n: int, seed: int) -> tuple[list[list[int]], list[str]]:
@@ -92,15 +79,24 @@ def _plan(n: int, seed: int) -> tuple[list[list[int]], list[str]]:
 
 def _render_range(
     train_dir: str, n: int, seed: int, size: int, texture_noise: float, start: int, step: int, parent: int = 0,
-    zoom: float = 1.0
+    zoom: float = 1.0, classes: str = "hpa2018", cells: bool = False
 ) -> None:
     """Render samples start, start + step, ...; each from its own (seed, index) stream: any split, same bytes."""
     labels, ids = _plan(n, seed)
+    if classes == "hpa2021":
+        pattern_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(PATTERN_STREAM,)))
+        patterns = [single_cell.hpa2021_patterns(row, pattern_rng) for row in labels]
     for index in range(start, n, step):
         if parent and os.getppid() != parent:
             return  # generate() was killed without cleanup: stop rather than fill an abandoned folder
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(RENDER_STREAM, index)))
-        img = render_sample(labels[index], size, rng, texture_noise=texture_noise, zoom=zoom)
+        if classes == "hpa2021":
+            sample = single_cell.render_cell_sample(sorted(patterns[index]), size, rng, zoom=zoom,
+                                                    texture_noise=texture_noise, patterns=patterns[index])
+            single_cell.save_cell_sample(Path(train_dir).parent, ids[index], sample, cells)
+            img = sample.image
+        else:
+            img = render_sample(labels[index], size, rng, texture_noise=texture_noise, zoom=zoom)
         for ch, name in enumerate(CHANNELS):
             with open(os.path.join(train_dir, f"{ids[index]}_{name}.png"), "wb") as fh:
                 fh.write(png_gray8(img[ch]))
@@ -111,7 +107,7 @@ def _worker_main(spec: str) -> None:
 
 
 def _run_workers(train_dir: Path, n: int, seed: int, size: int, texture_noise: float, workers: int,
-                 zoom: float = 1.0) -> None:
+                 zoom: float = 1.0, classes: str = "hpa2018", cells: bool = False) -> None:
     """Render in ``workers`` fresh interpreters.
 
     Plain subprocesses rather than multiprocessing: fork is unsafe once the caller runs threads (Lightning, torch),
@@ -128,7 +124,7 @@ def _run_workers(train_dir: Path, n: int, seed: int, size: int, texture_noise: f
     try:
         for w in range(workers):
             spec = dict(train_dir=str(train_dir), n=n, seed=seed, size=size, texture_noise=texture_noise, start=w,
-                        zoom=zoom)
+                        zoom=zoom, classes=classes, cells=cells)
             spec.update(step=workers, parent=os.getpid())
             procs.append(
                 subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], env=env, stdout=subprocess.DEVNULL)
@@ -157,12 +153,20 @@ def generate(
     workers: int | None = None,
     texture_noise: float = 0.0,
     zoom: float = 1.0,
+    classes: str = "hpa2018",
+    cells: bool = False,
 ) -> Path:
     """Write ``n`` samples in the Kaggle HPA 2018 layout to ``out`` and return it.
 
-    Output is byte-identical for a given (n, seed, size, texture_noise) whatever ``workers`` is (default: the CPUs
-    available; each worker is a fresh interpreter). The data are written to a sibling ``<out>.tmp-<host>-<pid>``
-    folder that is renamed to ``out`` only once complete; ``out`` must not exist (FileExistsError).
+    ``classes="hpa2021"`` writes the HPA 2021 layout instead: ``train.csv`` as ``ID,Label`` ('|'-separated hpa2021
+    ids) and the channel PNGs, the 2021 classes drawn by the 2018 patterns with heterogeneous cells
+    (single_cell.py); ``cells=True`` (hpa2021 only) adds ``masks/{ID}_cell_mask.png`` and
+    ``masks/{ID}_nuclei_mask.png`` (16-bit label PNGs) and ``cell_truth.csv`` (the submission format, confidence 1).
+
+    Output is byte-identical for a given (n, seed, size, texture_noise, zoom, classes, cells) whatever ``workers``
+    is (default: the CPUs available; each worker is a fresh interpreter). The data are written to a sibling
+    ``<out>.tmp-<host>-<pid>`` folder that is renamed to ``out`` only once complete; ``out`` must not exist
+    (FileExistsError).
     """
     root = Path(out)
     if n < 1:
@@ -175,6 +179,10 @@ def generate(
         raise ValueError(f"texture_noise must be in [0, 1], got {texture_noise}")
     if not 0.25 <= zoom <= 8.0:
         raise ValueError(f"zoom must be in [0.25, 8], got {zoom}")
+    if classes not in ("hpa2018", "hpa2021"):
+        raise ValueError(f"classes must be hpa2018 or hpa2021, got {classes!r}")
+    if cells and classes != "hpa2021":
+        raise ValueError("cells=true (cell masks and truth) needs classes=hpa2021")
     workers = available_cpus() if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -188,14 +196,20 @@ def generate(
         train_dir = tmp / "train"
         train_dir.mkdir()
         labels, ids = _plan(n, seed)
+        if classes == "hpa2021":
+            single_cell.prepare_folders(tmp, cells)
         workers = min(workers, n)
         if workers == 1:
-            _render_range(str(train_dir), n, seed, size, texture_noise, start=0, step=1, zoom=zoom)
+            _render_range(str(train_dir), n, seed, size, texture_noise, start=0, step=1, zoom=zoom, classes=classes,
+                          cells=cells)
         else:
-            _run_workers(train_dir, n, seed, size, texture_noise, workers, zoom)
-        with open(tmp / "train.csv", "w", newline="") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["Id", "Target"])
-            for sample_id, lab in sorted(zip(ids, labels, strict=True)):  # Kaggle's train.csv is sorted by Id
-                writer.writerow([sample_id, " ".join(map(str, lab))])
+            _run_workers(train_dir, n, seed, size, texture_noise, workers, zoom, classes, cells)
+        if classes == "hpa2021":  # the labels drawn may differ from the plan's: the workers' records say
+            single_cell.write_cell_tables(tmp, ids, cells)
+        else:
+            with open(tmp / "train.csv", "w", newline="") as fh:
+                writer = csv.writer(fh, lineterminator="\n")
+                writer.writerow(["Id", "Target"])
+                for sample_id, lab in sorted(zip(ids, labels, strict=True)):  # Kaggle's train.csv is sorted by Id
+                    writer.writerow([sample_id, " ".join(map(str, lab))])
     return root

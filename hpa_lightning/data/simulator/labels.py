@@ -9,8 +9,9 @@ import numpy as np
 
 from hpa_lightning.classes import KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES, NUM_CLASSES
 
-# Independent random streams of one dataset seed: SeedSequence(seed, spawn_key=(stream, ...)).
-LABEL_STREAM, ID_STREAM, RENDER_STREAM = 0, 1, 2
+# Independent random streams of one dataset seed: SeedSequence(seed, spawn_key=(stream, ...)); PATTERN_STREAM picks
+# the 2018 pattern drawing each merged hpa2021 class (single_cell.hpa2021_patterns).
+LABEL_STREAM, ID_STREAM, RENDER_STREAM, PATTERN_STREAM = 0, 1, 2, 3
 
 
 _PRIOR = np.asarray(KAGGLE_TRAIN_COUNTS, dtype=np.float64) / KAGGLE_TRAIN_SAMPLES

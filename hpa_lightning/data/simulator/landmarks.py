@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from hpa_lightning.data.simulator.scene import LINE_STEP, Canvas, Cell, Scene, blur
+from hpa_lightning.data.simulator.scene import LINE_STEP, Canvas, Cell, Scene, blur, build_scene
 
 _TIP_POINTS = 4  # points of a microtubule end drawn as a comet
 
@@ -143,3 +143,22 @@ def draw_nuclei(sc: Scene) -> np.ndarray:
     chromatin = sc.noise(0.8)
     blue = sc.nuc_soft * (0.72 + 0.12 * chromatin) * (1.0 - 0.55 * sc.nucleoli)
     return np.where(sc.mitotic_px, sc.nuc_soft * 1.25, blue)
+
+
+def stain_landmarks(
+    size: int, rng: np.random.Generator, mitotic: bool, dividing: bool, zoom: float, count: tuple[int, int] = (3, 6)
+) -> tuple[Scene, tuple[np.ndarray, np.ndarray, np.ndarray], np.random.Generator, np.random.Generator]:
+    """The scene and its landmark channels (red, blue, yellow), then the green and sensor generators split off.
+
+    The scene's own generator becomes the green one (``sc.rng``), as the painters draw from ``sc.rng``.
+    """
+    sc = build_scene(size, rng, mitotic, dividing, zoom, count)
+    red = draw_microtubules(sc)
+    yellow = draw_reticulum(sc)
+    blue = draw_nuclei(sc)
+    # cell-to-cell brightness differences of the stains
+    red, blue, yellow = (ch * sc.gain_map(rng.uniform(0.7, 1.0, len(sc.cells))) for ch in (red, blue, yellow))
+    # Separate streams for green and for the sensor model, so labels do not shift the landmark channels' noise.
+    green_rng, out_rng = (np.random.default_rng(s) for s in rng.integers(0, 2**63, size=2).tolist())
+    sc.rng = green_rng
+    return sc, (red, blue, yellow), green_rng, out_rng

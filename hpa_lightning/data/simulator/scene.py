@@ -266,10 +266,12 @@ def _new_cell(y: float, x: float, r0: float, kind: str, rng: np.random.Generator
     return cell
 
 
-def _layout(size: int, rng: np.random.Generator, mitotic: bool, dividing: bool, zoom: float = 1.0) -> list[Cell]:
-    """A few touching cells: each new cell is placed next to an existing one so that cell contacts exist."""
+def _layout(size: int, rng: np.random.Generator, mitotic: bool, dividing: bool, zoom: float = 1.0,
+            count: tuple[int, int] = (3, 6)) -> list[Cell]:
+    """Touching cells, between ``count`` (inclusive) planned: each new cell is placed next to an existing one so that
+    cell contacts exist (fewer when no place is found)."""
     u = size * zoom / _BASE
-    target = int(rng.integers(3, 7))
+    target = int(rng.integers(count[0], count[1] + 1))
     # The first cell always fits, so every image has an interphase cell for the interphase-only patterns.
     plan = ["interphase"] + (["mitotic"] if mitotic else []) + (["pair"] if dividing else [])
     plan += ["interphase"] * max(0, target - len(plan) - dividing)
@@ -319,9 +321,10 @@ def _layout(size: int, rng: np.random.Generator, mitotic: bool, dividing: bool, 
     return cells
 
 
-def build_scene(size: int, rng: np.random.Generator, mitotic: bool, dividing: bool, zoom: float = 1.0) -> Scene:
+def build_scene(size: int, rng: np.random.Generator, mitotic: bool, dividing: bool, zoom: float = 1.0,
+                count: tuple[int, int] = (3, 6)) -> Scene:
     u = size * zoom / _BASE
-    cells = _layout(size, rng, mitotic, dividing, zoom)
+    cells = _layout(size, rng, mitotic, dividing, zoom, count)
     Y, X = _grid(size)
     rho = np.full((size, size), 9.0, dtype=np.float32)
     nrho = np.full((size, size), 9.0, dtype=np.float32)
