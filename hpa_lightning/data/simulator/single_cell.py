@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpa_lightning.cells.masks import write_masks
 from hpa_lightning.cells.rle import encode_mask
 from hpa_lightning.cells.submission import CellPrediction, ImageCells, write_submission
 from hpa_lightning.data.simulator.landmarks import stain_landmarks
@@ -201,26 +202,12 @@ def render_cell_sample(labels: Sequence[int], size: int, rng: np.random.Generato
     return CellSample(image, cell_mask, nuclei_mask, cell_labels, shown or [NEGATIVE])
 
 
-def _write_masks(folder: Path, image_id: str, cells: np.ndarray, nuclei: np.ndarray) -> tuple[Path, Path]:
-    """`{ID}_cell_mask.png` and `{ID}_nuclei_mask.png` as 16-bit label PNGs.
-
-    Stand-in for `hpa_lightning.cells.masks.write_masks` (same signature) until that is merged; the caller writes
-    into a folder published whole, so these plain writes need no atomicity of their own.
-    """
-    from PIL import Image
-
-    paths = (folder / f"{image_id}_cell_mask.png", folder / f"{image_id}_nuclei_mask.png")
-    for path, mask in zip(paths, (cells, nuclei), strict=True):
-        Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint16)).save(path)
-    return paths
-
-
 def save_cell_sample(root: Path, image_id: str, sample: CellSample, with_cells: bool) -> None:
     """A worker's part of one image besides its channel PNGs: the masks (`with_cells`) and, in a scratch folder the
     parent gathers (`write_cell_tables`), its labels and truth triples."""
     truth: list[tuple[int, str]] = []
     if with_cells:
-        _write_masks(root / MASK_DIR, image_id, sample.cell_mask, sample.nuclei_mask)
+        write_masks(root / MASK_DIR, image_id, sample.cell_mask, sample.nuclei_mask)
         for cell_id, cell_labels in enumerate(sample.cell_labels, start=1):
             mask = encode_mask(sample.cell_mask == cell_id)
             truth += [(label, mask) for label in cell_labels]
