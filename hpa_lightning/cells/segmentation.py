@@ -71,7 +71,7 @@ def _reduce(channel: np.ndarray, scale: float) -> np.ndarray:
     return transform.downscale_local_mean(image, (factor, factor)).astype(np.float32)
 
 
-def _upsample(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def upsample_labels(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Nearest-neighbour labels at `shape`: pixel (y, x) takes the reduced pixel whose area holds its centre."""
     rows = np.minimum(((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0]).astype(np.intp), labels.shape[0] - 1)
     cols = np.minimum(((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1]).astype(np.intp), labels.shape[1] - 1)
@@ -142,4 +142,4 @@ def segment_image(blue: np.ndarray, red: np.ndarray, yellow: np.ndarray,
                                            for channel in (blue, red, yellow))
     nuclei = segment_nuclei(small_blue, params, px)
     cells, nuclei = segment_cells(nuclei, small_red + small_yellow + small_blue, params, px)
-    return _upsample(cells, shape), _upsample(nuclei, shape)
+    return upsample_labels(cells, shape), upsample_labels(nuclei, shape)
