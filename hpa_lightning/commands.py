@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "baseline": "hpa_lightning.baseline",
     "pack": "hpa_lightning.pack",
     "predict": "hpa_lightning.predict",
+    "segment": "hpa_lightning.segment",
     "evaluate-cells": "hpa_lightning.evaluate_cells",
     "export": "hpa_lightning.export",
     "explain": "hpa_lightning.explain",

@@ -6,6 +6,7 @@ from .jpeg import bench_jpeg, jpeg_dataset
 from .loading import bench_loading
 from .overhead import bench_overhead, project_recipe
 from .packing_speed import bench_packing
+from .segmentation_speed import bench_segmentation
 from .suite import main, quiet_libraries
 from .summary import render_report
 from .thresholds import bench_thresholds
@@ -21,6 +22,7 @@ __all__ = [
     "bench_loading",
     "bench_overhead",
     "bench_packing",
+    "bench_segmentation",
     "jpeg_dataset",
     "bench_thresholds",
     "main",

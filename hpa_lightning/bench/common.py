@@ -14,11 +14,12 @@ import torch
 
 from hpa_lightning import SOURCE_ROOT
 
-SECTIONS = ("loading", "packing", "overhead", "augment", "gpu", "jpeg", "thresholds")
+SECTIONS = ("loading", "packing", "overhead", "augment", "gpu", "jpeg", "thresholds", "segment")
 
 
 TARGETS = {"loading_speedup": (">=", 30.0), "framework_overhead": ("<=", 1.05), "pack_peak_rss_mb": ("<", 1536.0),
-           "gpu_images_per_s": (">=", 900.0), "jpeg_draft_speedup": (">=", 2.0), "threshold_tuning_ms": ("<", 500.0)}
+           "gpu_images_per_s": (">=", 900.0), "jpeg_draft_speedup": (">=", 2.0), "threshold_tuning_ms": ("<", 500.0),
+           "segment_s_per_image": ("<=", 0.5)}
 
 
 REPO = SOURCE_ROOT
@@ -52,6 +53,9 @@ class Profile:
     jpeg_samples: int = 16  # section 6: samples of 4x-size RGB JPGs, each decoded by both paths in every round
     jpeg_rounds: int = 3
     thr_iters: int = 20  # timed calls of each threshold search (section 7, 3107 x 28 either way)
+    segment_px: int = 2048  # section 8: synthetic images of this size (cells as large as at 2048 px)
+    segment_images: int = 4
+    segment_rounds: int = 3
 
 
 PROFILES = {
@@ -59,12 +63,14 @@ PROFILES = {
                     load_min_seconds=3.0, pack_rate_n=400, ovh_n=600, ovh_size=64, ovh_batch=32, ovh_model="resnet18",
                     repeats=3, warmup_steps=3, aug_iters=5, gpu_model="resnet50", gpu_size=512, gpu_batch=64,
                     gpu_warmup=15, gpu_steps=20, gpu_compile=True, gpu_window_s=5.0, jpeg_samples=16,
-                    jpeg_rounds=5, thr_iters=20),
+                    jpeg_rounds=5, thr_iters=20, segment_px=2048, segment_images=4,
+                    segment_rounds=3),
     "quick": Profile(n=48, unique=16, size=128, texture_noise=1.0, load_batch=8, load_png_samples=32,
                      load_min_seconds=0.3, pack_rate_n=24, ovh_n=120, ovh_size=32, ovh_batch=16, ovh_model="resnet18",
                      repeats=1, warmup_steps=1, aug_iters=2, gpu_model="resnet18", gpu_size=128, gpu_batch=16,
                      gpu_warmup=3, gpu_steps=5, gpu_compile=False, gpu_window_s=0.2, jpeg_samples=4,
-                     jpeg_rounds=2, thr_iters=3),
+                     jpeg_rounds=2, thr_iters=3, segment_px=1024, segment_images=1,
+                     segment_rounds=1),
 }
 
 

@@ -15,6 +15,8 @@ Sections (each prints a ratio of two things measured in the same run, same data,
               the resize) vs the full decode + resize, alternating rounds over the same files
   7 thresholds  the exact per-class threshold search (metrics.tune_thresholds) vs sklearn's precision-recall curve
               per class, 3107 x 28 (a Kaggle-sized validation split); both must find the same F1
+  8 segment   classical cell segmentation per 2048 px image at scale 0.25 on one core, seconds per image (synthetic
+              images with the simulator's cells at HPA 2021 geometry; the goal is at most 0.5 s)
 
 Generated data live in `cache` (default $HPA_CACHE_DIR/bench or .cache/bench), so reruns skip generation. The full
 mode renders `unique` samples and hard-links them under new ids up to `n` (decoding cost is per file, so packing and
@@ -53,6 +55,7 @@ from hpa_lightning.bench.jpeg import bench_jpeg
 from hpa_lightning.bench.loading import bench_loading
 from hpa_lightning.bench.overhead import bench_overhead, build_module, overhead_datamodule, project_recipe
 from hpa_lightning.bench.packing_speed import bench_packing
+from hpa_lightning.bench.segmentation_speed import bench_segmentation
 from hpa_lightning.bench.summary import collect_targets, headline_ratios, render_report
 from hpa_lightning.bench.thresholds import bench_thresholds
 from hpa_lightning.cli import fail, parse_key_values
@@ -172,6 +175,8 @@ def run(args: dict) -> dict:
                 sections["augment"]["headline"] = f"gpu, {gpu_aug['model']} {gpu_aug['image_size']} px bf16"
     if "thresholds" in wanted:
         attempt("thresholds", lambda: bench_thresholds(3107, 28, prof.thr_iters, seed))
+    if "segment" in wanted:
+        attempt("segment", lambda: bench_segmentation(prof, seed))
     result["environment"]["loadavg_end"] = _loadavg()
     result["ratios"] = headline_ratios(sections)
     result["targets"] = collect_targets(sections)

@@ -76,6 +76,10 @@ def render_report(result: dict) -> str:
         x = s["thresholds"]
         row("7", "thresholds", f"{x['ratio']:.2f}", "exact per-class threshold search / sklearn PR curve per class",
             verdict("threshold_tuning_ms"))
+    if "segment" in s:
+        x = s["segment"]
+        row("8", "segment", f"{x['seconds_per_image']:.3f} s", f"classical segmentation per {x['image_px']} px image, "
+            f"scale {x['scale']:g}, one core", verdict("segment_s_per_image"))
     for name, err in result.get("errors", {}).items():
         lines.append(f"  ! {name}: FAILED: {err}")
 
@@ -148,6 +152,11 @@ def render_report(result: dict) -> str:
                      f">= {x['min_f1_gain']:.3g}")
         lines.append(f"              global_threshold {x['global_ms']:.1f} ms, label_ratio_thresholds "
                      f"{x['label_ratio_ms']:.1f} ms")
+    if "segment" in s:
+        x = s["segment"]
+        lines.append(f"  8 segment   {x['images']} synthetic {x['image_px']} px images ({x['mean_cells']:.1f} cells "
+                     f"each), {x['rounds']} rounds, one core, one thread: median {x['seconds_per_image']:.3f} s, "
+                     f"max {x['max_seconds']:.3f} s per image")
     notes = diagnostics(result)
     if notes:
         lines.append("")
@@ -190,6 +199,7 @@ def collect_targets(sections: dict) -> dict:
         "gpu_images_per_s": sections.get("gpu", {}).get("best_images_per_s"),
         "jpeg_draft_speedup": sections.get("jpeg", {}).get("ratio"),
         "threshold_tuning_ms": sections.get("thresholds", {}).get("exact_ms"),
+        "segment_s_per_image": sections.get("segment", {}).get("seconds_per_image"),
     }
     targets = {}
     for key, value in values.items():
@@ -211,4 +221,5 @@ def headline_ratios(sections: dict) -> dict:
         "gpu_data_wait_share": gpu.get("data_wait_share"),
         "jpeg_draft_speedup": sections.get("jpeg", {}).get("ratio"),
         "threshold_search": sections.get("thresholds", {}).get("ratio"),
+        "segment_s_per_image": sections.get("segment", {}).get("seconds_per_image"),
     }

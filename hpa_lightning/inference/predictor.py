@@ -4,12 +4,10 @@ workers at the training resolution, TTA probabilities on the device, and the sub
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpa_lightning import metrics
 from hpa_lightning.classes import CHANNELS, class_set
+from hpa_lightning.data.image_folder import SAMPLE_SUBMISSION, PredictInput, resolve_input  # noqa: F401
 from hpa_lightning.data.sources import (
     DEFAULT_MAX_IMAGE_PIXELS,
-    IMAGE_EXTENSIONS,
-    KAGGLE_IMAGE_DIR,
     SIXTEEN_BIT_RULES,
-    channel_path,
-    check_id,
     check_max_pixels,
     load_sample,
-    read_csv_strings,
 )
 from hpa_lightning.errors import DataError, InferenceError
 from hpa_lightning.files import atomic_path
@@ -41,105 +35,6 @@ from hpa_lightning.models.meta import cannot_take
 from hpa_lightning.runs import layout
 from hpa_lightning.runs.ensemble import ensemble_evaluation, member_runs, member_weights
 from hpa_lightning.targets import trust_in_this_process
-
-SAMPLE_SUBMISSION = "sample_submission.csv"
-
-
-_FILE_PATTERN = re.compile(rf"^(?P<id>.+)_(?P<channel>{'|'.join(CHANNELS)})"
-                           rf"(?P<ext>{'|'.join(re.escape(e) for e in IMAGE_EXTENSIONS)})$")
-
-
-@dataclass(frozen=True)
-class PredictInput:
-    image_dir: Path
-    ids: list[str]
-    source: str  # where the Ids and their order came from
-    incomplete: dict[str, list[str]] = field(default_factory=dict)  # Id -> its missing channels (no CSV given)
-
-
-def _image_folder(root: Path, image_dir: str) -> Path:
-    if not root.is_dir():
-        raise DataError(f"{root}: input folder not found")
-    candidate = root / image_dir
-    if candidate.is_dir():
-        return candidate
-    if image_dir != KAGGLE_IMAGE_DIR:
-        raise DataError(f"{candidate}: image folder not found")
-    return root  # images directly in the input folder
-
-
-def _read_sample_submission(csv_path: Path) -> list[str]:
-    """The Ids of a Kaggle sample submission: `Id` (HPA 2018, Id,Predicted) or `ID` (HPA 2021)."""
-    frame = read_csv_strings(csv_path, "Id,Predicted")
-    column = next((c for c in ("Id", "ID") if c in frame.columns), None)
-    if column is None:
-        raise DataError(f"{csv_path}: missing column Id or ID (found {', '.join(map(str, frame.columns))})")
-    ids = frame[column].tolist()
-    if not ids:
-        raise DataError(f"{csv_path}: no samples (header only)")
-    first_line: dict[str, int] = {}
-    for row, sample_id in enumerate(ids):
-        where = f"{csv_path} row {row + 2}"
-        check_id(sample_id, where)
-        if sample_id in first_line:
-            raise DataError(f"{where}: duplicate Id {sample_id} (first at row {first_line[sample_id]})")
-        first_line[sample_id] = row + 2
-    return ids
-
-
-def _missing_channels(image_dir: Path, sample_id: str) -> list[tuple[str, DataError]]:
-    missing = []
-    for channel in CHANNELS:
-        try:
-            channel_path(image_dir, sample_id, channel)
-        except DataError as err:
-            missing.append((channel, err))
-    return missing
-
-
-def _check_files(image_dir: Path, ids: list[str], csv_path: Path) -> None:
-    """Every Id of the sample submission has its four channel files (a submission needs every Id); an Id with none
-    at all is reported as a missing Id."""
-    for row, sample_id in enumerate(ids):
-        missing = _missing_channels(image_dir, sample_id)
-        if len(missing) == len(CHANNELS):
-            raise DataError(f"{csv_path} row {row + 2}: Id {sample_id} has no image files in {image_dir} "
-                            f"(expected {sample_id}_{{{','.join(CHANNELS)}}}.png)")
-        if missing:
-            raise missing[0][1]
-
-
-def _scan_ids(image_dir: Path) -> list[str]:
-    ids = set()
-    with os.scandir(image_dir) as entries:
-        for entry in entries:
-            match = _FILE_PATTERN.match(entry.name)
-            if match and entry.is_file():
-                ids.add(match.group("id"))
-    if not ids:
-        raise DataError(f"{image_dir}: no image files named {{Id}}_{{{','.join(CHANNELS)}}}.png/.jpg/.tif and no "
-                        f"{SAMPLE_SUBMISSION}")
-    return sorted(ids)
-
-
-def resolve_input(root: str | Path, image_dir: str = KAGGLE_IMAGE_DIR) -> PredictInput:
-    """The Ids to predict (sample_submission order, else sorted) and the folder of their images, all files checked."""
-    root = Path(root)
-    folder = _image_folder(root, image_dir)
-    csv_path = root / SAMPLE_SUBMISSION
-    if csv_path.is_file():
-        ids = _read_sample_submission(csv_path)
-        _check_files(folder, ids, csv_path)
-        return PredictInput(image_dir=folder, ids=ids, source=str(csv_path))
-    # no sample submission: every complete Id is predicted, the incomplete ones are listed
-    found = _scan_ids(folder)
-    incomplete = {i: [channel for channel, _ in missing] for i in found if (missing := _missing_channels(folder, i))}
-    complete = [i for i in found if i not in incomplete]
-    if not complete:
-        first = next(iter(incomplete))
-        raise DataError(f"{folder}: no Id has all four channel files (e.g. {first} lacks "
-                        f"{', '.join(incomplete[first])})")
-    return PredictInput(image_dir=folder, ids=complete, source=f"files in {folder}", incomplete=incomplete)
 
 
 class ImageFolderDataset(Dataset):

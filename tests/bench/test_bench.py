@@ -158,3 +158,15 @@ def test_threshold_section_prints_its_ratio_and_finds_sklearns_f1(tmp_path: Path
     assert rows == {"7": ("thresholds", pytest.approx(section["ratio"], abs=0.005))}
     assert re.search(r"^  7 thresholds 3107 x 28, median of 3: tune_thresholds [\d.]+ ms, sklearn [\d.]+ ms",
                      absolute, re.MULTILINE)
+
+
+def test_segment_section_prints_seconds_per_image_against_the_goal(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """Section 8 alone (a few seconds): classical segmentation per image on one core, against the 0.5 s goal."""
+    result = bench.main(["quick=true", "sections=segment", f"cache={tmp_path / 'cache'}",
+                         f"out={tmp_path / 'out.json'}"])
+    section = result["sections"]["segment"]
+    assert is_finite_number(section["seconds_per_image"]) and section["mean_cells"] >= 1
+    assert result["targets"]["segment_s_per_image"]["target"] == "target <= 0.5"
+    assert re.search(r"^  8 segment\s+[\d.]+ s  classical segmentation per 1024 px image, scale 0.25, one core",
+                     capsys.readouterr().out, re.MULTILINE)
