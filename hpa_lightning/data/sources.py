@@ -298,10 +298,11 @@ def resize_square(channel: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_sample(image_dir: str | Path, sample_id: str, size: int, sixteen_bit: str = "divide",
+def load_sample(image_dir: str | Path, sample_id: str, size: int | None, sixteen_bit: str = "divide",
                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode the four channels of one sample into a uint8 array (4, size, size) in R,G,B,Y order (JPGs at a reduced
-    scale where `size` allows, decode_channel); a channel file above `max_pixels` pixels is refused unread."""
+    scale where `size` allows, decode_channel); a channel file above `max_pixels` pixels is refused unread.
+    `size=None`: at the files' own resolution, (4, H, W), nothing drafted or resized (cell crops are cut from it)."""
     image_dir = Path(image_dir)
     channels = []
     first_size, first_path = None, None
@@ -314,7 +315,7 @@ def load_sample(image_dir: str | Path, sample_id: str, size: int, sixteen_bit: s
         elif file_size != first_size:
             raise DataError(f"{path}: size {file_size[0]}x{file_size[1]} differs from "
                             f"{first_path.name} ({first_size[0]}x{first_size[1]})")
-        channels.append(resize_square(array, size))
+        channels.append(array if size is None else resize_square(array, size))
     return np.stack(channels)
 
 
