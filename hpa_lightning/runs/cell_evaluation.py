@@ -48,8 +48,9 @@ def write_test_cells(run_dir: Path, datamodule: CellDataModule, test: dict[str, 
     entry, with `cell_map` and `cell_ap_per_class` when the truth file scored them."""
     images = group_test_cells(datamodule.cells_of(test["rows"]), np.asarray(test["probs"], dtype=np.float64))
     write_cells_csv(run_dir / layout.TEST_CELLS, [scored for scored, _ in images], datamodule.class_names)
-    entry: dict = {"masks": str(datamodule.cells), "truth": str(datamodule.cell_truth or "") or None,
-                   **datamodule.cells_summary(), "test_images": len(images),
+    truth_name = str(datamodule.cell_truth) if datamodule.cell_truth else None
+    entry: dict = {"masks": str(datamodule.cells), "truth": truth_name, **datamodule.cells_summary(),
+                   "test_images": len(images),
                    "test_cells": sum(len(scored.boxes) for scored, _ in images),
                    "files": [layout.TEST_CELLS]}
     if datamodule.cell_truth is None:
