@@ -27,9 +27,8 @@ METRICS_FILE = "cell_metrics.json"
 
 def run(args: dict[str, object]) -> dict[str, object]:
     """Read both files, score, write `out/cell_metrics.json`; returns what was written."""
-    from hpa_lightning.cells.average_precision import cell_map, check_same_images
-    from hpa_lightning.cells.submission import CELL_CLASSES, read_submission
-    from hpa_lightning.classes import class_set
+    from hpa_lightning.cells.average_precision import cell_metrics
+    from hpa_lightning.cells.submission import read_submission
     from hpa_lightning.files import write_json_atomic
 
     for key in ("pred", "truth"):
@@ -39,26 +38,8 @@ def run(args: dict[str, object]) -> dict[str, object]:
     if not 0.0 < iou <= 1.0:
         raise UsageError(f"{PROG}: iou={iou} is not in (0, 1]")
     pred_path, truth_path = Path(str(args["pred"])), Path(str(args["truth"]))
-    pred = read_submission(pred_path)
-    truth = read_submission(truth_path, truth=True)
-    check_same_images(pred, truth, str(pred_path), str(truth_path))
-    scores = cell_map(pred, truth, num_classes=len(class_set(CELL_CLASSES)), iou=iou)
-    names = class_set(CELL_CLASSES).names
-    result = {
-        "map": scores["map"],
-        "iou": iou,
-        "classes": CELL_CLASSES,
-        "per_class": [{"id": label, "name": name, "ap": scores["ap"][label], "truth": scores["truth"][label],
-                       "detections": scores["detections"][label], "true_positives": scores["true_positives"][label]}
-                      for label, name in enumerate(names)],
-        "counts": {"images": len(truth),
-                   "truth_cells": sum(len({cell.mask for cell in image.cells}) for image in truth.values()),
-                   "truth_instances": sum(len(image.cells) for image in truth.values()),
-                   "predicted_cells": sum(len({cell.mask for cell in image.cells}) for image in pred.values()),
-                   "detections": sum(len(image.cells) for image in pred.values())},
-        "pred": str(pred_path),
-        "truth": str(truth_path),
-    }
+    result = cell_metrics(read_submission(pred_path), read_submission(truth_path, truth=True), iou, str(pred_path),
+                          str(truth_path))
     out = Path(str(args["out"]))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / METRICS_FILE, result)

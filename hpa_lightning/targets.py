@@ -46,6 +46,7 @@ ALLOWED_TARGETS: tuple[str, ...] = (
     "kornia.augmentation.RandomBrightness",
     "kornia.augmentation.RandomContrast",
     # the rest of a run's configuration: data, trainer, callbacks, loggers, Hydra callbacks, baseline estimators
+    "hpa_lightning.data.cell_store.CellDataModule",
     "hpa_lightning.data.datamodule.HPADataModule",
     "lightning.pytorch.Trainer",
     "hpa_lightning.training.checkpoint_io.AtomicCheckpointIO",

@@ -138,3 +138,31 @@ def cell_map(pred: Mapping[str, ImageCells], truth: Mapping[str, ImageCells], nu
     scored = [value for value in ap if value is not None]
     return {"map": float(np.mean(scored)) if scored else None, "ap": ap, "truth": [t.truth for t in tallies],
             "detections": [len(t.detections) for t in tallies], "true_positives": true_positives}
+
+
+def cell_metrics(pred: Mapping[str, ImageCells], truth: Mapping[str, ImageCells], iou: float = DEFAULT_IOU,
+                 pred_name: str = "pred", truth_name: str = "truth") -> dict[str, object]:
+    """`cell_metrics.json` (written by `evaluate_cells` and by a `data=hpa2021_cells` run): the mAP, `iou`, the class
+    set, per class its name, AP (None without truth), truth instances, detections and true positives, the counts of
+    images, cells (distinct masks) and triples, and the two files' names. `check_same_images` first."""
+    from hpa_lightning.cells.submission import CELL_CLASSES
+    from hpa_lightning.classes import class_set
+
+    check_same_images(pred, truth, pred_name, truth_name)
+    names = class_set(CELL_CLASSES).names
+    scores = cell_map(pred, truth, num_classes=len(names), iou=iou)
+    return {
+        "map": scores["map"],
+        "iou": iou,
+        "classes": CELL_CLASSES,
+        "per_class": [{"id": label, "name": name, "ap": scores["ap"][label], "truth": scores["truth"][label],
+                       "detections": scores["detections"][label], "true_positives": scores["true_positives"][label]}
+                      for label, name in enumerate(names)],
+        "counts": {"images": len(truth),
+                   "truth_cells": sum(len({cell.mask for cell in image.cells}) for image in truth.values()),
+                   "truth_instances": sum(len(image.cells) for image in truth.values()),
+                   "predicted_cells": sum(len({cell.mask for cell in image.cells}) for image in pred.values()),
+                   "detections": sum(len(image.cells) for image in pred.values())},
+        "pred": pred_name,
+        "truth": truth_name,
+    }

@@ -10,6 +10,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+# The crop rule's name: stores of cell crops are keyed by it (data/cell_store.py), so changing what crop_cell does
+# (the box, the zeroing, the padding, the resize filter) must change this name, and old stores are packed anew.
+CROP_RULE = "box-outside0-padsquare-bilinear-rg3"
+
 
 @dataclass(frozen=True)
 class CellBox:

@@ -298,9 +298,11 @@ def resize_square(channel: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def _decode_sample(image_dir: str | Path, sample_id: str, size: int | None, sixteen_bit: str,
-                   max_pixels: int) -> list[np.ndarray]:
-    """The four channels of one sample, R,G,B,Y, each as decode_channel gives it; files of different sizes refused."""
+def load_sample(image_dir: str | Path, sample_id: str, size: int | None, sixteen_bit: str = "divide",
+                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode the four channels of one sample into a uint8 array (4, size, size) in R,G,B,Y order (JPGs at a reduced
+    scale where `size` allows, decode_channel); a channel file above `max_pixels` pixels is refused unread.
+    `size=None`: at the files' own resolution, (4, H, W), nothing drafted or resized (cell crops are cut from it)."""
     image_dir = Path(image_dir)
     channels = []
     first_size, first_path = None, None
@@ -313,23 +315,8 @@ def _decode_sample(image_dir: str | Path, sample_id: str, size: int | None, sixt
         elif file_size != first_size:
             raise DataError(f"{path}: size {file_size[0]}x{file_size[1]} differs from "
                             f"{first_path.name} ({first_size[0]}x{first_size[1]})")
-        channels.append(array)
-    return channels
-
-
-def load_sample(image_dir: str | Path, sample_id: str, size: int, sixteen_bit: str = "divide",
-                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode the four channels of one sample into a uint8 array (4, size, size) in R,G,B,Y order (JPGs at a reduced
-    scale where `size` allows, decode_channel); a channel file above `max_pixels` pixels is refused unread."""
-    return np.stack([resize_square(array, size)
-                     for array in _decode_sample(image_dir, sample_id, size, sixteen_bit, max_pixels)])
-
-
-def load_full_sample(image_dir: str | Path, sample_id: str, sixteen_bit: str = "divide",
-                     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """The four channels of one sample at the files' own size, uint8 (4, H, W) in R,G,B,Y order: what cell masks,
-    which are at the image's size, are laid over."""
-    return np.stack(_decode_sample(image_dir, sample_id, None, sixteen_bit, max_pixels))
+        channels.append(array if size is None else resize_square(array, size))
+    return np.stack(channels)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ Layout of a store folder (named by source and size, so a new size or a changed t
     splits/<key>/split.csv, stats.json   the stratified split and its train-only statistics (hpa_lightning.split)
 
 A store is built under a temporary name and renamed when complete: a folder with the final name is always whole.
+The module is long because it holds the packing machinery (parallel decode-and-write workers, compaction of skipped
+rows, the fingerprint) that the image store and the cell store (data/cell_store.py: many rows per image) share.
 
 CLI: python -m hpa_lightning.pack root=DIR[,DIR2,...] size=512 [cache_dir=.cache/stores] [image_dir=train]
      [workers=N] [sixteen_bit=divide|percentile] [duplicates=drop|keep|error] [max_image_pixels=268435456]
@@ -23,7 +25,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
@@ -72,6 +74,8 @@ class PackedStore:
     image_size: int
     # the Id of the earlier copy of the same image (kept duplicates, data.duplicates=keep), "" for the others
     duplicate_of: list[str] | None = None
+    # the source image of each row when a row is one of its cells (data/cell_store.py), else None
+    image_ids: list[str] | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> PackedStore:
@@ -85,10 +89,14 @@ class PackedStore:
         index = pd.read_csv(path / "index.csv", dtype=str, keep_default_na=False)
         return cls(path=path, ids=index["Id"].tolist(), labels=np.load(path / "labels.npy"),
                    image_size=int(meta["image_size"]),
-                   duplicate_of=index["duplicate_of"].tolist() if "duplicate_of" in index else None)
+                   duplicate_of=index["duplicate_of"].tolist() if "duplicate_of" in index else None,
+                   image_ids=index["image_id"].tolist() if "image_id" in index else None)
 
     def groups(self) -> np.ndarray:
-        """A group number per row: copies of one image share theirs, so a split keeps them together."""
+        """A group number per row: copies of one image share theirs, and so do the cells of one image, so a split keeps
+        them together."""
+        if self.image_ids is not None:
+            return np.unique(self.image_ids, return_inverse=True)[1]
         row = {sample_id: i for i, sample_id in enumerate(self.ids)}
         groups = np.arange(len(self.ids))
         for i, original in enumerate(self.duplicate_of or []):
@@ -111,14 +119,20 @@ def source_fingerprint(csv_path: Path, image_dir: Path) -> str:
     digest = hashlib.sha256()
     digest.update(str(image_dir.resolve()).encode())
     digest.update(csv_path.read_bytes())
-    if image_dir.is_dir():
-        with os.scandir(image_dir) as entries:
-            files = sorted((entry.name, entry.stat()) for entry in entries if entry.is_file())
-        for name, stat in files:
-            digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        if any(name.lower().endswith(JPEG_SUFFIXES) for name, _ in files):
-            digest.update(f"jpeg decoder {JPEG_DECODER}\n".encode())
+    if any(name.lower().endswith(JPEG_SUFFIXES) for name in hash_folder(digest, image_dir)):
+        digest.update(f"jpeg decoder {JPEG_DECODER}\n".encode())
     return digest.hexdigest()
+
+
+def hash_folder(digest, folder: Path) -> list[str]:
+    """Add the name, size and modification time of every file in `folder` (if it exists) to `digest`; their names."""
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as entries:
+        files = sorted((entry.name, entry.stat()) for entry in entries if entry.is_file())
+    for name, stat in files:
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return [name for name, _ in files]
 
 
 def check_free_space(folder: Path, samples: int, size: int) -> None:
@@ -169,9 +183,12 @@ class _RowWriter:
     """
 
     def __init__(self, path: Path, header_bytes: int, size: int, skip_bad: bool, sixteen_bit: str = "divide",
-                 hash_green: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 hash_green: bool = False, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 decode: Callable[[str, str], np.ndarray] | None = None):
         self.path, self.header_bytes, self.size, self.skip_bad = path, header_bytes, size, skip_bad
         self.sixteen_bit, self.hash_green, self.max_pixels = sixteen_bit, hash_green, max_pixels
+        # (image folder, Id) -> uint8 (k, 4, size, size): a task that fills k consecutive rows (the cells of an image)
+        self.decode = decode
         self.row_bytes = len(CHANNELS) * size * size
         self._fd: int | None = None
 
@@ -180,7 +197,8 @@ class _RowWriter:
         as unreadable."""
         row, image_dir, sample_id = task
         try:
-            sample = load_sample(image_dir, sample_id, self.size, self.sixteen_bit, self.max_pixels)
+            sample = (self.decode(image_dir, sample_id) if self.decode is not None else
+                      load_sample(image_dir, sample_id, self.size, self.sixteen_bit, self.max_pixels))
         except DataError as err:
             if not self.skip_bad:
                 raise
@@ -261,6 +279,20 @@ def _compact_rows(path: Path, header_bytes: int, row_bytes: int, kept: list[int]
                 handle.write(data)
 
 
+def check_pack_options(size: int, on_bad_sample: str, sixteen_bit: str, duplicates: str,
+                       max_image_pixels: object) -> int:
+    """One line naming the data.* key of a bad packing option; returns the checked pixel bound."""
+    if size < 8:
+        raise DataError(f"data.image_size={size}: must be at least 8")
+    if on_bad_sample not in ("error", "skip"):
+        raise DataError(f"data.on_bad_sample={on_bad_sample!r}: expected 'error' or 'skip'")
+    if sixteen_bit not in SIXTEEN_BIT_RULES:
+        raise DataError(f"data.sixteen_bit={sixteen_bit!r}: expected one of {', '.join(SIXTEEN_BIT_RULES)}")
+    if duplicates not in DUPLICATE_POLICIES:
+        raise DataError(f"data.duplicates={duplicates!r}: expected one of {', '.join(DUPLICATE_POLICIES)}")
+    return check_max_pixels(max_image_pixels)
+
+
 def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str = "train",
                 workers: int | None = None, progress: bool = False, on_bad_sample: str = "error",
                 max_bad_fraction: float = 0.01, sixteen_bit: str = "divide", duplicates: str = "drop",
@@ -278,15 +310,7 @@ def build_store(root: object, size: int, cache_dir: str | Path, image_dir: str =
     `max_bad_fraction` of them are bad. A channel file whose header declares more than `max_image_pixels` pixels
     is such a bad file, refused before it is decoded (an image bomb, or not a microscopy image).
     """
-    if size < 8:
-        raise DataError(f"data.image_size={size}: must be at least 8")
-    if on_bad_sample not in ("error", "skip"):
-        raise DataError(f"data.on_bad_sample={on_bad_sample!r}: expected 'error' or 'skip'")
-    if sixteen_bit not in SIXTEEN_BIT_RULES:
-        raise DataError(f"data.sixteen_bit={sixteen_bit!r}: expected one of {', '.join(SIXTEEN_BIT_RULES)}")
-    if duplicates not in DUPLICATE_POLICIES:
-        raise DataError(f"data.duplicates={duplicates!r}: expected one of {', '.join(DUPLICATE_POLICIES)}")
-    max_image_pixels = check_max_pixels(max_image_pixels)
+    max_image_pixels = check_pack_options(size, on_bad_sample, sixteen_bit, duplicates, max_image_pixels)
     sources = parse_sources(root, image_dir)
     table, source_of = read_sources(sources, classes)
     for source in sources:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from hpa_lightning.cells.crops import CellBox, cell_boxes, crop_cell
 from hpa_lightning.cells.masks import load_cell_mask
 from hpa_lightning.cells.scores import ScoredCells
-from hpa_lightning.data.sources import DEFAULT_MAX_IMAGE_PIXELS, load_full_sample, resize_square
+from hpa_lightning.data.sources import DEFAULT_MAX_IMAGE_PIXELS, load_sample, resize_square
 from hpa_lightning.errors import DataError, InferenceError
 from hpa_lightning.inference.load import InferenceModel
 from hpa_lightning.inference.tta import tta_probabilities
@@ -81,7 +81,7 @@ class CellImageDataset(Dataset):
     def __getitem__(self, i: int) -> CellItem:
         image_id = self.ids[i]
         try:
-            full = load_full_sample(self.image_dir, image_id, self.sixteen_bit, self.max_pixels)
+            full = load_sample(self.image_dir, image_id, None, self.sixteen_bit, self.max_pixels)
             height, width = full.shape[1:]
             if self.masks is not None:
                 labels = load_cell_mask(self.masks, image_id, height, width)

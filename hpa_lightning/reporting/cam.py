@@ -105,7 +105,7 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
 
 def _cells_picture(cell_data: CellImageDataset, index: int, model: InferenceModel, top: int) -> np.ndarray:
     """The outlines of image `index`'s cells, each with its `top` labels by cam score (as `predict cell_score=cam`)."""
-    from hpa_lightning.data.sources import load_full_sample
+    from hpa_lightning.data.sources import load_sample
     from hpa_lightning.errors import InferenceError
     from hpa_lightning.inference.cell_scoring import image_cell_scores, with_negative
 
@@ -117,7 +117,7 @@ def _cells_picture(cell_data: CellImageDataset, index: int, model: InferenceMode
     captions = {box.cell_id: "\n".join(f"{model.class_names[k]} {scores[j, k]:.2f}"
                                        for k in np.argsort(-scores[j], kind="stable")[:top])
                 for j, box in enumerate(item.boxes)}
-    full = load_full_sample(cell_data.image_dir, item.image_id, cell_data.sixteen_bit, cell_data.max_pixels)
+    full = load_sample(cell_data.image_dir, item.image_id, None, cell_data.sixteen_bit, cell_data.max_pixels)
     return cell_outlines(full, item.labels, captions)
 
 

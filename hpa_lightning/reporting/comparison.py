@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["label", "status", "experiment", "model", "loss", "gamma", "scheduler", "averaging", "base_lr",
            "val_macro_f1", "val_macro_f1_tuned", "test_macro_f1", "test_macro_f1_tuned", "test_roc_auc", "test_map",
-           "epochs", "wall_time_s", "device", "gpu", "run", "overrides", "error", "rerun"]
+           "test_cell_map", "epochs", "wall_time_s", "device", "gpu", "run", "overrides", "error", "rerun"]
 
 
 MARKDOWN_COLUMNS = [("label", "experiment"), ("model", "model"), ("loss", "loss"), ("gamma", "gamma"),
@@ -80,6 +80,7 @@ def completed_row(job: Job, roots: list[Path]) -> dict:
         "test_macro_f1_tuned": _get(results, "test", "macro_f1_tuned"),
         "test_roc_auc": _get(results, "test", "roc_auc"),
         "test_map": _get(results, "test", "mean_average_precision"), "epochs": results.get("epochs"),
+        "test_cell_map": _get(results, "test", "cell_map"),  # a cell model scored against cell truth
         "wall_time_s": results.get("wall_time_s"), "device": results.get("device"),
         "gpu": gpu.get("device") if gpu else None, "run": _relative(job.dir, roots),
         "overrides": " ".join(job.overrides), "error": None,
@@ -311,6 +312,8 @@ def write_report(roots: list[Path], out: Path) -> dict:
                    + ".", ""]
         averaged = any(row.get("averaging") for row in completed)  # the weights column only where EMA/SWA ran
         columns = [c for c in MARKDOWN_COLUMNS if c[0] != "averaging" or averaged]
+        if any(row.get("test_cell_map") is not None for row in completed):  # cell models scored on cell truth
+            columns.insert(columns.index(("test_map", "test mAP")) + 1, ("test_cell_map", "test cell mAP"))
         columns += [("rerun", "note")] if any(row.get("rerun") for row in completed) else []
         md += ["## Results", "", markdown_table(completed, columns), "",
                "F1 @0.5: macro F1 with every class at threshold 0.5; tuned: per-class thresholds tuned on val. "

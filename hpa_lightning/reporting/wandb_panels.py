@@ -129,7 +129,7 @@ def log_result_panels(run, results: dict, run_dir: Path, panels: dict | None = N
     summary = {"experiment": results.get("experiment"), "device": results.get("device"),
                "wall_time_s": results.get("wall_time_s"), "epochs": results.get("epochs")}
     for split in ("val", "test"):
-        for key in ("macro_f1", "macro_f1_tuned", "roc_auc", "mean_average_precision"):
+        for key in ("macro_f1", "macro_f1_tuned", "roc_auc", "mean_average_precision", "cell_map"):
             value = results.get(split, {}).get(key)
             if value is not None:
                 summary[f"{split}/{key}"] = value

@@ -8,6 +8,7 @@
     <run>/config.yaml           the resolved configuration; split.csv the split it used
     <run>/metrics.csv, lr_trace.csv, lr_find.json
     <run>/checkpoints/best.ckpt, last.ckpt
+    <run>/test_cells.csv, test_cell_submission.csv, cell_metrics.json   a cell model's test cells (data=hpa2021_cells)
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ SPLIT = "split.csv"
 METRICS = "metrics.csv"
 LR_TRACE = "lr_trace.csv"
 LR_FIND = "lr_find.json"
+TEST_CELLS = "test_cells.csv"  # per cell of the test split: image, cell id, box, area, class probabilities
+TEST_CELL_SUBMISSION = "test_cell_submission.csv"  # the same cells as HPA 2021 submission rows (with data.cell_truth)
+CELL_METRICS = "cell_metrics.json"  # their cell-level mAP against data.cell_truth, evaluate_cells' schema
 CHECKPOINTS = "checkpoints"
 BEST_CHECKPOINT = "best.ckpt"
 LAST_CHECKPOINT = "last.ckpt"

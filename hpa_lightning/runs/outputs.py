@@ -109,5 +109,6 @@ def write_results(run_dir: Path, results: dict, min_positives: int, time_line: s
             f"   macro ROC AUC: {metrics.format_score(test['roc_auc'])}"
             f"   mAP: {metrics.format_score(test.get('mean_average_precision'))}   "
             f"macro F1 over classes with >= {min_positives} test positives: {metrics.format_score(common_f1)}"
+            + (f"   cell mAP: {metrics.format_score(test['cell_map'])}" if "cell_map" in test else "")
             + (f"\ntime: {time_line}" if time_line else ""))
     return results

@@ -14,6 +14,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, open_dict
 
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES
+from hpa_lightning.data.cell_store import CellDataModule
 from hpa_lightning.data.datamodule import HPADataModule
 from hpa_lightning.errors import ConfigError
 from hpa_lightning.models.augment import build_augmentation, check_crop
@@ -27,6 +28,7 @@ from hpa_lightning.models.net import (
     takes_image_size,
 )
 from hpa_lightning.runs.attempts import AttemptLog
+from hpa_lightning.runs.cell_evaluation import write_test_cells
 from hpa_lightning.runs.outputs import check_thresholds, plain, target_name, write_evaluation, write_results
 from hpa_lightning.runs.status import JobHooks
 from hpa_lightning.targets import check_targets, own_factory, trusted_targets
@@ -243,6 +245,24 @@ def weight_averaging(cfg: DictConfig, callbacks: list[L.Callback]) -> dict | Non
     return None
 
 
+def test_cell_results(run_dir: Path, datamodule: HPADataModule, test: dict, evaluation: dict,
+                      trainer: L.Trainer) -> dict | None:
+    """A cell model's test cells (runs/cell_evaluation): test_cells.csv, and with data.cell_truth the cell mAP, put into
+    the test summary (`cell_map`, `cell_ap_per_class`) and logged as `test/cell_map` to every logger."""
+    if not isinstance(datamodule, CellDataModule):
+        return None
+    cells = write_test_cells(run_dir, datamodule, test)
+    if "cell_map" in cells:
+        evaluation["test"]["cell_map"] = cells.pop("cell_map")
+        evaluation["test"]["cell_ap_per_class"] = cells.pop("cell_ap_per_class")
+        value = evaluation["test"]["cell_map"]
+        for logger in trainer.loggers:
+            logger.log_metrics({"test/cell_map": float("nan") if value is None else float(value)},
+                               step=trainer.global_step)
+            logger.save()
+    return cells
+
+
 def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule, module: HPAModule, trainer: L.Trainer,
                       best: str | None, wall_time: float, timings: dict[str, float] | None = None,
                       attempts: list[dict] | None = None, finetune_auto: list[str] | None = None,
@@ -251,6 +271,7 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
     ids = {"val": datamodule.ids(val["rows"]), "test": datamodule.ids(test["rows"])}
     evaluation = write_evaluation(cfg, run_dir, val, test, ids, datamodule.split.path, datamodule.train_labels(),
                                   datamodule.class_names)
+    cells = test_cell_results(run_dir, datamodule, test, evaluation, trainer)
     min_pos = int(cfg.get("report_min_positives", 20))
     epochs_done = trainer.current_epoch
     results = {
@@ -295,6 +316,7 @@ def write_run_outputs(cfg: DictConfig, run_dir: Path, datamodule: HPADataModule,
                  "split": {n: len(datamodule.datasets[n]) for n in ("train", "val", "test")},
                  "mean": datamodule.stats[0], "std": datamodule.stats[1]},
         **evaluation,
+        **({"cells": cells} if cells is not None else {}),  # a cell model (data=hpa2021_cells): its test cells
     }
     time_line = (f"prepare {timings['prepare_s']:.0f}s  fit {timings['fit_s']:.0f}s  evaluate "
                  f"{timings['evaluate_s']:.0f}s  total {wall_time:.0f}s" if timings else "")
