@@ -20,7 +20,7 @@ from tests.conftest import REPO
 PACKAGE = REPO / "hpa_lightning"
 ENTRY_POINTS = {"train", "lr_find", "baseline", "pack", "predict", "export", "report", "resume", "rerun_failed",
                 "explain", "synth", "gpu_check", "gpu_bundle", "reproduce", "commands", "dashboard",
-                "evaluate_cells", "segment"}
+                "evaluate_cells", "segment", "demo_cells"}
 SHARED = {"__init__", "classes", "errors", "files", "cli", "logs", "machine", "targets", "metrics",
           "checkpoints"}
 STAGE_ORDER = {"shared": 0, "cells": 1, "data": 2, "models": 3, "runs": 4, "inference": 5, "training": 5,

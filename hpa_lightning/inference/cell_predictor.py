@@ -40,10 +40,12 @@ def skipped_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}_skipped.csv")
 
 
-def _classical(image, scale: float):  # module level: DataLoader worker processes take it by reference
-    from hpa_lightning.cells.segmentation import segment_rgby
+def _classical(image: np.ndarray, scale: float) -> np.ndarray:  # module level: worker processes take it by reference
+    """The cell mask of a uint8 (4, H, W) RGBY image by classical segmentation (cells/segmentation.py)."""
+    from hpa_lightning.cells.segmentation import SegmentationParams, segment_image
 
-    return segment_rgby(image, scale=scale)[0]
+    red, _, blue, yellow = image
+    return segment_image(blue, red, yellow, SegmentationParams(scale=scale))[0]
 
 
 def _models(args: dict[str, object], method: str) -> tuple[InferenceModel | None, InferenceModel | None]:
