@@ -14,7 +14,7 @@ import torch
 
 from hpa_lightning import SOURCE_ROOT
 
-SECTIONS = ("loading", "packing", "overhead", "augment", "gpu", "jpeg", "thresholds", "segment")
+SECTIONS = ("loading", "packing", "overhead", "augment", "gpu", "jpeg", "thresholds", "segment", "cells")
 
 
 TARGETS = {"loading_speedup": (">=", 30.0), "framework_overhead": ("<=", 1.05), "pack_peak_rss_mb": ("<", 1536.0),
@@ -56,6 +56,11 @@ class Profile:
     segment_px: int = 2048  # section 8: synthetic images of this size (cells as large as at 2048 px)
     segment_images: int = 4
     segment_rounds: int = 3
+    cells_px: int = 1024  # section 9: synthetic HPA 2021 images of this size, their cells as large as at 2048 px
+    cells_images: int = 6
+    cells_image_size: int = 256  # the image model's side
+    cells_crop_size: int = 128  # the cell model's side
+    cells_rounds: int = 2
 
 
 PROFILES = {
@@ -70,7 +75,8 @@ PROFILES = {
                      repeats=1, warmup_steps=1, aug_iters=2, gpu_model="resnet18", gpu_size=128, gpu_batch=16,
                      gpu_warmup=3, gpu_steps=5, gpu_compile=False, gpu_window_s=0.2, jpeg_samples=4,
                      jpeg_rounds=2, thr_iters=3, segment_px=1024, segment_images=1,
-                     segment_rounds=1),
+                     segment_rounds=1, cells_px=256, cells_images=2, cells_image_size=64, cells_crop_size=32,
+                     cells_rounds=1),
 }
 
 

@@ -17,6 +17,8 @@ Sections (each prints a ratio of two things measured in the same run, same data,
               per class, 3107 x 28 (a Kaggle-sized validation split); both must find the same F1
   8 segment   classical cell segmentation per 2048 px image at scale 0.25 on one core, seconds per image (synthetic
               images with the simulator's cells at HPA 2021 geometry; the goal is at most 0.5 s)
+  9 cells     per-cell prediction: cells/s of each cell_score (image, cam, crop, blend) over the same images and
+              masks; the ratio is blend's time over the image-level pass copied to every cell
 
 Generated data live in `cache` (default $HPA_CACHE_DIR/bench or .cache/bench), so reruns skip generation. The full
 mode renders `unique` samples and hard-links them under new ids up to `n` (decoding cost is per file, so packing and
@@ -49,6 +51,7 @@ import torch
 
 from hpa_lightning.bench.augment_speed import bench_augment
 from hpa_lightning.bench.bench_data import png_sizes, tiled_dataset
+from hpa_lightning.bench.cell_prediction_speed import bench_cell_prediction
 from hpa_lightning.bench.common import PROFILES, SECTIONS, Profile, note
 from hpa_lightning.bench.gpu_speed import bench_gpu
 from hpa_lightning.bench.jpeg import bench_jpeg
@@ -177,6 +180,8 @@ def run(args: dict) -> dict:
         attempt("thresholds", lambda: bench_thresholds(3107, 28, prof.thr_iters, seed))
     if "segment" in wanted:
         attempt("segment", lambda: bench_segmentation(prof, seed))
+    if "cells" in wanted:
+        attempt("cells", lambda: bench_cell_prediction(prof, seed, cache))
     result["environment"]["loadavg_end"] = _loadavg()
     result["ratios"] = headline_ratios(sections)
     result["targets"] = collect_targets(sections)

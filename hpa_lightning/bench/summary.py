@@ -80,6 +80,10 @@ def render_report(result: dict) -> str:
         x = s["segment"]
         row("8", "segment", f"{x['seconds_per_image']:.3f} s", f"classical segmentation per {x['image_px']} px image, "
             f"scale {x['scale']:g}, one core", verdict("segment_s_per_image"))
+    if "cells" in s:
+        x = s["cells"]
+        row("9", "cells", f"{x['ratio']:.2f}x", "per-cell blend (cam + crops) / image scores copied to every cell, "
+            "time", f"{x['cells_per_s']['blend']:.0f} cells/s")
     for name, err in result.get("errors", {}).items():
         lines.append(f"  ! {name}: FAILED: {err}")
 
@@ -157,6 +161,12 @@ def render_report(result: dict) -> str:
         lines.append(f"  8 segment   {x['images']} synthetic {x['image_px']} px images ({x['mean_cells']:.1f} cells "
                      f"each), {x['rounds']} rounds, one core, one thread: median {x['seconds_per_image']:.3f} s, "
                      f"max {x['max_seconds']:.3f} s per image")
+    if "cells" in s:
+        x = s["cells"]
+        rates = ", ".join(f"{m} {v:.0f}" for m, v in x["cells_per_s"].items())
+        lines.append(f"  9 cells     {x['images']} synthetic {x['image_px']} px images ({x['mean_cells']:.1f} cells "
+                     f"each), image model {x['image_model_px']} px, cell model {x['cell_model_px']} px, "
+                     f"{x['threads']} threads: cells/s {rates}")
     notes = diagnostics(result)
     if notes:
         lines.append("")
@@ -222,4 +232,5 @@ def headline_ratios(sections: dict) -> dict:
         "jpeg_draft_speedup": sections.get("jpeg", {}).get("ratio"),
         "threshold_search": sections.get("thresholds", {}).get("ratio"),
         "segment_s_per_image": sections.get("segment", {}).get("seconds_per_image"),
+        "cell_blend_over_image": sections.get("cells", {}).get("ratio"),
     }

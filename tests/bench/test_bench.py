@@ -170,3 +170,17 @@ def test_segment_section_prints_seconds_per_image_against_the_goal(tmp_path: Pat
     assert result["targets"]["segment_s_per_image"]["target"] == "target <= 0.5"
     assert re.search(r"^  8 segment\s+[\d.]+ s  classical segmentation per 1024 px image, scale 0.25, one core",
                      capsys.readouterr().out, re.MULTILINE)
+
+
+def test_cells_section_scores_the_same_cells_every_way(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Section 9 alone (a few seconds): per-cell prediction's cells/s for each cell_score, side by side."""
+    result = bench.main(["quick=true", "sections=cells", f"cache={tmp_path / 'cache'}", f"out={tmp_path / 'out.json'}"])
+    section = result["sections"]["cells"]
+    assert set(section["cells_per_s"]) == {"image", "cam", "crop", "blend"}
+    assert all(is_finite_number(v) and v > 0 for v in section["cells_per_s"].values())
+    assert section["cells"] >= section["images"] == 2
+    assert section["ratio"] == pytest.approx(section["cells_per_s"]["image"] / section["cells_per_s"]["blend"])
+    out = capsys.readouterr().out
+    assert re.search(r"^  9 cells\s+[\d.]+x  per-cell blend", out, re.MULTILINE)
+    assert re.search(r"^  9 cells\s+2 synthetic 256 px images .* cells/s cam \d+, crop \d+, blend \d+, image \d+$", out,
+                     re.MULTILINE)
