@@ -65,7 +65,7 @@ HPA2018_TO_2021 = {pattern: label for label, patterns in HPA2021_FROM_2018.items
 
 MIN_CELL_FRACTION = 0.25  # a cell with fewer visible pixels than this share of its ellipse is a fragment
 SHOWN_FRACTION = 0.2  # a cell shows a label when its green per pixel is >= this share of the strongest cell's
-HOMOGENEOUS = 0.5  # chance that a label is painted in every cell that can show it
+SHOW_RATE = (0.3, 0.8)  # per label, each cell that can show it does with a chance drawn from this range
 
 # Cell kinds a 2018 painter draws in (the others: every kind); the measurement decides the rest.
 _NOT_MITOTIC = ("interphase", "daughter")
@@ -117,11 +117,9 @@ def _kept_cells(sc: Scene, area: np.ndarray) -> np.ndarray:
 
 
 def _subset(eligible: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """All eligible cells, or (half the time) a random non-empty part of them."""
-    if rng.random() < HOMOGENEOUS:
-        return eligible.copy()
+    """A random non-empty subset of the eligible cells: each with the label's own chance (SHOW_RATE), at least one."""
     idx = np.flatnonzero(eligible)
-    pick = rng.random(idx.size) < rng.uniform(0.3, 0.8)
+    pick = rng.random(idx.size) < rng.uniform(*SHOW_RATE)
     if not pick.any():
         pick[int(rng.integers(idx.size))] = True
     chosen = np.zeros_like(eligible)
