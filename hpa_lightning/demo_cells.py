@@ -1,6 +1,6 @@
 """`make demo-cells`: the HPA 2021 single-cell task end to end on synthetic cells with ground truth, on CPU.
 
-    python -m hpa_lightning.demo_cells [out=outputs/demo_cells] [n=400] [test_n=60] [size=256] [zoom=0.7]
+    python -m hpa_lightning.demo_cells [out=outputs/demo_cells] [n=400] [test_n=60] [size=512] [zoom=0.7]
         [image_size=128] [cell_size=48] [epochs=6] [seed=0]
 
 The steps are the commands a user types, each printed before it runs (docs/cells.md):
@@ -33,7 +33,7 @@ from hpa_lightning.errors import UsageError
 from hpa_lightning.files import write_json_atomic
 
 PROG = "hpa_lightning.demo_cells"
-DEFAULTS: dict[str, object] = {"out": "outputs/demo_cells", "n": 400, "test_n": 60, "size": 256, "zoom": 0.7,
+DEFAULTS: dict[str, object] = {"out": "outputs/demo_cells", "n": 400, "test_n": 60, "size": 512, "zoom": 0.7,
                                "image_size": 128, "cell_size": 48, "epochs": 6, "seed": 0}
 METHODS = ("image", "cam", "crop", "blend")
 BASELINE = "image"
