@@ -20,6 +20,7 @@ from hpa_lightning.cells.submission import CellPrediction, ImageCells
 from hpa_lightning.files import write_text_atomic
 
 CELLS_CSV_COLUMNS: tuple[str, ...] = ("ID", "cell_id", "y0", "x0", "y1", "x1", "area")
+NEGATIVE = "Negative"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,20 @@ class ScoredCells:
         if self.probabilities.shape[0] != len(self.boxes):
             raise ValueError(f"{self.image_id}: {len(self.boxes)} cells but {self.probabilities.shape[0]} rows of "
                              f"probabilities")
+
+
+def with_negative(scores: np.ndarray, class_names: list[str]) -> np.ndarray:
+    """A cell's Negative probability raised to 1 minus its highest other probability (classes without Negative: as
+    they are). Image-level labels call an image Negative only when all its cells are, so a model trained on them
+    ranks the negative cells of a positive image low; every cell score (not the image-label baseline) goes through
+    this, in prediction and in a cell model's test split alike."""
+    if NEGATIVE not in class_names:
+        return scores
+    k = class_names.index(NEGATIVE)
+    others = np.delete(scores, k, axis=1)
+    out = scores.copy()
+    out[:, k] = np.maximum(scores[:, k], 1.0 - others.max(axis=1, initial=0.0))
+    return out
 
 
 def submission_row(scored: ScoredCells, min_confidence: float = 0.0) -> ImageCells:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpa_lightning.cells.crops import CellBox, cell_boxes, crop_cell
 from hpa_lightning.cells.masks import load_cell_mask
-from hpa_lightning.cells.scores import ScoredCells
+from hpa_lightning.cells.scores import ScoredCells, with_negative
 from hpa_lightning.data.sources import DEFAULT_MAX_IMAGE_PIXELS, load_sample, resize_square
 from hpa_lightning.errors import DataError, InferenceError
 from hpa_lightning.inference.load import InferenceModel
@@ -37,7 +37,6 @@ from hpa_lightning.models.class_maps import raw_class_maps
 
 CELL_SCORES = ("cam", "crop", "blend", "image")
 DEFAULT_CELL_WEIGHT = 0.7
-NEGATIVE = "Negative"
 
 Segmenter = Callable[[np.ndarray], np.ndarray]  # uint8 (4, H, W) RGBY -> int (H, W) cell label image
 
@@ -142,18 +141,6 @@ def cam_scores(maps: np.ndarray, labels: np.ndarray, boxes: tuple[CellBox, ...],
     peak = means.max(axis=0, keepdims=True)
     share = np.divide(means, peak, out=np.ones_like(means), where=peak > 0)
     return image_probs[None, :] * share
-
-
-def with_negative(scores: np.ndarray, class_names: list[str]) -> np.ndarray:
-    """A cell's Negative probability raised to 1 minus its highest other probability (classes without Negative: as
-    they are)."""
-    if NEGATIVE not in class_names:
-        return scores
-    k = class_names.index(NEGATIVE)
-    others = np.delete(scores, k, axis=1)
-    out = scores.copy()
-    out[:, k] = np.maximum(scores[:, k], 1.0 - others.max(axis=1, initial=0.0))
-    return out
 
 
 def combine(method: str, image_probs: np.ndarray | None, cam: np.ndarray | None, crop: np.ndarray | None,

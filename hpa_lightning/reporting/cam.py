@@ -105,9 +105,10 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
 
 def _cells_picture(cell_data: CellImageDataset, index: int, model: InferenceModel, top: int) -> np.ndarray:
     """The outlines of image `index`'s cells, each with its `top` labels by cam score (as `predict cell_score=cam`)."""
+    from hpa_lightning.cells.scores import with_negative
     from hpa_lightning.data.sources import load_sample
     from hpa_lightning.errors import InferenceError
-    from hpa_lightning.inference.cell_scoring import image_cell_scores, with_negative
+    from hpa_lightning.inference.cell_scoring import image_cell_scores
 
     item = cell_data[index]
     if item.error:

@@ -19,7 +19,7 @@ import pandas as pd
 from hpa_lightning.cells.average_precision import DEFAULT_IOU, cell_metrics
 from hpa_lightning.cells.crops import CellBox
 from hpa_lightning.cells.masks import load_cell_mask
-from hpa_lightning.cells.scores import ScoredCells, submission_row, write_cells_csv
+from hpa_lightning.cells.scores import ScoredCells, submission_row, with_negative, write_cells_csv
 from hpa_lightning.cells.submission import read_submission, write_submission
 from hpa_lightning.data.cell_store import CellDataModule
 from hpa_lightning.errors import DataError
@@ -46,7 +46,9 @@ def write_test_cells(run_dir: Path, datamodule: CellDataModule, test: dict[str, 
                      iou: float = DEFAULT_IOU, min_confidence: float = 0.0) -> dict:
     """Write the files above for the test stage's outputs `test` (`rows`, `probs`); returns results.json's `cells`
     entry, with `cell_map` and `cell_ap_per_class` when the truth file scored them."""
-    images = group_test_cells(datamodule.cells_of(test["rows"]), np.asarray(test["probs"], dtype=np.float64))
+    # the cell scores `predict cell_score=crop` gives (Negative raised where no class is found)
+    scores = with_negative(np.asarray(test["probs"], dtype=np.float64), list(datamodule.class_names))
+    images = group_test_cells(datamodule.cells_of(test["rows"]), scores)
     write_cells_csv(run_dir / layout.TEST_CELLS, [scored for scored, _ in images], datamodule.class_names)
     truth_name = str(datamodule.cell_truth) if datamodule.cell_truth else None
     entry: dict = {"masks": str(datamodule.cells), "truth": truth_name, **datamodule.cells_summary(),

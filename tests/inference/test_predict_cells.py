@@ -15,9 +15,10 @@ from PIL import Image
 from hpa_lightning.cells.crops import cell_boxes, crop_cell
 from hpa_lightning.cells.masks import write_masks
 from hpa_lightning.cells.rle import decode_mask
+from hpa_lightning.cells.scores import with_negative
 from hpa_lightning.cells.submission import read_submission
 from hpa_lightning.classes import CHANNELS, class_set
-from hpa_lightning.inference.cell_scoring import cam_scores, cell_activation_means, resize_labels, with_negative
+from hpa_lightning.inference.cell_scoring import cam_scores, cell_activation_means, resize_labels
 from hpa_lightning.inference.load import load_model
 from hpa_lightning.models.module import HPAModule
 from hpa_lightning.predict import main as predict_main
