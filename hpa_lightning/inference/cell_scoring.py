@@ -36,6 +36,7 @@ from hpa_lightning.inference.tta import tta_probabilities
 from hpa_lightning.models.class_maps import raw_class_maps
 
 CELL_SCORES = ("cam", "crop", "blend", "image")
+SEGMENT_SIXTEEN_BIT = "percentile"  # how the `segment` command reads 16-bit channels (its default)
 DEFAULT_CELL_WEIGHT = 0.7
 
 Segmenter = Callable[[np.ndarray], np.ndarray]  # uint8 (4, H, W) RGBY -> int (H, W) cell label image
@@ -85,7 +86,11 @@ class CellImageDataset(Dataset):
             if self.masks is not None:
                 labels = load_cell_mask(self.masks, image_id, height, width)
             else:
-                labels = np.asarray(self.segment(full), dtype=np.int32)
+                # segmented as the `segment` command reads images: a low-range 16-bit channel divided down to 8 bits
+                # would leave the thresholds almost nothing to work on
+                seen = full if self.sixteen_bit == SEGMENT_SIXTEEN_BIT else load_sample(
+                    self.image_dir, image_id, None, SEGMENT_SIXTEEN_BIT, self.max_pixels)
+                labels = np.asarray(self.segment(seen), dtype=np.int32)
                 if not labels.any():
                     raise DataError(f"{self.image_dir}: no cell found in image {image_id} by segmentation")
         except DataError as err:

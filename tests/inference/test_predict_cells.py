@@ -263,3 +263,24 @@ def test_explain_outlines_every_cell_with_its_top_labels(cell_folder, models, tm
         assert white_or_caption.all()
         assert (picture == [255, 255, 0]).all(axis=-1).sum() > 20  # captions drawn
     assert "_cells.png" in (tmp_path / "x" / "index.html").read_text()
+
+
+def test_cells_classical_segments_as_the_segment_command_does(models, tmp_path, capsys) -> None:
+    """`cells=classical` on the way equals `segment` first, then `cells=MASKS`: same cells, same scores, also where
+    the model reads 16-bit channels by another rule than segmentation does (predict passes sixteen_bit=divide)."""
+    from hpa_lightning.data.simulator.dataset import generate
+    from hpa_lightning.segment import main as segment_main
+
+    root = generate(tmp_path / "synth", n=2, seed=5, size=512, zoom=0.7, workers=1, classes="hpa2021", cells=True)
+    for path in (root / "train").glob("*.png"):  # as HPA 2021 ships them: 16-bit, a low range (here at most 1020)
+        Image.fromarray(np.asarray(Image.open(path)).astype(np.uint16) * 4).save(path)
+    segment_main([f"input={root}", "image_dir=train", f"out={tmp_path / 'masks'}", "workers=1"])
+    image_run, _ = models
+    outs = {}
+    for cells in ("classical", str(tmp_path / "masks")):
+        outs[cells] = tmp_path / f"{len(outs)}.csv"
+        code, _, err = predict(capsys, f"ckpt={image_run}", f"input={root}", "image_dir=train", f"cells={cells}",
+                               f"out={outs[cells]}")
+        assert code == 0, err
+    assert outs["classical"].read_text() == outs[str(tmp_path / "masks")].read_text()
+    assert len(cells_frame(outs["classical"])) >= 4
