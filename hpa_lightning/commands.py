@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "report": "hpa_lightning.report",
     "dashboard": "hpa_lightning.dashboard",
     "reproduce": "hpa_lightning.reproduce",
+    "demo-cells": "hpa_lightning.demo_cells",
     "synth": "hpa_lightning.synth",
     "bench": "hpa_lightning.bench",
     "gpu-check": "hpa_lightning.gpu_check",

@@ -1,6 +1,6 @@
 """`make demo-cells`: the HPA 2021 single-cell task end to end on synthetic cells with ground truth, on CPU.
 
-    python -m hpa_lightning.demo_cells [out=outputs/demo_cells] [n=400] [test_n=60] [size=512] [zoom=0.7]
+    python -m hpa_lightning.demo_cells [out=DIR] [n=400] [test_n=60] [size=512] [zoom=0.7]
         [image_size=128] [cell_size=48] [epochs=6] [seed=0]
 
 The steps are the commands a user types, each printed before it runs (docs/cells.md):
@@ -14,7 +14,8 @@ The steps are the commands a user types, each printed before it runs (docs/cells
 4. `predict cells=... cell_score=image|cam|crop|blend` on the held-out images, then `evaluate_cells` of each against
    the held-out truth.
 
-Prints the cell mAP of each way and writes `out/cell_map.json`. Exit status 1 when a step fails (its last lines
+Everything goes to a new folder, `out` (default `outputs/demo_cells/<date>_<time>`; an existing one is refused). Prints
+the cell mAP of each way and writes `out/cell_map.json`. Exit status 1 when a step fails (its last lines
 printed), 2 for bad arguments.
 """
 
@@ -33,7 +34,7 @@ from hpa_lightning.errors import UsageError
 from hpa_lightning.files import write_json_atomic
 
 PROG = "hpa_lightning.demo_cells"
-DEFAULTS: dict[str, object] = {"out": "outputs/demo_cells", "n": 400, "test_n": 60, "size": 512, "zoom": 0.7,
+DEFAULTS: dict[str, object] = {"out": "", "n": 400, "test_n": 60, "size": 512, "zoom": 0.7,
                                "image_size": 128, "cell_size": 48, "epochs": 6, "seed": 0}
 METHODS = ("image", "cam", "crop", "blend")
 BASELINE = "image"
@@ -71,7 +72,7 @@ def run(args: dict[str, object]) -> dict[str, float]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     cache = Path(env.get("HPA_CACHE_DIR", ".cache")).absolute()
     env["HPA_CACHE_DIR"] = str(cache)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True)
     train_root = _dataset(cache, "train", n, seed, size, zoom, env)
     test_root = _dataset(cache, "test", test_n, seed + 1, size, zoom, env)
     masks = {name: out / f"{name}_masks" for name in ("train", "test")}
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         args = parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, PROG)
         if int(args["n"]) < 20 or int(args["test_n"]) < 1:
             raise UsageError(f"{PROG}: n must be >= 20 and test_n >= 1")
+        args["out"] = str(args["out"]) or time.strftime("outputs/demo_cells/%Y-%m-%d_%H-%M-%S")
+        if Path(str(args["out"])).exists():
+            raise UsageError(f"{PROG}: out={args['out']} already exists; the demo writes a new folder")
     except UsageError as err:
         fail(err)
     started = time.perf_counter()
