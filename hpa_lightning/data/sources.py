@@ -212,16 +212,19 @@ DEFAULT_MAX_IMAGE_PIXELS = 16384 * 16384
 # Pillow reads the module global at each open, so it is lifted for the header read only; the lock keeps two threads
 # of this module from restoring each other's value (the project decodes in processes, so it is never contended).
 _PILLOW_LIMIT_LOCK = threading.Lock()
-# JPGs larger than the decode target are decoded by DCT scaling (Pillow's draft: libjpeg decodes at 1/2, 1/4 or 1/8
-# scale) at the largest reduction that keeps at least JPEG_DRAFT_OVERSAMPLING x the target, and then area-averaged (a
-# box filter) to the target: a 2048 px HPAv18 JPG packed at 512 px is decoded at 1/4 scale, 512 px, and needs no
-# resize. The rule is chosen by the ideal downsample, the box-filtered (area-average) full decode: against it, drafting
-# straight to the target is closer than drafting to twice it and resizing with the anti-aliasing triangle filter (the
-# rule before, `draft-x2`): 0.61 vs 1.19 grey levels mean on 2048 -> 512 px HPAv18-style JPGs (bench section 6), and
-# 2.9x a plain full-decode loop per sample on one core where `draft-x2` was 1.4x (the reduced IDCT averages each 8x8
-# block down to 4x4, 2x2 or 1 pixel, itself close to a box filter; what it cannot save is the entropy decoding, most of
-# a draft's time). Nothing is drafted when the file is less than twice the oversampled target (the smallest reduction
-# is 1/2); a JPG smaller than the target is resized up as any other file.
+# JPGs much larger than the decode target are decoded by DCT scaling (Pillow's draft: libjpeg decodes at 1/2, 1/4 or
+# 1/8 scale), the largest reduction that keeps at least JPEG_DRAFT_OVERSAMPLING x the target, and then resized to it as
+# usual (resize_square) where the draft lands above it: a 2048 px HPAv18 JPG packed at 512 px is decoded at 1/4 scale,
+# 512 px, and not resized. The rule is chosen by the ideal downsample, the box-filtered (area-average) full decode:
+# against it, drafting straight to the target is closer than drafting to twice it and resizing with the anti-aliasing
+# triangle filter (the rule before, `draft-x2`): 0.62 vs 1.20 grey levels mean (p99 2.3 vs 3.9) on 2048 -> 512 px
+# HPAv18-style JPGs, and 3.5-3.8x a plain full-decode loop per sample on one core where `draft-x2` was 1.9-2.0x (bench
+# section 6). The reduced IDCT averages each 8x8 block down to 4x4, 2x2 or 1 pixel, itself close to a box filter (1/8
+# keeps the block's mean); what it cannot save is the entropy decoding, most of a draft's time. Where the draft lands
+# above the target (a ratio not a power of two), resizing it by the triangle filter was closer to the box-filtered full
+# decode than resizing it by a box (e.g. 1.6 vs 2.2 grey levels at 256 -> 40 px), and keeps a JPG's perceptual hash
+# close to its PNG copy's (duplicates across sources). Nothing is drafted when the file is less than twice the
+# oversampled target (the smallest reduction is 1/2).
 JPEG_DRAFT_OVERSAMPLING = 1
 
 
@@ -256,19 +259,15 @@ def _decode(path: Path, channel: str | None, sixteen_bit: str, size: int | None,
     try:
         with _open_checked(path, max_pixels) as img:
             header_size = img.size
-            area = size is not None and img.format == "JPEG" and size <= min(header_size)
-            if area and 2 * JPEG_DRAFT_OVERSAMPLING * size <= min(header_size):
+            if size is not None and img.format == "JPEG" and 2 * JPEG_DRAFT_OVERSAMPLING * size <= min(header_size):
                 img.draft(img.mode, (JPEG_DRAFT_OVERSAMPLING * size,) * 2)  # the mode kept: RGB keeps its planes
             img.load()
-            array = _pixels(img, path, channel, sixteen_bit)
+            return _pixels(img, path, channel, sixteen_bit), header_size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         if isinstance(err, DataError):
             raise
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{path}: cannot decode image ({reason})") from None
-    if area and array.shape != (size, size):
-        array = np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
-    return array, header_size
 
 
 def _pixels(img: Image.Image, path: Path, channel: str | None, sixteen_bit: str) -> np.ndarray:
@@ -298,11 +297,11 @@ def decode_channel(path: Path, channel: str | None = None, sixteen_bit: str = "d
       a file whose other planes carry signal is refused as a composite.
     - 1-bit (`1`) and float (`F`) images are refused: a mask or a computed map, not a microscopy channel.
 
-    `size`: the side the caller resizes to. A JPG at least `size` px in both dimensions comes back `size` x `size`:
-    decoded at the largest DCT reduction that keeps at least JPEG_DRAFT_OVERSAMPLING x `size` px (from twice that
-    size: libjpeg's smallest reduction is 1/2) and area-averaged (box filter) to `size`; other files, and smaller
-    JPGs, come back at their own size, for resize_square. A file whose header declares more than `max_pixels` pixels
-    is refused before decoding.
+    `size`: the side the caller resizes to. A JPG at least 2 x JPEG_DRAFT_OVERSAMPLING times as large in both
+    dimensions is decoded at the largest DCT reduction that keeps at least JPEG_DRAFT_OVERSAMPLING x `size` px (so the
+    array is smaller than the file: exactly `size` where the file is `size` times a power of two, as HPAv18's 2048 px
+    files packed at 512 px; resize_square does the rest otherwise). A file whose header declares more than
+    `max_pixels` pixels is refused before decoding.
     """
     return _decode(path, channel, sixteen_bit, size, max_pixels)[0]
 
@@ -318,8 +317,8 @@ def resize_square(channel: np.ndarray, size: int) -> np.ndarray:
 def load_sample(image_dir: str | Path, sample_id: str, size: int | None, sixteen_bit: str = "divide",
                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode the four channels of one sample into a uint8 array (4, size, size) in R,G,B,Y order (JPGs at a reduced
-    DCT scale and area-averaged where `size` allows, decode_channel; other files resized by resize_square); a channel
-    file above `max_pixels` pixels is refused unread.
+    DCT scale where `size` allows, decode_channel; then resize_square); a channel file above `max_pixels` pixels is
+    refused unread.
     `size=None`: at the files' own resolution, (4, H, W), nothing drafted or resized (cell crops are cut from it)."""
     image_dir = Path(image_dir)
     channels = []

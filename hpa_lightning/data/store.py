@@ -56,12 +56,12 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 # How JPG channel files are decoded: since issue 26 a large JPG is decoded at a reduced DCT scale; since issue 36 at the
-# scale that keeps at least JPEG_DRAFT_OVERSAMPLING (1) x the store's size, then area-averaged (box filter) to it
-# (`draft-x1-box`; before: twice the size, then the triangle resize, `draft-x2`; before issue 26, `full`). Part of the
-# fingerprint of sources holding JPGs, and only of those: a store of JPGs packed by another decoder is packed anew
-# rather than reused as if its pixels were what this code makes (runs compared across the change would otherwise
-# differ for no visible reason), while PNG and TIFF stores, whose pixels did not change, stay valid.
-JPEG_DECODER = f"draft-x{JPEG_DRAFT_OVERSAMPLING}-box"
+# scale that keeps at least JPEG_DRAFT_OVERSAMPLING (1) x the store's size (`draft-x1`; before: twice the size,
+# `draft-x2`; before issue 26, the full decode, `full`). Part of the fingerprint of sources holding JPGs, and only of
+# those: a store of JPGs packed by another decoder is packed anew rather than reused as if its pixels were what this
+# code makes (runs compared across the change would otherwise differ for no visible reason), while PNG and TIFF
+# stores, whose pixels did not change, stay valid.
+JPEG_DECODER = f"draft-x{JPEG_DRAFT_OVERSAMPLING}"
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 

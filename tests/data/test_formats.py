@@ -63,6 +63,11 @@ def sixteen_bit(suffix: str, scale: int = 257):
     return write
 
 
+def area(array: np.ndarray, size: int) -> np.ndarray:
+    """`array` area-averaged (box filter) to size x size."""
+    return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BOX))
+
+
 def packed(root: Path, cache: Path, **kwargs) -> np.ndarray:
     return np.asarray(build_store(root, SIZE, cache, workers=1, **kwargs).images())
 
@@ -88,9 +93,9 @@ def test_low_range_sixteen_bit_with_percentile_scaling(kaggle_png: Path, tmp_pat
 
 
 def test_hpav18_rgb_jpgs_pack_like_the_pngs_within_jpeg_error(kaggle_png: Path, tmp_path: Path) -> None:
-    """Large JPGs are area-averaged to the store's size (the draft rule), where PNGs are resized by resize_square's
-    triangle filter: the JPG store is compared with the PNGs area-averaged alike (1.09 grey levels mean, p99 7; with
-    the PNG store, whose filter differs, 2.05, p99 15)."""
+    """These JPGs are 8x the store's size: drafted at 1/8 scale, a box filter (each 8x8 block's mean), where the
+    PNGs (2x) are resized by resize_square's triangle filter; the JPG store is compared with the PNGs area-averaged
+    alike (1.09 grey levels mean, p99 7; with the PNG store, whose filter differs, 2.05, p99 15)."""
     root = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)
     pngs = np.stack([np.stack([area(np.asarray(Image.open(channel_path(kaggle_png / "train", sample_id, c))), SIZE)
                                for c in CHANNELS]) for sample_id in build_store(kaggle_png, SIZE, tmp_path / "c8",
@@ -198,7 +203,7 @@ def test_large_jpgs_are_drafted_straight_to_the_target_and_pack_and_predict_alik
     root = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)  # 256 px JPGs packed at 32 px
     store = build_store(root, SIZE, tmp_path / "c", workers=1)  # in this process, so the spy sees the decoding
     files = sorted(p.name for p in (root / "train").glob("*.jpg"))
-    # each file decoded once, at 1/8 scale: 32 px, the store's size, with no resize
+    # each file decoded once, at 1/8 scale: 32 px, the store's size, so nothing is resized
     assert sorted(name for name, _, _ in drafts) == files
     assert {(requested, decoded) for _, requested, decoded in drafts} == {((32, 32), (32, 32))}
     reference = np.stack([np.stack([box_reference(channel_path(root / "train", sample_id, c), c, SIZE)
@@ -215,17 +220,13 @@ def test_large_jpgs_are_drafted_straight_to_the_target_and_pack_and_predict_alik
         assert item["error"] == ""
         np.testing.assert_array_equal(item["image"].numpy(), store.images()[i])
     assert len(drafts) == 3 * len(CHANNELS)
-    # decode_channel with the target size returns it at the target size, without it at the file's
+    # decode_channel with the target size returns the drafted array (here the target size), without it the full one
     path = channel_path(root / "train", store.ids[0], "yellow")
     assert decode_channel(path, "yellow", size=SIZE).shape == (SIZE, SIZE)
     assert decode_channel(path, "yellow").shape == (256, 256)
 
 
-def area(array: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BOX))
-
-
-def test_jpgs_are_drafted_from_twice_the_target_area_averaged_from_it_and_keep_their_mode(
+def test_jpgs_are_drafted_from_twice_the_target_and_keep_their_mode(
         kaggle_png: Path, tmp_path: Path, drafts: list) -> None:
     differences = []
     for k, png in enumerate(sorted((kaggle_png / "train").glob("*_green.png"))):
@@ -239,28 +240,17 @@ def test_jpgs_are_drafted_from_twice_the_target_area_averaged_from_it_and_keep_t
     # greyscale JPGs keep more than RGB ones (no chroma subsampling): 0.26 grey levels mean, max 0.63 (the rounding)
     assert np.mean(differences) < 0.4 and np.max(differences) <= 1, np.mean(differences)
     source = Image.open(tmp_path / "0_green.jpg")
-    # 100 px for a 32 px target (at least twice it): drafted at 1/2, to 50 px, then area-averaged
+    # 100 px for a 32 px target (at least twice it): drafted at 1/2, to 50 px, resized by load_sample as usual
     source.resize((100, 100)).save(tmp_path / "half_green.jpg", quality=95)
     drafts.clear()
-    half = decode_channel(tmp_path / "half_green.jpg", "green", size=SIZE)
-    assert drafts == [("half_green.jpg", (SIZE, SIZE), (50, 50))] and half.shape == (SIZE, SIZE)
-    # 60 px (less than twice): decoded in full and area-averaged; 24 px (less than the target): as it is, for the
-    # usual resize
-    for side, expected in ((60, (SIZE, SIZE)), (24, (24, 24))):
-        path = tmp_path / f"small{side}_green.jpg"
-        source.resize((side, side)).save(path, quality=95)
-        drafts.clear()
-        full = np.asarray(Image.open(path))
-        np.testing.assert_array_equal(decode_channel(path, "green", size=SIZE),
-                                      area(full, SIZE) if side >= SIZE else full)
-        assert drafts == [] and decode_channel(path, "green", size=SIZE).shape == expected
-    np.testing.assert_array_equal(load_sample_like(tmp_path / "small24_green.jpg"),
-                                  resize_square(np.asarray(Image.open(tmp_path / "small24_green.jpg")), SIZE))
-
-
-def load_sample_like(path: Path) -> np.ndarray:
-    """What load_sample makes of one channel file: decode_channel at the target size, then resize_square."""
-    return resize_square(decode_channel(path, "green", size=SIZE), SIZE)
+    assert decode_channel(tmp_path / "half_green.jpg", "green", size=SIZE).shape == (50, 50)
+    assert drafts == [("half_green.jpg", (SIZE, SIZE), (50, 50))]
+    # 60 px (less than twice the target): decoded in full, exactly as before
+    source.resize((60, 60)).save(tmp_path / "small_green.jpg", quality=95)
+    drafts.clear()
+    np.testing.assert_array_equal(decode_channel(tmp_path / "small_green.jpg", "green", size=SIZE),
+                                  np.asarray(Image.open(tmp_path / "small_green.jpg")))
+    assert drafts == []
 
 
 def test_channels_of_different_file_sizes_are_refused_even_when_their_drafts_agree(kaggle_png: Path,
@@ -268,7 +258,7 @@ def test_channels_of_different_file_sizes_are_refused_even_when_their_drafts_agr
     root = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)
     sample_id = next((root / "train").glob("*_red.jpg")).stem.rsplit("_", 1)[0]
     red = root / "train" / f"{sample_id}_red.jpg"
-    for channel, side in (("red", 257), ("green", 260)):  # both drafted at 1/8 to 33 px, area-averaged to 32
+    for channel, side in (("red", 257), ("green", 260)):  # both drafted at 1/8 to 33 px
         path = root / "train" / f"{sample_id}_{channel}.jpg"
         Image.open(path).resize((side, side)).save(path, quality=95)
     assert decode_channel(red, "red", size=SIZE).shape == decode_channel(
@@ -354,7 +344,7 @@ def test_stores_of_jpgs_packed_by_the_full_decode_are_not_reused(kaggle_png: Pat
 
     jpgs = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)
     before = {root: store.store_path(root, SIZE, tmp_path / "c") for root in (jpgs, kaggle_png)}
-    assert store.JPEG_DECODER == "draft-x1-box"
+    assert store.JPEG_DECODER == "draft-x1"
     for decoder in ("full", "draft-x2"):  # as stores were packed before the draft (issue 26), before issue 36
         monkeypatch.setattr(store, "JPEG_DECODER", decoder)
         assert store.store_path(jpgs, SIZE, tmp_path / "c") != before[jpgs]
