@@ -182,10 +182,11 @@ def test_the_draft_rule_is_as_close_to_the_box_filtered_full_decode_as_the_rule_
         kaggle_png: Path, tmp_path: Path, size: int, mean_tolerance: float, p99_tolerance: float) -> None:
     """HPAv18-style JPGs (256 px, the simulator's 64 px images upscaled 4x, quality 95) decoded to 32 px (1/8 DCT
     scale) and 64 px (1/4, the ratio of HPAv18's 2048 px files packed at 512 px), against the ideal downsample: the
-    box-filtered full decode. Measured (Pillow 13, libjpeg-turbo 3): drafting straight to the target and
-    area-averaging, 0.48 grey levels mean (p99 2.3) at 32 px and 0.58 (p99 4.6) at 64 px; drafting to twice the target
-    and area-averaging, as close (0.52, 0.58); the rule before (`draft-x2`, twice the target and the triangle filter),
-    2.11 (p99 16) and 1.39 (p99 12): its distance was the filter's, not the draft's."""
+    box-filtered full decode. Tolerance: mean 0.75 grey levels, and at most 0.6 x the rule before. Measured (Pillow 13,
+    libjpeg-turbo 3): drafting straight to the target (nothing left to resize at these ratios), 0.48 grey levels mean
+    (p99 2.3) at 32 px and 0.58 (p99 4.6) at 64 px; drafting to twice the target and area-averaging, as close (0.52,
+    0.58); the rule before (`draft-x2`, twice the target and the triangle filter), 2.11 (p99 16) and 1.39 (p99 12):
+    its distance was the filter's, not the draft's."""
     root = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)
     new, old = [], []
     for path in sorted((root / "train").glob("*.jpg")):
