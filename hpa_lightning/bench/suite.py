@@ -11,8 +11,9 @@ Sections (each prints a ratio of two things measured in the same run, same data,
               work (same model, loader, optimizer groups, DeviceTransform, loss); median of alternating runs
   4 augment   the kornia augmentation as a share of a training step (CPU; also on the GPU when there is one)
   5 gpu       ResNet50 at 512 px, bf16-mixed, channels_last, eager and model.compile: images/s and data wait per step
-  6 jpeg      per-sample decoding of HPAv18-like 2048 px RGB JPGs to 512 px as the packer does it (DCT scaling, then
-              the resize) vs the full decode + resize, alternating rounds over the same files
+  6 jpeg      per-sample decoding of HPAv18-like 2048 px RGB JPGs to 512 px as the packer does it (DCT scaling straight
+              to the size) vs a plain full-decode loop and the rule before (draft-x2), alternating rounds over the same
+              files on one core; how close each is to the box-filtered full decode
   7 thresholds  the exact per-class threshold search (metrics.tune_thresholds) vs sklearn's precision-recall curve
               per class, 3107 x 28 (a Kaggle-sized validation split); both must find the same F1
   8 segment   classical cell segmentation per 2048 px image at scale 0.25 on one core, seconds per image (synthetic

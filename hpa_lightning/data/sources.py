@@ -172,12 +172,16 @@ def _sixteen_to_eight(array: np.ndarray, rule: str) -> np.ndarray:
     return np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
 
 
-def _channel_plane(rgb: np.ndarray, path: Path, channel: str) -> np.ndarray:
-    # In integers: a 2048 px RGB file as float64 is 100 MB, and converting it took 3-4x as long as decoding it.
+def channel_plane(rgb: Image.Image, path: Path, channel: str) -> np.ndarray:
+    """The plane(s) of `channel` of the RGB image `rgb` as uint8 (H, W); a composite (other planes carrying signal,
+    OFF_PLANE_TOLERANCE) is refused with one line naming `path`."""
+    # In integers and in Pillow: a 2048 px RGB file as float64 is 100 MB, and converting it took 3-4x as long as
+    # decoding it; the plane sums come from Pillow's histogram and the plane from getchannel, without the whole RGB
+    # array (the sums are exact, so the check and the pixels are those of the numpy rule they replaced).
     planes = CHANNEL_PLANES[channel]
     others = [i for i in range(3) if i not in planes]
-    pixels = rgb.shape[0] * rgb.shape[1]
-    sums = [int(rgb[..., i].sum(dtype=np.uint64)) for i in range(3)]
+    pixels = rgb.size[0] * rgb.size[1]
+    sums = (np.asarray(rgb.histogram(), dtype=np.int64).reshape(3, 256) @ np.arange(256, dtype=np.int64)).tolist()
     own_mean = sum(sums[i] for i in planes) / (pixels * len(planes))
     off_mean = sum(sums[i] for i in others) / (pixels * len(others))
     share, floor = OFF_PLANE_TOLERANCE
@@ -186,10 +190,10 @@ def _channel_plane(rgb: np.ndarray, path: Path, channel: str) -> np.ndarray:
                         f"signal: mean {off_mean:.1f} vs {own_mean:.1f}); HPA channel files hold their channel "
                         f"in its own colour plane (yellow in red and green)")
     if len(planes) == 1:
-        return np.ascontiguousarray(rgb[..., planes[0]])
+        return np.asarray(rgb.getchannel(planes[0]), dtype=np.uint8)
     # the mean of two planes rounded half to even (as np.rint): (a + b) // 2, plus 1 when a + b is odd and the half
     # is odd
-    total = rgb[..., planes[0]].astype(np.uint16) + rgb[..., planes[1]]
+    total = np.asarray(rgb.getchannel(planes[0])).astype(np.uint16) + np.asarray(rgb.getchannel(planes[1]))
     half = total >> 1
     return (half + (total & half & 1)).astype(np.uint8)
 
@@ -209,14 +213,19 @@ DEFAULT_MAX_IMAGE_PIXELS = 16384 * 16384
 # of this module from restoring each other's value (the project decodes in processes, so it is never contended).
 _PILLOW_LIMIT_LOCK = threading.Lock()
 # JPGs much larger than the decode target are decoded by DCT scaling (Pillow's draft: libjpeg decodes at 1/2, 1/4 or
-# 1/8 scale), the largest reduction that keeps at least JPEG_DRAFT_OVERSAMPLING x the target, and then resized to it
-# as usual. At 2 (2048 px HPAv18 JPGs -> 1024 -> 512 px) a sample decodes 4x faster than by the full decode (bench
-# section 6) and within 0.26 grey levels mean (p99 1, max 4) of it, below the JPEG compression error itself at 512 px
-# (0.45-0.63 at quality 95-90). Drafting straight to the target (1) was 7x faster but 1.5 grey levels mean (max 21)
-# away: the reduced IDCT works block by block, a box filter over 4x4 or 8x8 pixels, where the resize is an
-# anti-aliasing triangle filter. Nothing is drafted when the file is less than twice the oversampled target (the
-# smallest reduction is 1/2).
-JPEG_DRAFT_OVERSAMPLING = 2
+# 1/8 scale), the largest reduction that keeps at least JPEG_DRAFT_OVERSAMPLING x the target, and then resized to it as
+# usual (resize_square) where the draft lands above it: a 2048 px HPAv18 JPG packed at 512 px is decoded at 1/4 scale,
+# 512 px, and not resized. The rule is chosen by the ideal downsample, the box-filtered (area-average) full decode:
+# against it, drafting straight to the target is closer than drafting to twice it and resizing with the anti-aliasing
+# triangle filter (the rule before, `draft-x2`): 0.62 vs 1.20 grey levels mean (p99 2.3 vs 3.9) on 2048 -> 512 px
+# HPAv18-style JPGs, and 3.5-3.8x a plain full-decode loop per sample on one core where `draft-x2` was 1.9-2.0x (bench
+# section 6). The reduced IDCT averages each 8x8 block down to 4x4, 2x2 or 1 pixel, itself close to a box filter (1/8
+# keeps the block's mean); what it cannot save is the entropy decoding, most of a draft's time. Where the draft lands
+# above the target (a ratio not a power of two), resizing it by the triangle filter was closer to the box-filtered full
+# decode than resizing it by a box (e.g. 1.6 vs 2.2 grey levels at 256 -> 40 px), and keeps a JPG's perceptual hash
+# close to its PNG copy's (duplicates across sources). Nothing is drafted when the file is less than twice the
+# oversampled target (the smallest reduction is 1/2).
+JPEG_DRAFT_OVERSAMPLING = 1
 
 
 def check_max_pixels(value: object, key: str = "data.max_image_pixels") -> int:
@@ -253,24 +262,29 @@ def _decode(path: Path, channel: str | None, sixteen_bit: str, size: int | None,
             if size is not None and img.format == "JPEG" and 2 * JPEG_DRAFT_OVERSAMPLING * size <= min(header_size):
                 img.draft(img.mode, (JPEG_DRAFT_OVERSAMPLING * size,) * 2)  # the mode kept: RGB keeps its planes
             img.load()
-            mode = img.mode
-            if mode == "L":
-                return np.asarray(img, dtype=np.uint8), header_size
-            if mode == "LA":
-                return np.asarray(img.getchannel("L"), dtype=np.uint8), header_size
-            if mode.startswith("I;16") or mode == "I":
-                return _sixteen_to_eight(np.asarray(img), sixteen_bit), header_size
-            if mode in ("RGB", "RGBA", "P", "PA"):
-                if channel is None:
-                    raise DataError(f"{path}: an RGB image, but which channel it holds is unknown")
-                return _channel_plane(np.asarray(img.convert("RGB")), path, channel), header_size
-            kind = {"1": "a 1-bit (mask) image", "F": "a floating-point image"}.get(mode, f"mode {mode}")
-            raise DataError(f"{path}: {kind}; expected an 8- or 16-bit greyscale or an RGB channel image")
+            return _pixels(img, path, channel, sixteen_bit), header_size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         if isinstance(err, DataError):
             raise
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(f"{path}: cannot decode image ({reason})") from None
+
+
+def _pixels(img: Image.Image, path: Path, channel: str | None, sixteen_bit: str) -> np.ndarray:
+    """The loaded image `img` as uint8 (H, W); see decode_channel."""
+    mode = img.mode
+    if mode == "L":
+        return np.asarray(img, dtype=np.uint8)
+    if mode == "LA":
+        return np.asarray(img.getchannel("L"), dtype=np.uint8)
+    if mode.startswith("I;16") or mode == "I":
+        return _sixteen_to_eight(np.asarray(img), sixteen_bit)
+    if mode in ("RGB", "RGBA", "P", "PA"):
+        if channel is None:
+            raise DataError(f"{path}: an RGB image, but which channel it holds is unknown")
+        return channel_plane(img if mode == "RGB" else img.convert("RGB"), path, channel)
+    kind = {"1": "a 1-bit (mask) image", "F": "a floating-point image"}.get(mode, f"mode {mode}")
+    raise DataError(f"{path}: {kind}; expected an 8- or 16-bit greyscale or an RGB channel image")
 
 
 def decode_channel(path: Path, channel: str | None = None, sixteen_bit: str = "divide", size: int | None = None,
@@ -284,8 +298,10 @@ def decode_channel(path: Path, channel: str | None = None, sixteen_bit: str = "d
     - 1-bit (`1`) and float (`F`) images are refused: a mask or a computed map, not a microscopy channel.
 
     `size`: the side the caller resizes to. A JPG at least 2 x JPEG_DRAFT_OVERSAMPLING times as large in both
-    dimensions is decoded at a reduced DCT scale that keeps at least JPEG_DRAFT_OVERSAMPLING x `size` px (so the array
-    is smaller than the file). A file whose header declares more than `max_pixels` pixels is refused before decoding.
+    dimensions is decoded at the largest DCT reduction that keeps at least JPEG_DRAFT_OVERSAMPLING x `size` px (so the
+    array is smaller than the file: exactly `size` where the file is `size` times a power of two, as HPAv18's 2048 px
+    files packed at 512 px; resize_square does the rest otherwise). A file whose header declares more than
+    `max_pixels` pixels is refused before decoding.
     """
     return _decode(path, channel, sixteen_bit, size, max_pixels)[0]
 
@@ -301,7 +317,8 @@ def resize_square(channel: np.ndarray, size: int) -> np.ndarray:
 def load_sample(image_dir: str | Path, sample_id: str, size: int | None, sixteen_bit: str = "divide",
                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode the four channels of one sample into a uint8 array (4, size, size) in R,G,B,Y order (JPGs at a reduced
-    scale where `size` allows, decode_channel); a channel file above `max_pixels` pixels is refused unread.
+    DCT scale where `size` allows, decode_channel; then resize_square); a channel file above `max_pixels` pixels is
+    refused unread.
     `size=None`: at the files' own resolution, (4, H, W), nothing drafted or resized (cell crops are cut from it)."""
     image_dir = Path(image_dir)
     channels = []

@@ -55,13 +55,12 @@ log = logging.getLogger(__name__)
 
 
 STORE_FORMAT = 1
-# How JPG channel files are decoded: since issue 26 a JPG at least 4x the store's size is decoded at a reduced DCT
-# scale (sources.JPEG_DRAFT_OVERSAMPLING), which moves pixels by less than the JPEG compression error (0.26 grey
-# levels mean at 2048 -> 512 px) against the full decode that stores packed before hold. Part of the fingerprint of
-# sources holding JPGs, and only of those: a store of JPGs packed before is packed anew rather than reused as if its
-# pixels were what this code makes (runs compared across the change would otherwise differ for no visible reason; the
-# repack drafts too, so it is several times faster than the first packing), while PNG and TIFF stores, whose pixels did
-# not change, stay valid.
+# How JPG channel files are decoded: since issue 26 a large JPG is decoded at a reduced DCT scale; since issue 36 at the
+# scale that keeps at least JPEG_DRAFT_OVERSAMPLING (1) x the store's size (`draft-x1`; before: twice the size,
+# `draft-x2`; before issue 26, the full decode, `full`). Part of the fingerprint of sources holding JPGs, and only of
+# those: a store of JPGs packed by another decoder is packed anew rather than reused as if its pixels were what this
+# code makes (runs compared across the change would otherwise differ for no visible reason), while PNG and TIFF
+# stores, whose pixels did not change, stay valid.
 JPEG_DECODER = f"draft-x{JPEG_DRAFT_OVERSAMPLING}"
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 

@@ -116,19 +116,26 @@ def test_gpu_section_code_runs_on_cpu(tmp_path: Path) -> None:
 
 
 def test_jpeg_section_times_the_draft_and_the_full_decode_of_the_same_files(tmp_path: Path) -> None:
-    """Section 6 at a tiny size: 128 px RGB JPGs (the channel in its plane) decoded to 32 px both ways."""
+    """Section 6 at a tiny size: 128 px RGB JPGs (the channel in its plane) decoded to 32 px by the draft rule, the
+    plain full-decode loop and the rule before, on one core; both rules judged against the box-filtered full decode."""
     from PIL import Image
 
     prof = bench.Profile(**{**vars(bench.PROFILES["quick"]), "size": 32, "jpeg_samples": 2, "jpeg_rounds": 2})
     root = bench.tiled_dataset(tmp_path, 2, 2, 32, 0.0, workers=1)
+    pinnable = hasattr(os, "sched_setaffinity")
+    affinity = os.sched_getaffinity(0) if pinnable else None
     result = bench.bench_jpeg(root, tmp_path, prof)
     jpgs = sorted((bench.jpeg_dataset(root, tmp_path, 2) / "train").glob("*.jpg"))
     assert len(jpgs) == 8 and {Image.open(p).size for p in jpgs} == {(128, 128)}
     assert {Image.open(p).mode for p in jpgs} == {"RGB"}
     assert result["samples"] == 2 and result["rounds"] == 2 and (result["image_size"], result["jpg_px"]) == (32, 128)
-    for key in ("ratio", "draft_ms", "full_ms"):
+    for key in ("ratio", "draft_ms", "full_ms", "draft_x2_ms", "draft_x2_ratio"):
         assert is_finite_number(result[key]) and result[key] > 0, (key, result[key])
+    assert result["one_core"] is pinnable
+    assert not pinnable or os.sched_getaffinity(0) == affinity  # the pinning is undone
     assert 0 <= result["mean_abs_diff"] < 1 and result["max_abs_diff"] <= 16, result
+    # drafting straight to the target is at least as close to the box-filtered full decode as the rule before
+    assert result["mean_abs_diff"] <= result["draft_x2"]["mean_abs_diff"], result
 
 
 def test_unknown_argument_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,8 +1,8 @@
 """HPA images as people download them, made in the test from the generator's output: HPAv18 external data as
 RGB-plane JPGs at a larger size, HPA 2021 / website 16-bit PNG and TIFF (full and low range), and the odd modes. Each
 must pack to the store its 8-bit Kaggle PNG equivalent packs to (exactly, or within JPEG error). Large JPGs are decoded
-by DCT scaling, within JPEG error of the full decode; image bombs (a small file declaring a huge size) are refused
-from their header in pack, train and predict."""
+by DCT scaling straight to the target and area-averaged, judged against the box-filtered full decode; image bombs (a
+small file declaring a huge size) are refused from their header in pack, train and predict."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from hpa_lightning.data.sources import (
     CHANNEL_PLANES,
     DEFAULT_MAX_IMAGE_PIXELS,
     channel_path,
+    channel_plane,
     decode_channel,
     load_sample,
     resize_square,
@@ -62,6 +63,11 @@ def sixteen_bit(suffix: str, scale: int = 257):
     return write
 
 
+def area(array: np.ndarray, size: int) -> np.ndarray:
+    """`array` area-averaged (box filter) to size x size."""
+    return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BOX))
+
+
 def packed(root: Path, cache: Path, **kwargs) -> np.ndarray:
     return np.asarray(build_store(root, SIZE, cache, workers=1, **kwargs).images())
 
@@ -87,8 +93,14 @@ def test_low_range_sixteen_bit_with_percentile_scaling(kaggle_png: Path, tmp_pat
 
 
 def test_hpav18_rgb_jpgs_pack_like_the_pngs_within_jpeg_error(kaggle_png: Path, tmp_path: Path) -> None:
+    """These JPGs are 8x the store's size: drafted at 1/8 scale, a box filter (each 8x8 block's mean), where the
+    PNGs (2x) are resized by resize_square's triangle filter; the JPG store is compared with the PNGs area-averaged
+    alike (1.09 grey levels mean, p99 7; with the PNG store, whose filter differs, 2.05, p99 15)."""
     root = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)
-    difference = np.abs(packed(root, tmp_path / "cj").astype(int) - packed(kaggle_png, tmp_path / "c8").astype(int))
+    pngs = np.stack([np.stack([area(np.asarray(Image.open(channel_path(kaggle_png / "train", sample_id, c))), SIZE)
+                               for c in CHANNELS]) for sample_id in build_store(kaggle_png, SIZE, tmp_path / "c8",
+                                                                                 workers=1).ids])
+    difference = np.abs(packed(root, tmp_path / "cj").astype(int) - pngs.astype(int))
     assert difference.mean() < 1.5 and np.percentile(difference, 99) <= 12, (difference.mean(), difference.max())
 
 
@@ -130,11 +142,24 @@ def test_the_hpa_2021_csv_is_recognised(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- JPEG draft decoding
 
-def full_decode(path: Path, channel: str, size: int) -> np.ndarray:
-    """The reference: the whole JPG decoded, its channel's plane(s) taken and resized, with no DCT scaling."""
+def box_reference(path: Path, channel: str, size: int) -> np.ndarray:
+    """The ideal downsample the draft rule is judged by: the whole JPG decoded with no DCT scaling, its channel's
+    plane(s) taken and area-averaged (a box filter) to `size`, in float."""
     rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
-    plane = np.rint(rgb[..., list(CHANNEL_PLANES[channel])].mean(axis=-1)).astype(np.uint8)
-    return resize_square(plane, size)
+    plane = rgb[..., list(CHANNEL_PLANES[channel])].mean(axis=-1)
+    factor = plane.shape[0] // size
+    assert plane.shape == (size * factor, size * factor)
+    return plane.reshape(size, factor, size, factor).mean(axis=(1, 3))
+
+
+def draft_x2_rule(path: Path, channel: str, size: int) -> np.ndarray:
+    """The rule before (store decoder `draft-x2`): drafted to at least twice `size` from four times it, then resized
+    by resize_square's triangle (bilinear, reducing_gap) filter."""
+    with Image.open(path) as img:
+        if 4 * size <= min(img.size):
+            img.draft(img.mode, (2 * size, 2 * size))
+        img.load()
+        return resize_square(channel_plane(img, path, channel), size)
 
 
 @pytest.fixture
@@ -152,24 +177,40 @@ def drafts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[int, int], 
     return calls
 
 
-def test_large_jpgs_are_decoded_by_dct_scaling_within_jpeg_error_of_the_full_decode(
+@pytest.mark.parametrize(("size", "mean_tolerance", "p99_tolerance"), [(32, 0.75, 4), (64, 0.75, 6)])
+def test_the_draft_rule_is_as_close_to_the_box_filtered_full_decode_as_the_rule_it_replaced_or_closer(
+        kaggle_png: Path, tmp_path: Path, size: int, mean_tolerance: float, p99_tolerance: float) -> None:
+    """HPAv18-style JPGs (256 px, the simulator's 64 px images upscaled 4x, quality 95) decoded to 32 px (1/8 DCT
+    scale) and 64 px (1/4, the ratio of HPAv18's 2048 px files packed at 512 px), against the ideal downsample: the
+    box-filtered full decode. Tolerance: mean 0.75 grey levels, and at most 0.6 x the rule before. Measured (Pillow 13,
+    libjpeg-turbo 3): drafting straight to the target (nothing left to resize at these ratios), 0.48 grey levels mean
+    (p99 2.3) at 32 px and 0.58 (p99 4.6) at 64 px; drafting to twice the target and area-averaging, as close (0.52,
+    0.58); the rule before (`draft-x2`, twice the target and the triangle filter), 2.11 (p99 16) and 1.39 (p99 12):
+    its distance was the filter's, not the draft's."""
+    root = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)
+    new, old = [], []
+    for path in sorted((root / "train").glob("*.jpg")):
+        channel = path.stem.rsplit("_", 1)[1]
+        reference = box_reference(path, channel, size)
+        new.append(np.abs(decode_channel(path, channel, size=size) - reference))
+        old.append(np.abs(draft_x2_rule(path, channel, size) - reference))
+    new, old = np.stack(new), np.stack(old)
+    assert new.mean() <= mean_tolerance and np.percentile(new, 99) <= p99_tolerance, (new.mean(), new.max())
+    assert new.mean() <= 0.6 * old.mean(), (new.mean(), old.mean())
+
+
+def test_large_jpgs_are_drafted_straight_to_the_target_and_pack_and_predict_alike(
         kaggle_png: Path, tmp_path: Path, drafts: list) -> None:
     root = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)  # 256 px JPGs packed at 32 px
     store = build_store(root, SIZE, tmp_path / "c", workers=1)  # in this process, so the spy sees the decoding
     files = sorted(p.name for p in (root / "train").glob("*.jpg"))
-    # each file decoded once, at 1/4 scale: 64 px, twice the store's size, then resized as usual
+    # each file decoded once, at 1/8 scale: 32 px, the store's size, so nothing is resized
     assert sorted(name for name, _, _ in drafts) == files
-    assert {(requested, decoded) for _, requested, decoded in drafts} == {((64, 64), (64, 64))}
-    reference = np.stack([np.stack([full_decode(channel_path(root / "train", sample_id, c), c, SIZE)
+    assert {(requested, decoded) for _, requested, decoded in drafts} == {((32, 32), (32, 32))}
+    reference = np.stack([np.stack([box_reference(channel_path(root / "train", sample_id, c), c, SIZE)
                                     for c in CHANNELS]) for sample_id in store.ids])
-    difference = np.abs(store.images().astype(int) - reference.astype(int))
-    # within JPEG error: what the JPEG compression itself moved (the full decode against the PNGs the files were made
-    # from, at the same size: 0.35 grey levels mean, max 5); the draft: 0.37, max 6. Drafting straight to 32 px
-    # (1/8 scale) would be 2.0 mean, p99 15, max 35.
-    jpeg_error = np.abs(reference.astype(int) - packed(kaggle_png, tmp_path / "c8").astype(int))
-    assert difference.mean() <= 1.5 * jpeg_error.mean(), (difference.mean(), jpeg_error.mean())
-    assert np.percentile(difference, 99) <= np.percentile(jpeg_error, 99) + 1, np.percentile(difference, 99)
-    assert difference.max() <= 2 * jpeg_error.max(), (difference.max(), jpeg_error.max())
+    difference = np.abs(store.images() - reference)
+    assert difference.mean() <= 0.75 and np.percentile(difference, 99) <= 4, difference.mean()
     # predict decodes as the packer does
     from hpa_lightning.inference.predictor import ImageFolderDataset
 
@@ -180,33 +221,34 @@ def test_large_jpgs_are_decoded_by_dct_scaling_within_jpeg_error_of_the_full_dec
         assert item["error"] == ""
         np.testing.assert_array_equal(item["image"].numpy(), store.images()[i])
     assert len(drafts) == 3 * len(CHANNELS)
-    # decode_channel with the target size returns the drafted array, without it the full one
+    # decode_channel with the target size returns the drafted array (here the target size), without it the full one
     path = channel_path(root / "train", store.ids[0], "yellow")
-    assert decode_channel(path, "yellow", size=SIZE).shape == (64, 64)
+    assert decode_channel(path, "yellow", size=SIZE).shape == (SIZE, SIZE)
     assert decode_channel(path, "yellow").shape == (256, 256)
 
 
-def test_jpgs_are_drafted_only_from_four_times_the_target_and_keep_their_mode(kaggle_png: Path, tmp_path: Path,
-                                                                             drafts: list) -> None:
-    drafted, full, original = [], [], []
+def test_jpgs_are_drafted_from_twice_the_target_and_keep_their_mode(
+        kaggle_png: Path, tmp_path: Path, drafts: list) -> None:
+    differences = []
     for k, png in enumerate(sorted((kaggle_png / "train").glob("*_green.png"))):
         grey = np.asarray(Image.open(png))  # 64 px
         path = tmp_path / f"{k}_green.jpg"
         Image.fromarray(grey).resize((256, 256), Image.Resampling.BICUBIC).save(path, quality=95)  # 8-bit L JPG
         assert Image.open(path).mode == "L"
         array = decode_channel(path, "green", size=SIZE)
-        assert array.shape == (64, 64) and drafts[-1] == (path.name, (64, 64), (64, 64))
-        drafted.append(resize_square(array, SIZE))
-        full.append(resize_square(np.asarray(Image.open(path)), SIZE))
-        original.append(resize_square(grey, SIZE))
-    difference = np.abs(np.stack(drafted).astype(int) - np.stack(full).astype(int))
-    jpeg_error = np.abs(np.stack(full).astype(int) - np.stack(original).astype(int))
-    # greyscale JPGs keep more than RGB ones (no chroma subsampling: 0.21 grey levels mean against the PNGs); the
-    # draft moves these small, detailed images by 0.44 mean, p99 3 (drafting straight to 32 px: 1.8, p99 16)
-    assert difference.mean() < 0.6 and np.percentile(difference, 99) <= 3, (difference.mean(), jpeg_error.mean())
+        assert array.shape == (SIZE, SIZE) and drafts[-1] == (path.name, (SIZE, SIZE), (SIZE, SIZE))
+        differences.append(np.abs(array - box_reference(path, "green", SIZE)))
+    # greyscale JPGs keep more than RGB ones (no chroma subsampling): 0.26 grey levels mean, max 0.63 (the rounding)
+    assert np.mean(differences) < 0.4 and np.max(differences) <= 1, np.mean(differences)
+    source = Image.open(tmp_path / "0_green.jpg")
+    # 100 px for a 32 px target (at least twice it): drafted at 1/2, to 50 px, resized by load_sample as usual
+    source.resize((100, 100)).save(tmp_path / "half_green.jpg", quality=95)
     drafts.clear()
-    # 100 px for a 32 px target (less than 4x): decoded in full, exactly as before
-    Image.open(tmp_path / "0_green.jpg").resize((100, 100)).save(tmp_path / "small_green.jpg", quality=95)
+    assert decode_channel(tmp_path / "half_green.jpg", "green", size=SIZE).shape == (50, 50)
+    assert drafts == [("half_green.jpg", (SIZE, SIZE), (50, 50))]
+    # 60 px (less than twice the target): decoded in full, exactly as before
+    source.resize((60, 60)).save(tmp_path / "small_green.jpg", quality=95)
+    drafts.clear()
     np.testing.assert_array_equal(decode_channel(tmp_path / "small_green.jpg", "green", size=SIZE),
                                   np.asarray(Image.open(tmp_path / "small_green.jpg")))
     assert drafts == []
@@ -217,7 +259,7 @@ def test_channels_of_different_file_sizes_are_refused_even_when_their_drafts_agr
     root = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)
     sample_id = next((root / "train").glob("*_red.jpg")).stem.rsplit("_", 1)[0]
     red = root / "train" / f"{sample_id}_red.jpg"
-    for channel, side in (("red", 257), ("green", 260)):  # both drafted at 1/4 to 65 px
+    for channel, side in (("red", 257), ("green", 260)):  # both drafted at 1/8 to 33 px
         path = root / "train" / f"{sample_id}_{channel}.jpg"
         Image.open(path).resize((side, side)).save(path, quality=95)
     assert decode_channel(red, "red", size=SIZE).shape == decode_channel(
@@ -303,9 +345,11 @@ def test_stores_of_jpgs_packed_by_the_full_decode_are_not_reused(kaggle_png: Pat
 
     jpgs = convert(kaggle_png, tmp_path / "hpav18", rgb_plane_jpg)
     before = {root: store.store_path(root, SIZE, tmp_path / "c") for root in (jpgs, kaggle_png)}
-    monkeypatch.setattr(store, "JPEG_DECODER", "full")  # as stores were packed before the draft
-    assert store.store_path(jpgs, SIZE, tmp_path / "c") != before[jpgs]
-    assert store.store_path(kaggle_png, SIZE, tmp_path / "c") == before[kaggle_png]
+    assert store.JPEG_DECODER == "draft-x1"
+    for decoder in ("full", "draft-x2"):  # as stores were packed before the draft (issue 26), before issue 36
+        monkeypatch.setattr(store, "JPEG_DECODER", decoder)
+        assert store.store_path(jpgs, SIZE, tmp_path / "c") != before[jpgs]
+        assert store.store_path(kaggle_png, SIZE, tmp_path / "c") == before[kaggle_png]
     skipping = store.store_path(kaggle_png, SIZE, tmp_path / "c", on_bad_sample="skip", max_image_pixels=10**6)
     assert skipping.name.endswith("-skipbad-maxpx1000000")
     assert store.store_path(kaggle_png, SIZE, tmp_path / "c", max_image_pixels=10**6) == before[kaggle_png]
