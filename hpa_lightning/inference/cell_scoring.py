@@ -29,7 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 from hpa_lightning.cells.crops import CellBox, cell_boxes, crop_cell
 from hpa_lightning.cells.masks import load_cell_mask
 from hpa_lightning.cells.scores import ScoredCells, with_negative
-from hpa_lightning.data.sources import DEFAULT_MAX_IMAGE_PIXELS, load_sample, resize_square
+from hpa_lightning.classes import CHANNELS
+from hpa_lightning.data.sources import DEFAULT_MAX_IMAGE_PIXELS, channel_path, load_sample, resize_square
+from hpa_lightning.data.store import JPEG_SUFFIXES
 from hpa_lightning.errors import DataError, InferenceError
 from hpa_lightning.inference.load import InferenceModel
 from hpa_lightning.inference.tta import tta_probabilities
@@ -96,11 +98,18 @@ class CellImageDataset(Dataset):
         except DataError as err:
             return CellItem(image_id, np.zeros((1, 1), np.int32), (), None, None, str(err))
         boxes = tuple(cell_boxes(labels))
-        image = (torch.from_numpy(np.stack([resize_square(plane, self.image_size) for plane in full]))
-                 if self.image_size else None)
+        image = torch.from_numpy(self._image_input(image_id, full)) if self.image_size else None
         crops = (torch.from_numpy(np.stack([crop_cell(full, labels, box, self.crop_size) for box in boxes]))
                  if self.crop_size else None)
         return CellItem(image_id, labels, boxes, image, crops)
+
+
+    def _image_input(self, image_id: str, full: np.ndarray) -> np.ndarray:
+        """The image as the image model's store packed it: JPGs decoded again at a reduced DCT scale as the packer
+        decodes them (the full decode resized would differ by a grey level or two), other files resized."""
+        if channel_path(self.image_dir, image_id, CHANNELS[0]).suffix.lower() in JPEG_SUFFIXES:
+            return load_sample(self.image_dir, image_id, self.image_size, self.sixteen_bit, self.max_pixels)
+        return np.stack([resize_square(plane, self.image_size) for plane in full])
 
 
 def _one(items: list[CellItem]) -> CellItem:

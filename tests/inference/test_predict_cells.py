@@ -292,3 +292,28 @@ def test_cells_classical_segments_as_the_segment_command_does(models, tmp_path, 
         assert code == 0, err
     assert outs["classical"].read_text() == outs[str(tmp_path / "masks")].read_text()
     assert len(cells_frame(outs["classical"])) >= 4
+
+
+def test_image_scores_of_hpav18_jpgs_are_the_image_level_prediction(cell_folder, models, tmp_path, capsys) -> None:
+    """RGB-tinted JPGs (HPAv18): the image model's input is decoded as the packer and predict decode it (a reduced
+    DCT scale), not resized from the full decode, so every cell gets exactly the image-level probabilities."""
+    root, masks_dir, masks = cell_folder
+    image_run, _ = models
+    jpgs = tmp_path / "jpgs" / "test"
+    jpgs.mkdir(parents=True)
+    planes = {"red": (0,), "green": (1,), "blue": (2,), "yellow": (0, 1)}
+    for image_id in masks:
+        for channel, where in planes.items():
+            grey = np.rint(np.asarray(Image.open(root / "test" / f"{image_id}_{channel}.png")) / 257.0).astype(np.uint8)
+            rgb = np.zeros((*grey.shape, 3), np.uint8)
+            rgb[..., list(where)] = grey[..., None]
+            Image.fromarray(rgb).save(jpgs / f"{image_id}_{channel}.jpg", quality=90)
+    code, _, err = predict(capsys, f"ckpt={image_run}", f"input={jpgs.parent}", f"out={tmp_path / 'img.csv'}")
+    assert code == 0, err
+    images = pd.read_csv(tmp_path / "img_probabilities.csv", dtype={"Id": str}).set_index("Id")
+    out = tmp_path / "cells.csv"
+    code, _, err = predict(capsys, f"ckpt={image_run}", f"input={jpgs.parent}", f"cells={masks_dir}",
+                           "cell_score=image", f"out={out}")
+    assert code == 0, err
+    for _, cell in cells_frame(out).iterrows():
+        np.testing.assert_allclose(cell[HPA2021].to_numpy(float), images.loc[cell["ID"]].to_numpy(float), atol=2e-6)
