@@ -172,13 +172,8 @@ class HPADataModule(L.LightningDataModule):
         if self.stream_url:
             stream = self.open_stream()
             self.store, self.split = stream.store, stream.split
-            seed = int(self.split_cfg["seed"])
             for name in ("train", "val", "test"):
-                # train: shuffled, and every rank the same number of samples (drop_last: the remainder of the
-                # samples over ranks x workers is dropped, a different one each epoch); evaluation: every sample once
-                train = name == "train"
-                self.datasets[name] = stream_dataset(stream, name, shuffle=train and self.shuffle, drop_last=train,
-                                                     seed=seed, max_cache_size=self.max_cache_size)
+                self.datasets[name] = self._stream_dataset(name)
             return
         self.store = PackedStore.open(self.store_path())
         self.split = prepare_split(self.store, **self.split_cfg)
@@ -236,8 +231,21 @@ class HPADataModule(L.LightningDataModule):
             return len(self.datasets["train"])
         return len(self.train_dataloader().sampler)
 
+    def _stream_dataset(self, name: str):
+        """Split `name` of the stream. Training is shuffled (litdata: chunks, then samples within a window, anew each
+        epoch from the seed) with drop_last, so every rank draws the same number of full batches: floor(floor(N / B) /
+        ranks) each, the rest of the epoch (fewer than ranks x B samples, other ones each epoch) left out. Evaluation
+        under DDP: every rank reads the whole split and the outputs are de-duplicated by row, so each sample counts
+        once (the evaluation's compute is not shared over the ranks, unlike the memmap store's)."""
+        train = name == "train"
+        return stream_dataset(self.stream, name, shuffle=train and self.shuffle, drop_last=train,
+                              seed=int(self.split_cfg["seed"]), max_cache_size=self.max_cache_size, whole=not train)
+
     def _loader(self, name: str, train: bool) -> DataLoader:
         if self.stream_url:
+            # made anew here: a StreamingDataset takes the DDP ranks from the process group when it is created, which
+            # exists only once Lightning asks for the loaders (setup() runs before the Trainer starts it)
+            self.datasets[name] = self._stream_dataset(name)
             return stream_loader(self.datasets[name], self.batch_size if train else self.eval_batch_size,
                                  num_workers=self.num_workers, pin_memory=self.pin_memory,
                                  persistent_workers=self.persistent_workers)

@@ -9,11 +9,11 @@ Layout of a streaming store (the packed store's own small files beside one litda
     hpa_stream.json            written last: the files above, the split key, the sample counts. A prefix without it
                                (a pack still running or interrupted) is refused on read.
 
-Packing (`python -m hpa_lightning.pack root=DIR size=S out=URL`) builds or reuses the memmap store first, so its policies
-(bad samples, duplicates, the split and its statistics) are the memmap store's and every sample's bytes are its row's;
-then `litdata.optimize` writes each split's rows, in parallel over processes and, with `DATA_OPTIMIZER_NUM_NODES` /
-`DATA_OPTIMIZER_NODE_RANK` (litdata's own multi-machine mechanism: each machine a share, the last one merges the
-index), over machines. Chunks hold at most CHUNK_BYTES.
+Packing (`python -m hpa_lightning.pack root=DIR size=S out=URL`) builds or reuses the memmap store first, so its
+policies (bad samples, duplicates, the split and its statistics) are the memmap store's and every sample's bytes are its
+row's; then `litdata.optimize` writes each split's rows, in parallel over processes and, with
+`DATA_OPTIMIZER_NUM_NODES` / `DATA_OPTIMIZER_NODE_RANK` (litdata's own multi-machine mechanism: each machine a share,
+the last one merges the index), over machines. Chunks hold at most CHUNK_BYTES.
 
 Reading (`open_stream`, `stream_loader`): the small files are fetched once into a local folder and opened as a
 `PackedStore` and `Split` without images (so ids, labels, class set, statistics and split come from the one reader);
@@ -281,9 +281,12 @@ def open_stream(url: str, cache_dir: str | Path, storage_options: object = None)
 
 
 def stream_dataset(stream: StreamStore, name: str, shuffle: bool = False, drop_last: bool = False, seed: int = 42,
-                   max_cache_size: int | str = "50GB"):
-    """The litdata StreamingDataset of split `name`; `.indices` holds its store rows (store order)."""
+                   max_cache_size: int | str = "50GB", whole: bool = False):
+    """The litdata StreamingDataset of split `name`; `.indices` holds its store rows (store order). Under DDP each rank
+    reads its share (litdata's), or with `whole` every sample (evaluation: the ranks' outputs are gathered and
+    de-duplicated by row, models/epoch_metrics.py)."""
     from litdata import StreamingDataset
+    from litdata.utilities.env import _DistributedEnv
 
     allow_http()
     cache = stream.cache_dir / name
@@ -292,6 +295,10 @@ def stream_dataset(stream: StreamStore, name: str, shuffle: bool = False, drop_l
     kwargs = {"cache_dir": str(cache), "max_cache_size": max_cache_size} if is_remote(stream.url) else {}
     dataset = StreamingDataset(source, shuffle=shuffle, drop_last=drop_last, seed=seed,
                                storage_options=stream.storage_options, **kwargs)
+    if whole:
+        # litdata splits an evaluation split by whole batches over the ranks: a split smaller than ranks x batch size
+        # leaves a rank without a batch, which Lightning refuses
+        dataset.distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
     dataset.indices = stream.split.indices(name)
     return dataset
 

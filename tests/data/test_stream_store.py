@@ -1,5 +1,5 @@
-"""The streaming store (data/stream_store.py) against the memmap store it is packed from, in a local folder and in a real
-S3-compatible server on loopback (moto, plain http): lossless, resumable, and bad input as one line."""
+"""The streaming store (data/stream_store.py) against the memmap store it is packed from, in a local folder and in a
+real S3-compatible server on loopback (moto, plain http): lossless, resumable, and bad input as one line."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def digests(url: str, cache: Path) -> dict[int, tuple[str, tuple[int, ...], str]
     out = {}
     for name in ("train", "val", "test"):
         for batch in stream_loader(stream_dataset(stream, name), batch_size=7, num_workers=1):
-            for image, target, row in zip(batch["image"], batch["target"], batch["index"].tolist()):
+            for image, target, row in zip(batch["image"], batch["target"], batch["index"].tolist(), strict=True):
                 assert image.dtype == torch.uint8 and image.shape == (4, SIZE, SIZE)
                 assert row not in out
                 out[row] = (hashlib.sha256(image.numpy().tobytes()).hexdigest(),
