@@ -81,7 +81,9 @@ def test_two_ddp_ranks_stream_disjoint_equal_shares(stream_url: str, tmp_path: P
 
 
 def test_sigterm_mid_epoch_then_resume_reads_exactly_the_samples_not_yet_seen(stream_url: str, tmp_path: Path,
-                                                                              shared_cache: Path) -> None:
+                                                                              shared_cache: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPA_TRUST_TARGETS", "tests.training.recorders.RecordTrainRows")  # resume rebuilds the recorder
     args = [*TINY, "trainer.max_epochs=3", f"data.store={stream_url}", RECORD]
     straight = tmp_path / "straight"
     proc = run_train([*args, f"hydra.run.dir={straight}", f"+callbacks.rows.out={straight / 'rows'}"], shared_cache,
