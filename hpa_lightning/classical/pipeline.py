@@ -119,6 +119,9 @@ def run_baseline(cfg: DictConfig) -> dict:
         log.warning("data.oversample only affects the deep models' sampler; the baselines fit every train sample "
                     "once (model.estimator.class_weight=balanced reweights classes instead)")
     tick = time.perf_counter()
+    if cfg.data.get("store"):
+        raise ConfigError(f"data.store={cfg.data.store}: the baselines read the memmap store's pixels at random; run "
+                          f"them with data.store=null (data.root)")
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")

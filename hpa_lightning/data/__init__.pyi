@@ -4,6 +4,7 @@ from .loader import PackedDataset, ThreadedDataLoader
 from .sources import DataSource, decode_channel, load_sample, parse_sources
 from .split import Split, channel_stats, load_split, prepare_split, stratified_split
 from .store import PackedStore, build_store, store_path
+from .stream_store import StreamStore, open_stream, open_stream_loader, pack_stream
 
 __all__ = [
     "DataSource",
@@ -11,6 +12,7 @@ __all__ = [
     "PackedDataset",
     "PackedStore",
     "Split",
+    "StreamStore",
     "ThreadedDataLoader",
     "build_store",
     "channel_stats",
@@ -18,6 +20,9 @@ __all__ = [
     "find_duplicates",
     "load_sample",
     "load_split",
+    "open_stream",
+    "open_stream_loader",
+    "pack_stream",
     "parse_sources",
     "prepare_split",
     "store_path",

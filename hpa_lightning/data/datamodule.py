@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from hpa_lightning.classes import DEFAULT_CLASSES, NUM_CLASSES, class_set
 from hpa_lightning.data.loader import PackedDataset, ThreadedDataLoader, collate_batch
 from hpa_lightning.data.sources import DEFAULT_MAX_IMAGE_PIXELS, parse_sources
-from hpa_lightning.data.split import Split, prepare_split
+from hpa_lightning.data.split import Split, prepare_split, split_key
 from hpa_lightning.data.store import PackedStore, build_store, store_path
-from hpa_lightning.errors import DataError
+from hpa_lightning.data.stream_store import StreamStore, open_stream, stream_dataset, stream_loader
+from hpa_lightning.errors import ConfigError, DataError
 from hpa_lightning.files import exclusive
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,24 @@ class HPADataModule(L.LightningDataModule):
                  max_samples: int | None = None, oversample: bool = False, oversample_threshold: float = 0.05,
                  on_bad_sample: str = "error", max_bad_fraction: float = 0.01, sixteen_bit: str = "divide",
                  duplicates: str = "drop", duplicate_distance: int = 3, classes: str = DEFAULT_CLASSES,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, store: str | None = None,
+                 storage_options: dict | None = None, max_cache_size: int | str = "50GB", shuffle: bool = True):
         super().__init__()
         self.class_set = class_set(classes)
+        self.stream_url = str(store) if store else None
+        if self.stream_url:  # a streaming store replaces the sources; what a stream cannot do is refused here
+            if oversample:
+                raise ConfigError(f"data.oversample=true: per-sample repeat weights need random access; a streaming "
+                                  f"store (data.store={self.stream_url}) is read in chunks: set data.oversample=false")
+            if max_samples:
+                raise ConfigError(f"data.max_samples={max_samples}: not supported with a streaming store "
+                                  f"(data.store={self.stream_url}); pack a smaller store instead")
+            if (split or {}).get("folds"):
+                raise ConfigError(f"data.split.folds={split['folds']}: a streaming store holds the one split it was "
+                                  f"packed with (data.store={self.stream_url}); K folds need the memmap store")
+            synthetic, root = None, root if root not in (None, "", "???") else "."
+        self.storage_options, self.max_cache_size, self.shuffle = storage_options, max_cache_size, bool(shuffle)
+        self.stream: StreamStore | None = None
         if synthetic and self.class_set.name != DEFAULT_CLASSES:
             raise DataError(f"data.classes={classes}: the synthetic generator paints the {NUM_CLASSES} classes of "
                             f"{DEFAULT_CLASSES}; use real data (data.root) for another class set")
@@ -101,6 +117,9 @@ class HPADataModule(L.LightningDataModule):
         self.datasets: dict[str, PackedDataset] = {}
 
     def prepare_data(self) -> None:
+        if self.stream_url:
+            self.open_stream()  # the metadata fetched once, errors before any process group exists
+            return
         if self.synthetic and not (self.root / "train.csv").is_file():
             from hpa_lightning.data.simulator.dataset import generate
 
@@ -128,8 +147,33 @@ class HPADataModule(L.LightningDataModule):
                           sixteen_bit=self.sixteen_bit, duplicates=self.duplicates, classes=self.class_set,
                           max_image_pixels=self.max_image_pixels)
 
+    def open_stream(self) -> StreamStore:
+        """The streaming store at data.store, checked against this run's size, classes and split."""
+        if self.stream is None:
+            stream = open_stream(self.stream_url, self.cache_dir, self.storage_options)
+            where = f"data.store={self.stream_url}"
+            if stream.store.image_size != self.image_size:
+                raise ConfigError(f"data.image_size={self.image_size}: {where} holds {stream.store.image_size}px "
+                                  f"samples; set data.image_size={stream.store.image_size} or pack it at "
+                                  f"{self.image_size}px")
+            stored = json.loads((stream.store.path / "meta.json").read_text()).get("classes")
+            if stored and stored != self.class_set.name:
+                raise ConfigError(f"data.classes={self.class_set.name}: {where} holds the classes {stored}")
+            key = split_key(self.split_cfg["seed"], self.split_cfg["val_fraction"], self.split_cfg["test_fraction"])
+            if stream.split_key() != key:
+                raise ConfigError(f"data.split: {where} was packed with the split {stream.split_key()}, this run asks "
+                                  f"for {key}; set data.split.* to it or pack with that split")
+            self.stream = stream
+        return self.stream
+
     def setup(self, stage: str | None = None) -> None:
         if self.store is not None:
+            return
+        if self.stream_url:
+            stream = self.open_stream()
+            self.store, self.split = stream.store, stream.split
+            for name in ("train", "val", "test"):
+                self.datasets[name] = self._stream_dataset(name)
             return
         self.store = PackedStore.open(self.store_path())
         self.split = prepare_split(self.store, **self.split_cfg)
@@ -174,12 +218,42 @@ class HPADataModule(L.LightningDataModule):
         return WeightedRandomSampler(torch.from_numpy(factors), num_samples=int(round(factors.sum())),
                                      replacement=True)
 
+    def split_counts(self) -> dict[str, int]:
+        """Samples in each split (all ranks together)."""
+        assert self.split is not None, "setup() first"
+        if self.stream_url:  # a StreamingDataset's len is this rank's share
+            return {name: len(self.split.indices(name)) for name in ("train", "val", "test")}
+        return {name: len(self.datasets[name]) for name in ("train", "val", "test")}
+
+    def train_samples_per_epoch(self) -> int:
+        """Samples one epoch of training draws (on this rank under DDP for a stream; oversampled: sum of repeats)."""
+        if self.stream_url:
+            return len(self.datasets["train"])
+        return len(self.train_dataloader().sampler)
+
+    def _stream_dataset(self, name: str):
+        """Split `name` of the stream. Training is shuffled (litdata: chunks, then samples within a window, anew each
+        epoch from the seed) with drop_last, so every rank draws the same number of full batches: floor(floor(N / B) /
+        ranks) each, the rest of the epoch (fewer than ranks x B samples, other ones each epoch) left out. Evaluation
+        under DDP: every rank reads the whole split and the outputs are de-duplicated by row, so each sample counts
+        once (the evaluation's compute is not shared over the ranks, unlike the memmap store's)."""
+        train = name == "train"
+        return stream_dataset(self.stream, name, shuffle=train and self.shuffle, drop_last=train,
+                              seed=int(self.split_cfg["seed"]), max_cache_size=self.max_cache_size, whole=not train)
+
     def _loader(self, name: str, train: bool) -> DataLoader:
+        if self.stream_url:
+            # made anew here: a StreamingDataset takes the DDP ranks from the process group when it is created, which
+            # exists only once Lightning asks for the loaders (setup() runs before the Trainer starts it)
+            self.datasets[name] = self._stream_dataset(name)
+            return stream_loader(self.datasets[name], self.batch_size if train else self.eval_batch_size,
+                                 num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                 persistent_workers=self.persistent_workers)
         sampler = self.train_sampler() if train else None
         threads = self.worker_type == "thread"
         return ThreadedDataLoader(
             self.datasets[name], batch_size=self.batch_size if train else self.eval_batch_size,
-            collate_fn=collate_batch, shuffle=train and sampler is None, sampler=sampler,
+            collate_fn=collate_batch, shuffle=train and sampler is None and self.shuffle, sampler=sampler,
             drop_last=train and len(self.datasets[name]) > self.batch_size,
             read_threads=self.num_workers if threads else 0, num_workers=0 if threads else self.num_workers,
             pin_memory=self.pin_memory and not threads,  # threads read into pinned memory directly

@@ -130,11 +130,16 @@ class Split:
         return np.flatnonzero(self.assignment == name)
 
 
+def split_key(seed: int, val_fraction: float, test_fraction: float, folds: int | None = None, fold: int = 0) -> str:
+    """The split's folder name in a store (`splits/<key>`)."""
+    return f"seed{seed}-val{val_fraction:g}-test{test_fraction:g}" + (f"-folds{folds}-fold{fold}" if folds else "")
+
+
 def prepare_split(store: PackedStore, val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 42,
                   knob_prefix: str = "data.split.", folds: int | None = None, fold: int = 0) -> Split:
     """Create (once) the split and the train statistics for `store`; both live in the store, keyed by the split.
     With `folds`, fold `fold` of a K-fold split of train+val (`fold_split`), the test split unchanged."""
-    key = f"seed{seed}-val{val_fraction:g}-test{test_fraction:g}" + (f"-folds{folds}-fold{fold}" if folds else "")
+    key = split_key(seed, val_fraction, test_fraction, folds, fold)
     folder = store.path / "splits" / key
     if not (folder / "stats.json").is_file():
         groups = store.groups()  # every row its own group unless copies of one image were kept

@@ -79,3 +79,10 @@ class MidEpochState(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pending = {}
+        # litdata's StreamingDataLoader replays its loaded state at every `iter` until one of its epochs runs to
+        # StopIteration; Lightning stops asking at the epoch's known length, so after a resumed epoch the next one
+        # would replay the finished position and yield nothing. The resumed epoch is over: let the next start afresh.
+        combined = trainer.fit_loop._combined_loader  # noqa: SLF001
+        for loader in combined.flattened if combined is not None else []:
+            if getattr(loader, "restore", False) is True:
+                loader.restore = False

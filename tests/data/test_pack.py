@@ -152,7 +152,7 @@ def test_pack_cli(kaggle_folder: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().err.strip() == ("error: hpa_lightning.pack: unknown argument 'bogus=1'; expected "
                                                "key=value with key in root, size, cache_dir, image_dir, workers, "
                                                "val_fraction, test_fraction, seed, sixteen_bit, "
-                                               "duplicates, classes, max_image_pixels")
+                                               "duplicates, classes, max_image_pixels, out")
 
 
 def test_skip_bad_samples_lists_them_and_keeps_the_rest(kaggle_folder: Path, tmp_path: Path,

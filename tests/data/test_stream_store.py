@@ -1,0 +1,138 @@
+"""The streaming store (data/stream_store.py) against the memmap store it is packed from, in a local folder and in a
+real S3-compatible server on loopback (moto, plain http): lossless, resumable, and bad input as one line."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpa_lightning.data.datamodule import HPADataModule
+from hpa_lightning.data.split import prepare_split
+from hpa_lightning.data.store import build_store
+from hpa_lightning.data.stream_store import MARKER, open_stream, pack_stream, stream_dataset, stream_loader
+from hpa_lightning.errors import ConfigError, DataError
+from tests.conftest import write_kaggle_folder
+from tests.data.s3_server import s3_server  # noqa: F401 - the fixture
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory, s3_server):  # noqa: F811
+    """One memmap store (40 samples, 16 px), packed to a local streaming folder and to the loopback object store."""
+    base = tmp_path_factory.mktemp("stream")
+    targets = {f"id{i:03d}": " ".join(str(c) for c in {i % 28, (i * 7) % 28}) for i in range(40)}
+    root = write_kaggle_folder(base / "kaggle", targets, size=SIZE)
+    store = build_store(root, SIZE, base / "stores", workers=1)
+    split = prepare_split(store)
+    local = pack_stream(store, split, str(base / "local"), workers=2, progress=False)
+    remote = pack_stream(store, split, s3_server.url("packed"), workers=2, progress=False)
+    return {"store": store, "split": split, "local": local, "remote": remote, "cache": base / "cache"}
+
+
+def digests(url: str, cache: Path) -> dict[int, tuple[str, tuple[int, ...], str]]:
+    """Row -> (sha256 of the sample's bytes, its label ids, its split), read through the streaming loader."""
+    stream = open_stream(url, cache)
+    out = {}
+    for name in ("train", "val", "test"):
+        for batch in stream_loader(stream_dataset(stream, name), batch_size=7, num_workers=1):
+            for image, target, row in zip(batch["image"], batch["target"], batch["index"].tolist(), strict=True):
+                assert image.dtype == torch.uint8 and image.shape == (4, SIZE, SIZE)
+                assert row not in out
+                out[row] = (hashlib.sha256(image.numpy().tobytes()).hexdigest(),
+                            tuple(np.flatnonzero(target.numpy()).tolist()), name)
+    return out
+
+
+def test_every_sample_label_and_split_equal_across_memmap_local_folder_and_object_store(packed) -> None:
+    store, split = packed["store"], packed["split"]
+    images = store.images()
+    expected = {row: (hashlib.sha256(np.ascontiguousarray(images[row]).tobytes()).hexdigest(),
+                      tuple(np.flatnonzero(store.labels[row]).tolist()), str(split.assignment[row]))
+                for row in range(len(store))}
+    assert digests(packed["local"], packed["cache"]) == expected
+    assert digests(packed["remote"], packed["cache"]) == expected
+    stream = open_stream(packed["remote"], packed["cache"])  # ids, statistics and split key are the store's
+    assert stream.store.ids == store.ids and stream.split.mean == split.mean and stream.split.std == split.std
+    assert stream.split_key() == split.path.name
+
+
+def test_packing_again_keeps_the_store_and_another_store_is_refused(packed, tmp_path: Path) -> None:
+    assert pack_stream(packed["store"], packed["split"], packed["remote"], progress=False) == packed["remote"]
+    other = build_store(write_kaggle_folder(tmp_path / "k", {"a": "1", "b": "2", "c": "3", "d": "0"}, size=SIZE), 8,
+                        tmp_path / "stores", workers=1)
+    with pytest.raises(DataError, match=r"^out=s3://hpa-test/packed: holds another streaming store"):
+        pack_stream(other, prepare_split(other, 0.25, 0.25), packed["remote"], progress=False)
+
+
+def test_stream_resumes_after_any_batch(packed) -> None:
+    """StreamingDataLoader's own state: stopped after 2 batches and restored into a fresh loader, it delivers the rest
+    of the epoch the uninterrupted loader delivered."""
+    stream = open_stream(packed["local"], packed["cache"])
+
+    def loader():
+        return stream_loader(stream_dataset(stream, "train", shuffle=True, drop_last=True, seed=3), batch_size=4)
+
+    straight = [b["index"].tolist() for b in loader()]
+    interrupted, seen = loader(), []
+    for batch in interrupted:
+        seen.append(batch["index"].tolist())
+        if len(seen) == 2:
+            break
+    state = interrupted.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert seen + [b["index"].tolist() for b in resumed] == straight
+
+
+def test_an_incomplete_prefix_is_one_line(packed, s3_server) -> None:  # noqa: F811
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    for obj in client.list_objects_v2(Bucket=s3_server.bucket, Prefix="packed/")["Contents"]:
+        if not obj["Key"].endswith(MARKER):
+            client.copy_object(Bucket=s3_server.bucket, Key=obj["Key"].replace("packed/", "partial/", 1),
+                               CopySource={"Bucket": s3_server.bucket, "Key": obj["Key"]})
+    with pytest.raises(DataError, match=rf"^data.store=s3://hpa-test/partial: not a complete streaming store \(no "
+                                        rf"{MARKER}"):
+        open_stream(s3_server.url("partial"), packed["cache"])
+    with pytest.raises(DataError, match=r"^data.store=s3://no-such-bucket/x: bucket no-such-bucket does not exist"):
+        open_stream("s3://no-such-bucket/x", packed["cache"])
+
+
+def test_an_unreachable_endpoint_is_one_line(packed) -> None:
+    with pytest.raises(DataError, match=r"^data.store=s3://hpa-test/packed: endpoint http://127.0.0.1:9 unreachable"):
+        open_stream(packed["remote"], packed["cache"], {"endpoint_url": "http://127.0.0.1:9"})
+
+
+def test_what_a_stream_cannot_do_is_one_line_naming_the_key(packed) -> None:
+    common = {"root": None, "store": packed["remote"], "cache_dir": str(packed["cache"])}
+    with pytest.raises(ConfigError, match=r"^data.oversample=true: "):
+        HPADataModule(**common, oversample=True)
+    with pytest.raises(ConfigError, match=r"^data.max_samples=10: "):
+        HPADataModule(**common, max_samples=10)
+    with pytest.raises(ConfigError, match=r"^data.split.folds=5: "):
+        HPADataModule(**common, split={"folds": 5})
+    with pytest.raises(ConfigError, match=rf"^data.image_size=32: data.store=s3://hpa-test/packed holds {SIZE}px"):
+        HPADataModule(**common, image_size=32).prepare_data()
+    with pytest.raises(ConfigError, match=r"^data.split: data.store=s3://hpa-test/packed was packed with the split "):
+        HPADataModule(**common, image_size=SIZE, split={"seed": 1}).prepare_data()
+    with pytest.raises(DataError, match=r"^data.store=/no/such/folder: folder not found"):
+        HPADataModule(**{**common, "store": "/no/such/folder"}, image_size=SIZE).prepare_data()
+
+
+def test_datamodule_batches_have_the_memmap_loaders_format(packed) -> None:
+    kwargs = {"root": None, "cache_dir": str(packed["cache"]), "image_size": SIZE, "batch_size": 8, "num_workers": 0}
+    module = HPADataModule(store=packed["remote"], **kwargs)
+    module.prepare_data()
+    module.setup("fit")
+    batch = next(iter(module.train_dataloader()))
+    assert {k: (v.dtype, v.shape[1:]) for k, v in batch.items()} == {
+        "image": (torch.uint8, (4, SIZE, SIZE)), "target": (torch.float32, (28,)), "index": (torch.int64, ())}
+    assert module.split_counts() == {n: len(packed["split"].indices(n)) for n in ("train", "val", "test")}
+    assert module.ids(batch["index"].numpy()) == [packed["store"].ids[r] for r in batch["index"].tolist()]
+    assert module.stats == (packed["split"].mean, packed["split"].std)
