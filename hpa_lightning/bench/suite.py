@@ -20,6 +20,9 @@ Sections (each prints a ratio of two things measured in the same run, same data,
               images with the simulator's cells at HPA 2021 geometry; the goal is at most 0.5 s)
   9 cells     per-cell prediction: cells/s of each cell_score (image, cam, crop, blend) over the same images and
               masks; the ratio is blend's time over the image-level pass copied to every cell
+  10 stream   the streaming store (litdata): a local streaming folder's training loader vs the memmap store's (same
+              samples, batch size, workers; goal >= 0.8), and one epoch streamed from a loopback S3 server vs a plain
+              GET loop over the same chunk objects (goal >= 0.5)
 
 Generated data live in `cache` (default $HPA_CACHE_DIR/bench or .cache/bench), so reruns skip generation. The full
 mode renders `unique` samples and hard-links them under new ids up to `n` (decoding cost is per file, so packing and
@@ -60,6 +63,7 @@ from hpa_lightning.bench.loading import bench_loading
 from hpa_lightning.bench.overhead import bench_overhead, build_module, overhead_datamodule, project_recipe
 from hpa_lightning.bench.packing_speed import bench_packing
 from hpa_lightning.bench.segmentation_speed import bench_segmentation
+from hpa_lightning.bench.stream_speed import bench_stream
 from hpa_lightning.bench.summary import collect_targets, headline_ratios, render_report
 from hpa_lightning.bench.thresholds import bench_thresholds
 from hpa_lightning.cli import fail, parse_key_values
@@ -123,7 +127,7 @@ def run(args: dict) -> dict:
     sections = result["sections"]
 
     data_root = None
-    if {"loading", "packing", "gpu"} & set(wanted):
+    if {"loading", "packing", "gpu", "stream"} & set(wanted):
         data_root = tiled_dataset(cache, prof.n, prof.unique, prof.size, prof.texture_noise, workers)
         result["data"] = {"root": str(data_root), "n": prof.n, "unique": min(prof.unique, prof.n), "size": prof.size,
                           "texture_noise": prof.texture_noise, "png": png_sizes(data_root)}
@@ -183,6 +187,8 @@ def run(args: dict) -> dict:
         attempt("segment", lambda: bench_segmentation(prof, seed))
     if "cells" in wanted:
         attempt("cells", lambda: bench_cell_prediction(prof, seed, cache))
+    if "stream" in wanted:
+        attempt("stream", lambda: bench_stream(data_root, cache, prof, workers))
     result["environment"]["loadavg_end"] = _loadavg()
     result["ratios"] = headline_ratios(sections)
     result["targets"] = collect_targets(sections)

@@ -84,6 +84,16 @@ def render_report(result: dict) -> str:
         x = s["cells"]
         row("9", "cells", f"{x['ratio']:.2f}x", "per-cell blend (cam + crops) / image scores copied to every cell, "
             "time", f"{x['cells_per_s']['blend']:.0f} cells/s")
+    if "stream" in s:
+        x = s["stream"]
+        row("10", "stream", f"{x['ratio']:.2f}", "local streaming folder / memmap store, training loader samples/s",
+            verdict("stream_local_ratio"))
+        store = x["object_store"]
+        if store.get("skipped"):
+            lines.append(f"  10 stream   object store skipped: {store['skipped']}")
+        else:
+            row("  ", "", f"{store['ratio']:.2f}", "loopback S3 stream / plain GET loop over the same chunks, one "
+                "epoch", verdict("stream_object_store_ratio"))
     for name, err in result.get("errors", {}).items():
         lines.append(f"  ! {name}: FAILED: {err}")
 
@@ -171,6 +181,16 @@ def render_report(result: dict) -> str:
         lines.append(f"  9 cells     {x['images']} synthetic {x['image_px']} px images ({x['mean_cells']:.1f} cells "
                      f"each), image model {x['image_model_px']} px, cell model {x['cell_model_px']} px, "
                      f"{x['threads']} threads: cells/s {rates}")
+    if "stream" in s:
+        x = s["stream"]
+        lines.append(f"  10 stream   {x['train_samples']} samples of {x['image_size']} px, batch {x['batch_size']}, "
+                     f"{x['workers']} workers, median of {x['rounds']}: memmap {x['memmap_samples_per_s']:.0f}, local "
+                     f"stream {x['local_samples_per_s']:.0f} samples/s")
+        store = x["object_store"]
+        if not store.get("skipped"):
+            lines.append(f"              loopback S3 ({store['objects']} objects, {store['mb']:.0f} MB): stream "
+                         f"{store['stream_samples_per_s']:.0f}, GET loop {store['get_loop_samples_per_s']:.0f} "
+                         f"samples/s")
     notes = diagnostics(result)
     if notes:
         lines.append("")
@@ -214,6 +234,8 @@ def collect_targets(sections: dict) -> dict:
         "jpeg_draft_speedup": sections.get("jpeg", {}).get("ratio"),
         "threshold_tuning_ms": sections.get("thresholds", {}).get("exact_ms"),
         "segment_s_per_image": sections.get("segment", {}).get("seconds_per_image"),
+        "stream_local_ratio": sections.get("stream", {}).get("ratio"),
+        "stream_object_store_ratio": sections.get("stream", {}).get("object_store", {}).get("ratio"),
     }
     targets = {}
     for key, value in values.items():
@@ -237,4 +259,6 @@ def headline_ratios(sections: dict) -> dict:
         "threshold_search": sections.get("thresholds", {}).get("ratio"),
         "segment_s_per_image": sections.get("segment", {}).get("seconds_per_image"),
         "cell_blend_over_image": sections.get("cells", {}).get("ratio"),
+        "stream_local_ratio": sections.get("stream", {}).get("ratio"),
+        "stream_object_store_ratio": sections.get("stream", {}).get("object_store", {}).get("ratio"),
     }

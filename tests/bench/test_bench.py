@@ -191,3 +191,23 @@ def test_cells_section_scores_the_same_cells_every_way(tmp_path: Path, capsys: p
     assert re.search(r"^  9 cells\s+[\d.]+x  per-cell blend", out, re.MULTILINE)
     assert re.search(r"^  9 cells\s+2 synthetic 256 px images .* cells/s cam \d+, crop \d+, blend \d+, image \d+$", out,
                      re.MULTILINE)
+
+
+@pytest.mark.s3
+def test_stream_section_times_both_stores_and_the_object_store_side_by_side(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """Section 10 alone: the local streaming folder against the memmap store (same samples), and a loopback S3 epoch
+    against a GET loop over the same objects; each ratio against its goal."""
+    pytest.importorskip("moto.server")
+    result = bench.main(["quick=true", "sections=stream", f"cache={tmp_path / 'cache'}", f"out={tmp_path / 'o.json'}"])
+    assert result["errors"] == {}
+    section = result["sections"]["stream"]
+    assert section["ratio"] == pytest.approx(section["local_samples_per_s"] / section["memmap_samples_per_s"])
+    store = section["object_store"]
+    assert store["samples"] > 0 and store["objects"] >= 2  # chunks and litdata's index
+    assert store["ratio"] == pytest.approx(store["stream_samples_per_s"] / store["get_loop_samples_per_s"])
+    assert result["targets"]["stream_local_ratio"]["target"] == "target >= 0.8"
+    assert result["targets"]["stream_object_store_ratio"]["target"] == "target >= 0.5"
+    out = capsys.readouterr().out
+    assert re.search(r"^  10 stream\s+[\d.]+  local streaming folder / memmap store", out, re.MULTILINE)
+    assert re.search(r"loopback S3 stream / plain GET loop over the same chunks", out)

@@ -1,0 +1,99 @@
+"""Section 10: the streaming store (data/stream_store.py, litdata) against what it replaces or rides on, side by side.
+
+- `local`: the training loader of a local streaming folder against the memmap store's (HPADataModule), same samples
+  (the memmap store packed to chunks), batch size and workers; samples/s each, the ratio stream / memmap (goal >= 0.8).
+- `object store`: one epoch of the validation split streamed from a loopback S3 server (moto's, on 127.0.0.1; a
+  fresh local cache, so every chunk is downloaded) against a plain GET loop fetching the very same chunk objects one
+  after another with boto3; each as samples/s, the ratio stream / GET loop (goal >= 0.5). Skipped, and said so,
+  without `moto[server]` (the dev extra).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from hpa_lightning.bench.common import Profile, median, note
+from hpa_lightning.bench.loading import loader_rate, shutdown_workers
+from hpa_lightning.bench.loopback_s3 import loopback_s3
+
+BUCKET = "hpa-bench"
+OBJECT_STORE_SPLIT = "val"  # the object-store comparison streams one split: a tenth of the data, in moto's memory
+
+
+def _epoch_rate(loader) -> dict[str, float]:
+    """Samples/s of one whole epoch (from the first batch asked for: downloads and cache fills included)."""
+    started = time.perf_counter()
+    samples = sum(len(batch["image"]) for batch in loader)
+    seconds = time.perf_counter() - started
+    return {"samples_per_s": samples / seconds, "samples": samples, "seconds": seconds}
+
+
+def _get_loop(endpoint: str, prefix: str, samples: int) -> dict[str, float]:
+    """Every object under `prefix` fetched whole with boto3, one after another: the bytes the stream downloads."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    keys = [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+            for item in page.get("Contents", [])]
+    started = time.perf_counter()
+    size = sum(len(client.get_object(Bucket=BUCKET, Key=key)["Body"].read()) for key in keys)
+    seconds = time.perf_counter() - started
+    return {"samples_per_s": samples / seconds, "objects": len(keys), "mb": size / 2**20, "seconds": seconds}
+
+
+def bench_stream(root: Path, cache: Path, prof: Profile, workers: int) -> dict:
+    from hpa_lightning.data import stream_store as streams
+    from hpa_lightning.data.datamodule import HPADataModule
+
+    dm = HPADataModule(root=str(root), image_size=prof.size, cache_dir=str(cache / "stores"),
+                       batch_size=prof.load_batch, num_workers=workers, persistent_workers=workers > 0)
+    dm.prepare_data()
+    dm.setup("fit")
+    folder = cache / "streams" / f"{dm.store.path.name}-{dm.split.path.name}"
+    if not folder.is_dir():
+        note(f"stream: packing the memmap store to chunks in {folder}")
+        streams.pack_stream(dm.store, dm.split, str(folder), workers=workers, progress=False)
+    stream_cache = cache / "stream-cache"
+    warm = max(2, 2 * workers)
+    rates: dict[str, list[float]] = {"memmap": [], "local": []}
+    for _ in range(prof.repeats):  # alternating rounds over the same samples
+        memmap = dm.train_dataloader()
+        note(f"stream: memmap store's loader, {len(dm.datasets['train'])} samples, {workers} workers")
+        rates["memmap"].append(loader_rate(memmap, warm, max(4, len(memmap)), prof.load_min_seconds)["samples_per_s"])
+        shutdown_workers(memmap)
+        # persistent workers like the memmap loader's, so epochs chained to the minimum time do not restart them
+        dataset = streams.stream_dataset(streams.open_stream(str(folder), stream_cache), "train", shuffle=True)
+        local = streams.stream_loader(dataset, prof.load_batch, workers, persistent_workers=True)
+        note(f"stream: local streaming folder's loader, {workers} workers")
+        rates["local"].append(loader_rate(local, warm, max(4, len(local)), prof.load_min_seconds)["samples_per_s"])
+        shutdown_workers(local)
+    result = {"ratio": median(rates["local"]) / median(rates["memmap"]),
+              "memmap_samples_per_s": median(rates["memmap"]), "local_samples_per_s": median(rates["local"]),
+              "batch_size": prof.load_batch, "workers": workers, "image_size": prof.size,
+              "train_samples": len(dm.datasets["train"]), "rounds": prof.repeats}
+    try:
+        import moto.server  # noqa: F401  (the dev extra)
+    except ImportError:
+        result["object_store"] = {"skipped": "moto[server] is not installed (pip install -e '.[dev]')"}
+        return result
+    with loopback_s3(BUCKET) as endpoint:
+        url = f"s3://{BUCKET}/bench"
+        note("stream: packing to the loopback object store")
+        streams.pack_stream(dm.store, dm.split, url, workers=workers, progress=False)
+        streamed, fetched = [], []
+        for round_ in range(prof.repeats):
+            shutil.rmtree(stream_cache, ignore_errors=True)  # every chunk downloaded again
+            loader = streams.open_stream_loader(url, OBJECT_STORE_SPLIT, prof.load_batch, workers,
+                                                cache_dir=stream_cache, shuffle=False)
+            note(f"stream: one epoch from the object store, round {round_ + 1}")
+            streamed.append(_epoch_rate(loader))
+            fetched.append(_get_loop(endpoint, f"bench/{OBJECT_STORE_SPLIT}/", streamed[-1]["samples"]))
+    shutil.rmtree(stream_cache, ignore_errors=True)
+    stream_rate = median([r["samples_per_s"] for r in streamed])
+    get_rate = median([r["samples_per_s"] for r in fetched])
+    result["object_store"] = {"ratio": stream_rate / get_rate, "stream_samples_per_s": stream_rate,
+                              "get_loop_samples_per_s": get_rate, "objects": fetched[0]["objects"],
+                              "mb": fetched[0]["mb"], "samples": streamed[0]["samples"], "endpoint": "moto, loopback"}
+    return result
