@@ -23,10 +23,13 @@ bounded chunk cache).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -174,6 +177,30 @@ def _mapped(store_path: str) -> np.ndarray:
     return _MAPS[store_path]
 
 
+OPTIMIZER_CACHE_VARIABLES = ("DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")
+
+
+@contextlib.contextmanager
+def private_optimizer_cache() -> Iterator[Path]:
+    """litdata's `optimize` stages chunks bound for object storage in one fixed folder per machine (`/tmp/chunks`,
+    `/tmp/data`) and clears it: two packs on one machine at once (two users, two jobs) would delete each other's
+    chunks. Each pack gets its own staging folders (inherited by the forked workers), removed after; a folder the user
+    set through those variables is kept."""
+    with tempfile.TemporaryDirectory(prefix="hpa-pack-") as tmp:
+        saved = {name: os.environ.get(name) for name in OPTIMIZER_CACHE_VARIABLES}
+        for name, sub in zip(OPTIMIZER_CACHE_VARIABLES, ("chunks", "data"), strict=True):
+            if not saved[name]:
+                os.environ[name] = str(Path(tmp) / sub)
+        try:
+            yield Path(tmp)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 def pack_stream(store: PackedStore, split: Split, out: str, workers: int | None = None,
                 storage_options: dict | None = None, progress: bool = True) -> str:
     """Write `store`'s samples as one litdata dataset per split under `out` (a folder or s3://bucket/prefix), its
@@ -203,16 +230,17 @@ def pack_stream(store: PackedStore, split: Split, out: str, workers: int | None 
         Path(objects.url).mkdir(parents=True, exist_ok=True)
     allow_http()
     counts = {}
-    for name in SPLIT_NAMES:
-        rows = split.indices(name)
-        counts[name] = len(rows)
-        inputs = [(str(store.path), int(row), store.labels[row]) for row in rows]
-        # fork: workers inherit allow_http and need no re-import of torch; store order kept (keep_data_ordered,
-        # no reordering), so a stream read without shuffling yields the split's rows as the memmap store holds them
-        litdata.optimize(_write_split_rows, inputs, output_dir=f"{objects.url}/{name}", chunk_bytes=CHUNK_BYTES,
-                         num_workers=max(1, min(workers or available_cpus(), max(1, len(rows) // nodes))),
-                         keep_data_ordered=True, reorder_files=False, mode="overwrite", start_method="fork",
-                         storage_options=options, verbose=progress)
+    with private_optimizer_cache():
+        for name in SPLIT_NAMES:
+            rows = split.indices(name)
+            counts[name] = len(rows)
+            inputs = [(str(store.path), int(row), store.labels[row]) for row in rows]
+            # fork: workers inherit allow_http and need no re-import of torch; store order kept (keep_data_ordered,
+            # no reordering), so a stream read without shuffling yields the split's rows as the memmap store holds
+            litdata.optimize(_write_split_rows, inputs, output_dir=f"{objects.url}/{name}", chunk_bytes=CHUNK_BYTES,
+                             num_workers=max(1, min(workers or available_cpus(), max(1, len(rows) // nodes))),
+                             keep_data_ordered=True, reorder_files=False, mode="overwrite", start_method="fork",
+                             storage_options=options, verbose=progress)
     if rank != nodes - 1:
         return objects.url  # the last machine merges the index and writes the metadata once every share is in
     files = _stream_files(store, split)

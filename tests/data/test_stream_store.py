@@ -136,3 +136,43 @@ def test_datamodule_batches_have_the_memmap_loaders_format(packed) -> None:
     assert module.split_counts() == {n: len(packed["split"].indices(n)) for n in ("train", "val", "test")}
     assert module.ids(batch["index"].numpy()) == [packed["store"].ids[r] for r in batch["index"].tolist()]
     assert module.stats == (packed["split"].mean, packed["split"].std)
+
+
+def test_two_packs_at_once_on_one_machine_stage_their_chunks_apart(packed, s3_server, tmp_path: Path,  # noqa: F811
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """litdata stages chunks bound for object storage in one folder per machine (/tmp/chunks) and clears it; two
+    packs at once (two jobs, or two test workers) deleted each other's chunks. Two packs to S3 in two processes at the
+    same time both complete and are lossless."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    env = s3_server.env()
+    targets = [s3_server.url(f"twice{i}") for i in range(2)]
+    processes = [context.Process(target=_pack_in_child, args=(str(packed["store"].path), url, env)) for url in targets]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+        assert process.exitcode == 0
+    expected = digests(packed["local"], tmp_path / "local")
+    for i, url in enumerate(targets):
+        assert digests(url, tmp_path / f"cache{i}") == expected
+    monkeypatch.setenv("DATA_OPTIMIZER_CACHE_FOLDER", str(tmp_path / "mine"))  # the user's own staging folder is kept
+    from hpa_lightning.data.stream_store import private_optimizer_cache
+
+    with private_optimizer_cache() as staging:
+        import os
+
+        assert os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] == str(tmp_path / "mine")
+        assert os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] == str(staging / "data")
+    assert not staging.exists()
+
+
+def _pack_in_child(store_path: str, url: str, env: dict[str, str]) -> None:
+    import os
+
+    from hpa_lightning.data.store import PackedStore
+
+    os.environ.update(env)
+    store = PackedStore.open(store_path)
+    pack_stream(store, prepare_split(store), url, workers=2, progress=False)
