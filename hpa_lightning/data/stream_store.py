@@ -290,7 +290,11 @@ def open_stream(url: str, cache_dir: str | Path, storage_options: object = None)
     if marker.get("format") != STREAM_FORMAT:
         raise DataError(f"data.store={url}: streaming store format {marker.get('format')} != {STREAM_FORMAT}; pack "
                         f"it anew")
-    local_root = Path(cache_dir) / "streaming" / hashlib.sha256(f"{url}\0{raw!r}".encode()).hexdigest()[:16]
+    # the endpoint is part of the key: the same bucket and prefix on two servers are two stores, and litdata clears
+    # versions of a dataset it does not know from its cache folder (two test workers, each with its own server)
+    endpoint = str(options.get("endpoint_url") or "") if is_remote(url) else ""
+    key = f"{endpoint}\0{url}\0{raw!r}"
+    local_root = Path(cache_dir) / "streaming" / hashlib.sha256(key.encode()).hexdigest()[:16]
     meta_dir = local_root / "meta"
     if not (meta_dir / MARKER).is_file():
         meta_dir.parent.mkdir(parents=True, exist_ok=True)
