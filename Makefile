@@ -44,7 +44,8 @@ test-faults: $(STAMP)  ## the fault-injection matrix: preempted or killed at eve
 # The streaming store end to end against a loopback S3 server (moto, started by the tests): the memmap store's metrics
 # from the object store, two DDP ranks with disjoint shares, SIGTERM mid-epoch and resume (about 5 minutes). CI runs it.
 test-s3: $(STAMP)  ## streaming store from a loopback S3 server: same metrics, DDP shares, mid-epoch resume
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m s3 $(TEST_WORKERS) tests/training/test_stream_training.py tests/bench/test_bench.py
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m s3 $(TEST_WORKERS) tests/data/test_stream_store.py tests/training/test_stream_training.py \
+		tests/bench/test_bench.py
 
 # `make demo-cells` as a test: the best cell score beats copying the image labels to every cell by >= 0.15 cell mAP
 # (the issue's bar; about 4 minutes on 2 cores, so beside `make test`). CI runs it.

@@ -19,6 +19,8 @@ from tests.conftest import write_kaggle_folder
 from tests.data.s3_server import s3_server  # noqa: F401 - the fixture
 
 SIZE = 16
+# every test here needs the loopback S3 server and packs with worker processes: `make test-s3` (CI), beside make test
+pytestmark = pytest.mark.s3
 
 
 @pytest.fixture(scope="module")
