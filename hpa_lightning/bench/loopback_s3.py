@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from unittest import mock
 
 LOOPBACK_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "loopback", "AWS_SECRET_ACCESS_KEY": "loopback",
                         "AWS_DEFAULT_REGION": "us-east-1"}
@@ -25,15 +26,9 @@ def loopback_s3(bucket: str) -> Iterator[str]:
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     env = {"AWS_ENDPOINT_URL": endpoint, **LOOPBACK_CREDENTIALS}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
     try:
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-        yield endpoint
+        with mock.patch.dict(os.environ, env):
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+            yield endpoint
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

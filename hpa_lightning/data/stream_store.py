@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 from urllib.parse import urlparse
 
 import numpy as np
@@ -187,18 +188,10 @@ def private_optimizer_cache() -> Iterator[Path]:
     chunks. Each pack gets its own staging folders (inherited by the forked workers), removed after; a folder the user
     set through those variables is kept."""
     with tempfile.TemporaryDirectory(prefix="hpa-pack-") as tmp:
-        saved = {name: os.environ.get(name) for name in OPTIMIZER_CACHE_VARIABLES}
-        for name, sub in zip(OPTIMIZER_CACHE_VARIABLES, ("chunks", "data"), strict=True):
-            if not saved[name]:
-                os.environ[name] = str(Path(tmp) / sub)
-        try:
+        staging = {name: str(Path(tmp) / sub) for name, sub in zip(OPTIMIZER_CACHE_VARIABLES, ("chunks", "data"),
+                                                                    strict=True) if not os.environ.get(name)}
+        with mock.patch.dict(os.environ, staging):
             yield Path(tmp)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
 
 def pack_stream(store: PackedStore, split: Split, out: str, workers: int | None = None,
