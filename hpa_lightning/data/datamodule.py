@@ -248,7 +248,7 @@ class HPADataModule(L.LightningDataModule):
             self.datasets[name] = self._stream_dataset(name)
             return stream_loader(self.datasets[name], self.batch_size if train else self.eval_batch_size,
                                  num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                 persistent_workers=self.persistent_workers)
+                                 persistent_workers=self.persistent_workers, worker_type=self.worker_type)
         sampler = self.train_sampler() if train else None
         threads = self.worker_type == "thread"
         return ThreadedDataLoader(

@@ -137,6 +137,21 @@ class _Objects:
                 return None
             raise failure from None
 
+    def names(self, folder: str) -> list[str]:
+        """The names of the objects (files) directly under `folder`."""
+        if not self.remote:
+            path = Path(self.url) / folder
+            return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        prefix = self._key(folder).rstrip("/") + "/"
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                          Delimiter="/")
+            return sorted(item["Key"][len(prefix):] for page in pages for item in page.get("Contents", []))
+        except (BotoCoreError, ClientError) as err:
+            raise self._fail(err, folder) from None
+
     def write(self, name: str, local: Path) -> None:
         if not self.remote:
             target = Path(self.url) / name
@@ -219,6 +234,8 @@ def pack_stream(store: PackedStore, split: Split, out: str, workers: int | None 
     nodes = int(os.environ.get("DATA_OPTIMIZER_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
     rank = int(os.environ.get("DATA_OPTIMIZER_NODE_RANK") or os.environ.get("SLURM_NODEID") or 0)
     os.environ["DATA_OPTIMIZER_NUM_NODES"], os.environ["DATA_OPTIMIZER_NODE_RANK"] = str(nodes), str(rank)
+    if nodes > 1:
+        _refuse_leftover_share(objects, rank)
     if not objects.remote:
         Path(objects.url).mkdir(parents=True, exist_ok=True)
     allow_http()
@@ -229,13 +246,18 @@ def pack_stream(store: PackedStore, split: Split, out: str, workers: int | None 
             counts[name] = len(rows)
             inputs = [(str(store.path), int(row), store.labels[row]) for row in rows]
             # fork: workers inherit allow_http and need no re-import of torch; store order kept (keep_data_ordered,
-            # no reordering), so a stream read without shuffling yields the split's rows as the memmap store holds
+            # no reordering), so a stream read without shuffling yields the split's rows as the memmap store holds.
+            # Several machines: litdata deals the inputs by (machine, worker), so every machine must run as many
+            # workers (pass the same workers=); and each must only add its share, since "overwrite" empties the
+            # prefix, peers' finished shares included, when a machine starts
             litdata.optimize(_write_split_rows, inputs, output_dir=f"{objects.url}/{name}", chunk_bytes=CHUNK_BYTES,
                              num_workers=max(1, min(workers or available_cpus(), max(1, len(rows) // nodes))),
-                             keep_data_ordered=True, reorder_files=False, mode="overwrite", start_method="fork",
-                             storage_options=options, verbose=progress)
+                             keep_data_ordered=True, reorder_files=False, mode="append" if nodes > 1 else "overwrite",
+                             start_method="fork", storage_options=options, verbose=progress)
     if rank != nodes - 1:
         return objects.url  # the last machine merges the index and writes the metadata once every share is in
+    for name in SPLIT_NAMES:
+        _check_merged_count(objects, name, counts[name])
     files = _stream_files(store, split)
     for name in files:
         objects.write(name, store.path / name)
@@ -248,6 +270,26 @@ def pack_stream(store: PackedStore, split: Split, out: str, workers: int | None 
     finally:
         marker_path.unlink(missing_ok=True)
     return objects.url
+
+
+def _refuse_leftover_share(objects: _Objects, rank: int) -> None:
+    """A machine's own share index already in the prefix comes from an earlier multi-machine pack that stopped before
+    the merge (no peer writes this machine's file): the merge would take it for this pack's. One line, nothing
+    written."""
+    for name in SPLIT_NAMES:
+        if f"{rank}-index.json" in objects.names(name):
+            raise DataError(f"out={objects.url}: holds an interrupted multi-machine pack ({name}/{rank}-index.json, "
+                            f"no {MARKER}); delete the prefix and pack again")
+
+
+def _check_merged_count(objects: _Objects, name: str, expected: int) -> None:
+    """The merged index of split `name` holds exactly its rows: shares from another pack (a leftover index of a peer)
+    or a missing share stop the pack before the marker, so no reader trusts it."""
+    raw = objects.read(f"{name}/index.json")
+    counted = sum(int(chunk.get("chunk_size", 0)) for chunk in json.loads(raw)["chunks"]) if raw else 0
+    if counted != expected:
+        raise DataError(f"out={objects.url}: the merged {name}/index.json holds {counted} samples, the split "
+                        f"{expected}; another pack's shares were in the prefix? delete it and pack again")
 
 
 @dataclass(frozen=True)
@@ -329,7 +371,8 @@ def stream_dataset(stream: StreamStore, name: str, shuffle: bool = False, drop_l
 
 
 def collate_stream(samples: list[dict]) -> dict:
-    """Stream samples to the memmap loader's batch: image uint8 (B, 4, S, S), target float32 (B, C), index int64."""
+    """Stream samples to the memmap loader's batch: image uint8 (B, 4, S, S), target float32 (B, C), index int64.
+    In a worker process the stack lands in shared memory (default_collate's way), the batch's hand-over."""
     import torch
 
     return {"image": torch.stack([s["image"] for s in samples]),
@@ -337,20 +380,65 @@ def collate_stream(samples: list[dict]) -> dict:
             "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.int64)}
 
 
+class InProcessCollate:
+    """`collate_stream` for a loader read in this process (data.worker_type=thread): the images are copied from
+    litdata's views of the chunk (a memory map of a local or cached chunk) into a recycled batch buffer, or a pinned
+    one (torch's copy runs on its intra-op threads).
+
+    Why: a 512 px batch is 32 MB; stacking into fresh memory pays a page fault per 4 kB and ran at ~1 GB/s here, against
+    ~12 GB/s into memory touched before (the memmap loader's BatchBuffers); a worker process adds a shared-memory
+    segment and a hand-over per batch on top, and starting workers takes seconds per epoch."""
+
+    def __init__(self, pin_memory: bool = False):
+        self.pin_memory = pin_memory
+        self._buffers = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_buffers": None}
+
+    def _batch(self, shape: tuple[int, ...]):
+        import torch
+
+        from hpa_lightning.data.loader import BatchBuffers
+
+        if self.pin_memory:
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        if self._buffers is None:
+            self._buffers = BatchBuffers()
+        return self._buffers.take(shape)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        import torch
+
+        images = [s["image"] for s in samples]
+        batch = torch.stack(images, out=self._batch((len(images), *images[0].shape)))
+        return {"image": batch, "target": torch.stack([s["target"] for s in samples]).float(),
+                "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.int64)}
+
+
 def stream_loader(dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
-                  persistent_workers: bool = False):
-    """A StreamingDataLoader over `dataset` yielding the memmap loader's batches (`state_dict` resumes mid-epoch)."""
+                  persistent_workers: bool = False, worker_type: str = "process"):
+    """A StreamingDataLoader over `dataset` yielding the memmap loader's batches (`state_dict` resumes mid-epoch).
+
+    `worker_type="thread"` (the data config's default) reads in this process: litdata's own threads prefetch (and
+    for object storage download) chunks, and each batch is copied out of the mapped chunks into a recycled buffer
+    (InProcessCollate); `num_workers` is then unused. `"process"` starts `num_workers` DataLoader worker processes,
+    each reading its share of the chunks (a sample here is bytes to copy, not to decode, so processes only add
+    hand-overs: measured in docs/performance.md)."""
     from litdata import StreamingDataLoader
 
+    if worker_type == "thread":
+        return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=0,
+                                   collate_fn=InProcessCollate(pin_memory))
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_stream,
                                pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0)
 
 
 def open_stream_loader(url: str, split: str = "train", batch_size: int = 32, num_workers: int = 2,
                        cache_dir: str | Path = ".cache/stores", storage_options: object = None, shuffle: bool = True,
-                       max_cache_size: int | str = "50GB"):
+                       max_cache_size: int | str = "50GB", worker_type: str = "thread"):
     """One call for a benchmark or a notebook: the StreamingDataLoader of split `split` of the streaming store at `url`
     (its batches are what training reads: dicts of image, target, index)."""
     stream = open_stream(url, cache_dir, storage_options)
     dataset = stream_dataset(stream, split, shuffle=shuffle, drop_last=False, max_cache_size=max_cache_size)
-    return stream_loader(dataset, batch_size, num_workers)
+    return stream_loader(dataset, batch_size, num_workers, worker_type=worker_type)

@@ -4,6 +4,10 @@ real S3-compatible server on loopback (moto, plain http): lossless, resumable, a
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +37,19 @@ def packed(tmp_path_factory: pytest.TempPathFactory, s3_server):  # noqa: F811
     split = prepare_split(store)
     local = pack_stream(store, split, str(base / "local"), workers=2, progress=False)
     remote = pack_stream(store, split, s3_server.url("packed"), workers=2, progress=False)
-    return {"store": store, "split": split, "local": local, "remote": remote, "cache": base / "cache"}
+    return {"store": store, "split": split, "local": local, "remote": remote, "cache": base / "cache", "root": root,
+            "stores": base / "stores"}
 
 
-def digests(url: str, cache: Path) -> dict[int, tuple[str, tuple[int, ...], str]]:
-    """Row -> (sha256 of the sample's bytes, its label ids, its split), read through the streaming loader."""
+def digests(url: str, cache: Path, worker_type: str = "process") -> dict[int, tuple[str, tuple[int, ...], str]]:
+    """Row -> (sha256 of the sample's bytes, its label ids, its split), read through the streaming loader (one worker
+    process, or in this process)."""
     stream = open_stream(url, cache)
     out = {}
     for name in ("train", "val", "test"):
-        for batch in stream_loader(stream_dataset(stream, name), batch_size=7, num_workers=1):
+        workers = 1 if worker_type == "process" else 0
+        for batch in stream_loader(stream_dataset(stream, name), batch_size=7, num_workers=workers,
+                                   worker_type=worker_type):
             for image, target, row in zip(batch["image"], batch["target"], batch["index"].tolist(), strict=True):
                 assert image.dtype == torch.uint8 and image.shape == (4, SIZE, SIZE)
                 assert row not in out
@@ -50,14 +58,22 @@ def digests(url: str, cache: Path) -> dict[int, tuple[str, tuple[int, ...], str]
     return out
 
 
-def test_every_sample_label_and_split_equal_across_memmap_local_folder_and_object_store(packed) -> None:
+def memmap_digests(packed) -> dict[int, tuple[str, tuple[int, ...], str]]:
+    """`digests` of the memmap store the streams were packed from."""
     store, split = packed["store"], packed["split"]
     images = store.images()
-    expected = {row: (hashlib.sha256(np.ascontiguousarray(images[row]).tobytes()).hexdigest(),
-                      tuple(np.flatnonzero(store.labels[row]).tolist()), str(split.assignment[row]))
-                for row in range(len(store))}
+    return {row: (hashlib.sha256(np.ascontiguousarray(images[row]).tobytes()).hexdigest(),
+                  tuple(np.flatnonzero(store.labels[row]).tolist()), str(split.assignment[row]))
+            for row in range(len(store))}
+
+
+def test_every_sample_label_and_split_equal_across_memmap_local_folder_and_object_store(packed) -> None:
+    store, split = packed["store"], packed["split"]
+    expected = memmap_digests(packed)
     assert digests(packed["local"], packed["cache"]) == expected
     assert digests(packed["remote"], packed["cache"]) == expected
+    assert digests(packed["local"], packed["cache"], worker_type="thread") == expected
+    assert digests(packed["remote"], packed["cache"], worker_type="thread") == expected
     stream = open_stream(packed["remote"], packed["cache"])  # ids, statistics and split key are the store's
     assert stream.store.ids == store.ids and stream.split.mean == split.mean and stream.split.std == split.std
     assert stream.split_key() == split.path.name
@@ -178,3 +194,61 @@ def _pack_in_child(store_path: str, url: str, env: dict[str, str]) -> None:
     os.environ.update(env)
     store = PackedStore.open(store_path)
     pack_stream(store, prepare_split(store), url, workers=2, progress=False)
+
+
+def test_two_machines_pack_one_store_each_its_share(packed, s3_server) -> None:  # noqa: F811
+    """litdata's multi-machine packing, two `pack` processes as two machines (DATA_OPTIMIZER_NUM_NODES=2, each its
+    DATA_OPTIMIZER_NODE_RANK) started apart as srun may start them: the last machine (which merges) first, the first
+    one only once the last one's share is in the bucket. Every sample arrives once, as the memmap store holds it."""
+    import boto3
+
+    url, prefix = s3_server.url("two-machines"), "two-machines/"
+    env = {**os.environ, **s3_server.env(), "DATA_OPTIMIZER_NUM_NODES": "2"}
+    command = [sys.executable, "-m", "hpa_lightning.pack", f"root={packed['root']}", f"size={SIZE}",
+               f"cache_dir={packed['stores']}", "workers=2", f"out={url}"]
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
+
+    def keys() -> list[str]:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
+        return [item["Key"][len(prefix):] for page in pages for item in page.get("Contents", [])]
+
+    last = subprocess.Popen([*command], env={**env, "DATA_OPTIMIZER_NODE_RANK": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "train/1-index.json" not in keys() and last.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "train/1-index.json" in keys(), "the last machine did not put its share up"
+        first = subprocess.run(command, env={**env, "DATA_OPTIMIZER_NODE_RANK": "0"}, capture_output=True,
+                               text=True, timeout=120)
+        assert first.returncode == 0, first.stdout + first.stderr
+        output, _ = last.communicate(timeout=120)
+    finally:
+        last.kill()
+    assert last.returncode == 0, output
+    assert MARKER in keys()
+    writers = {int(key.split("/")[1].split("-")[1]) for key in keys() if key.startswith("train/chunk-")}
+    assert min(writers) < 2 <= max(writers)  # chunks of machine 0's workers (0, 1) and machine 1's (2, 3)
+    assert digests(url, packed["cache"]) == memmap_digests(packed)
+
+
+def test_a_machines_leftover_share_is_refused_and_the_merge_counted(packed, s3_server, monkeypatch,  # noqa: F811
+                                                                    tmp_path: Path) -> None:
+    """An interrupted multi-machine pack leaves per-machine index files and no marker: a new pack there would merge a
+    stale share. The machine finding its own share refuses; the merge checks its sample count before the marker."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    client.put_object(Bucket=s3_server.bucket, Key="interrupted/val/0-index.json", Body=b"{}")
+    monkeypatch.setenv("DATA_OPTIMIZER_NUM_NODES", "2")
+    monkeypatch.setenv("DATA_OPTIMIZER_NODE_RANK", "0")
+    with pytest.raises(DataError, match=r"^out=s3://hpa-test/interrupted: holds an interrupted multi-machine pack "
+                                        r"\(val/0-index.json, no hpa_stream.json\)"):
+        pack_stream(packed["store"], packed["split"], s3_server.url("interrupted"), workers=1, progress=False)
+    from hpa_lightning.data import stream_store
+
+    folder = tmp_path / "short"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "index.json").write_text('{"chunks": [{"chunk_size": 3}], "config": {}}')
+    with pytest.raises(DataError, match=rf"^out={folder}: the merged train/index.json holds 3 samples, the split 32"):
+        stream_store._check_merged_count(stream_store._Objects(str(folder), {}, key="out"), "train", 32)
