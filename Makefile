@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_ARGS ?= +experiment=focal_g02 +preset=demo scheduler=cosine
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-cells test test-fast test-faults test-s3 test-cells-demo test-slurm mutation lint format bench gpu-check gpu-bundle reproduce clean
+.PHONY: help install demo demo-cells test test-fast test-faults test-e2e test-s3 test-cells-demo test-slurm mutation lint format bench gpu-check gpu-bundle reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,16 +30,25 @@ demo-cells: $(STAMP)  ## HPA 2021 single cells on synthetic cells with truth: se
 # TEST_WORKERS="-p no:xdist" runs it in one process.
 TEST_WORKERS ?= -n logical --maxprocesses=4 --dist loadgroup --no-loadscope-reorder
 
-test: $(STAMP)  ## run the whole test suite (the real-SLURM tests are `make test-slurm`, the fault matrix `make test-faults`)
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q --durations=15 -m "not slurm and not faults and not cells_demo and not s3" $(TEST_WORKERS) tests
+# The suite beside its CI-only parts (marked; each has its target below): the fault matrix, the whole-pipeline
+# rehearsals, the object-store tests, the single-cell demo and the real SLURM cluster.
+NOT_IN_TEST := not slurm and not faults and not e2e and not cells_demo and not s3
+
+test: $(STAMP)  ## run the test suite (CI also runs test-faults, test-e2e, test-s3, test-cells-demo and test-slurm)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q --durations=15 -m "$(NOT_IN_TEST)" $(TEST_WORKERS) tests
 
 test-fast: $(STAMP)  ## tests without the end-to-end trainings
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow and not slurm and not cells_demo and not s3" $(TEST_WORKERS) tests
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow and $(NOT_IN_TEST)" $(TEST_WORKERS) tests
 
 # Every cell of the fault-injection matrix (a signal at each point of a run, TERM and KILL, DDP included, then resume):
-# about 30 trainings, so beside `make test`, which runs its fast cells. CI runs both.
+# about 30 trainings, so beside `make test`. CI runs both.
 test-faults: $(STAMP)  ## the fault-injection matrix: preempted or killed at every point, resumed to the same run
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m faults $(TEST_WORKERS) tests/training/test_faults.py
+
+# `make reproduce` at the tests' scale and the GPU check's rehearsal on the CPU: a whole pipeline each, about a minute
+# of two cores each, so beside `make test`. CI runs them.
+test-e2e: $(STAMP)  ## make reproduce and the gpu-check rehearsal end to end, at the tests' scale
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m e2e $(TEST_WORKERS) tests/reporting/test_reproduce.py tests/bench/test_gpu_check.py
 
 # The streaming store end to end against a loopback S3 server (moto, started by the tests): the memmap store's metrics
 # from the object store, two DDP ranks with disjoint shares, SIGTERM mid-epoch and resume (about 5 minutes). CI runs it.

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         counts = {name: len(split.indices(name)) for name in SPLIT_NAMES}
         print(f"store: {store.path} ({len(store)} samples at {store.image_size}px); split {split.path.name}: {counts}")
         if args["out"]:
-            from hpa_lightning.data.stream_store import pack_stream
+            from hpa_lightning.data.stream_pack import pack_stream
 
             url = pack_stream(store, split, str(args["out"]), workers=int(args["workers"]) or None)
             print(f"streaming store: {url} (train with data.store={url})")

@@ -50,6 +50,7 @@ def _get_loop(endpoint: str, prefix: str, samples: int) -> dict[str, float]:
 def bench_stream(root: Path, cache: Path, prof: Profile, workers: int) -> dict:
     from hpa_lightning.data import stream_store as streams
     from hpa_lightning.data.datamodule import HPADataModule
+    from hpa_lightning.data.stream_pack import pack_stream
 
     dm = HPADataModule(root=str(root), image_size=prof.size, cache_dir=str(cache / "stores"),
                        batch_size=prof.load_batch, num_workers=workers, persistent_workers=workers > 0)
@@ -58,7 +59,7 @@ def bench_stream(root: Path, cache: Path, prof: Profile, workers: int) -> dict:
     folder = cache / "streams" / f"{dm.store.path.name}-{dm.split.path.name}"
     if not folder.is_dir():
         note(f"stream: packing the memmap store to chunks in {folder}")
-        streams.pack_stream(dm.store, dm.split, str(folder), workers=workers, progress=False)
+        pack_stream(dm.store, dm.split, str(folder), workers=workers, progress=False)
     stream_cache = cache / "stream-cache"
     warm = max(2, 2 * workers)
     rates: dict[str, list[float]] = {"memmap": [], "local": []}
@@ -84,7 +85,7 @@ def bench_stream(root: Path, cache: Path, prof: Profile, workers: int) -> dict:
     with loopback_s3(BUCKET) as endpoint:
         url = f"s3://{BUCKET}/bench"
         note("stream: packing to the loopback object store")
-        streams.pack_stream(dm.store, dm.split, url, workers=workers, progress=False)
+        pack_stream(dm.store, dm.split, url, workers=workers, progress=False)
         streamed, fetched = [], []
         for round_ in range(prof.repeats):
             shutil.rmtree(stream_cache, ignore_errors=True)  # every chunk downloaded again

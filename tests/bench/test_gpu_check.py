@@ -186,7 +186,7 @@ def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path: Path) -> None:
     assert "skipped" in (tmp_path / "report" / "summary.txt").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_rehearsal_runs_every_part_on_the_cpu_and_resolves_the_bundle(tmp_path: Path) -> None:
     """`python -m hpa_lightning.gpu_check rehearse=true`: the lent machine's sequence on the CPU at tiny sizes, the
     import tracer in every process; the report folder is what the device tool brings back."""

@@ -17,7 +17,8 @@ import torch
 from hpa_lightning.data.datamodule import HPADataModule
 from hpa_lightning.data.split import prepare_split
 from hpa_lightning.data.store import build_store
-from hpa_lightning.data.stream_store import MARKER, open_stream, pack_stream, stream_dataset, stream_loader
+from hpa_lightning.data.stream_pack import pack_stream
+from hpa_lightning.data.stream_store import MARKER, open_stream, stream_dataset, stream_loader
 from hpa_lightning.errors import ConfigError, DataError
 from tests.conftest import write_kaggle_folder
 from tests.data.s3_server import s3_server  # noqa: F401 - the fixture
@@ -176,7 +177,7 @@ def test_two_packs_at_once_on_one_machine_stage_their_chunks_apart(packed, s3_se
     for i, url in enumerate(targets):
         assert digests(url, tmp_path / f"cache{i}") == expected
     monkeypatch.setenv("DATA_OPTIMIZER_CACHE_FOLDER", str(tmp_path / "mine"))  # the user's own staging folder is kept
-    from hpa_lightning.data.stream_store import private_optimizer_cache
+    from hpa_lightning.data.stream_pack import private_optimizer_cache
 
     with private_optimizer_cache() as staging:
         import os
@@ -245,10 +246,11 @@ def test_a_machines_leftover_share_is_refused_and_the_merge_counted(packed, s3_s
     with pytest.raises(DataError, match=r"^out=s3://hpa-test/interrupted: holds an interrupted multi-machine pack "
                                         r"\(val/0-index.json, no hpa_stream.json\)"):
         pack_stream(packed["store"], packed["split"], s3_server.url("interrupted"), workers=1, progress=False)
-    from hpa_lightning.data import stream_store
+    from hpa_lightning.data.stream_pack import _check_merged_count
+    from hpa_lightning.data.stream_store import StoreObjects
 
     folder = tmp_path / "short"
     (folder / "train").mkdir(parents=True)
     (folder / "train" / "index.json").write_text('{"chunks": [{"chunk_size": 3}], "config": {}}')
     with pytest.raises(DataError, match=rf"^out={folder}: the merged train/index.json holds 3 samples, the split 32"):
-        stream_store._check_merged_count(stream_store._Objects(str(folder), {}, key="out"), "train", 32)
+        _check_merged_count(StoreObjects(str(folder), {}, key="out"), "train", 32)

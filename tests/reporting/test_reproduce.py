@@ -27,7 +27,7 @@ def test_the_demo_plan_composes_every_training_command(tmp_path: Path) -> None:
     assert compose_config(commands["lr_find"][1:], "lr_find").experiment_name == "focal_g02"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_reproduce_publishes_what_its_run_produced(shared_cache: Path, tmp_path: Path) -> None:
     docs = tmp_path / "docs" / "results" / "synthetic"
     env = {**os.environ, "HPA_CACHE_DIR": str(shared_cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}

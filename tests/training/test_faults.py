@@ -2,10 +2,11 @@
 at each point of a real training job, then `resume` (or `resume=auto`, as a requeued job), must end with the weights,
 best.ckpt, metrics.csv, results.json and predictions of the uninterrupted run, bit for bit (CPU, data workers on).
 
-The cell of `make test` is the issue's own case (SIGTERM at step 18 of 36); the rest of the matrix (a full disk, a kill
-while a checkpoint is written, an unreadable last.ckpt, every point x TERM/KILL, other samplers, DDP) is marked
-`faults` (`make test-faults`, run by CI); tests/training/test_checkpoint_io.py and tests/test_files.py check the
-writers, the full disk and the fallback without training.
+The whole matrix (the issue's own case, SIGTERM at step 18 of 36, a full disk, a kill while a checkpoint is written, an
+unreadable last.ckpt, every point x TERM/KILL, other samplers, DDP) is marked `faults` (`make test-faults`, run by CI);
+in `make test`, tests/training/test_resume.py stops runs mid-epoch (SIGTERM, submitit's requeue) and resumes them, and
+tests/training/test_checkpoint_io.py and tests/test_files.py check the writers, the full disk and the fallback
+without training.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def matrix_reference(tmp_path_factory: pytest.TempPathFactory, shared_cache: Pat
     return straight_run(tmp_path_factory.mktemp("straight") / "run", shared_cache, MATRIX)
 
 
+@pytest.mark.faults
 def test_sigterm_mid_epoch_then_resume_is_the_uninterrupted_run(reference: Path, tmp_path: Path,
                                                                 shared_cache: Path) -> None:
     """The issue's case: SIGTERM at global step 18 of 36 (epoch 1, batch 6 of 12), then `resume`."""

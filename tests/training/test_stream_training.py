@@ -12,7 +12,7 @@ import pytest
 
 from hpa_lightning.data.split import load_split
 from hpa_lightning.data.store import PackedStore
-from hpa_lightning.data.stream_store import pack_stream
+from hpa_lightning.data.stream_pack import pack_stream
 from tests.conftest import REPO, run_train
 from tests.data.s3_server import s3_server  # noqa: F401 - the fixture
 from tests.training.recorders import read_rows
