@@ -31,9 +31,15 @@ BAD_INPUT = {
     "train thresholds": ("hpa_lightning.train", ["thresholds.strategy=best", "model.pretrained=false"]),
     "train crop": ("hpa_lightning.train", ["crop.size=4096", "model.pretrained=false"]),
     "train data": ("hpa_lightning.train", ["data=hpa", f"data.root={MISSING}", "model.pretrained=false"]),
+    "train no data": ("hpa_lightning.train", ["data=hpa", "model.pretrained=false"]),
+    "train stream": ("hpa_lightning.train", ["data=hpa", f"data.store={MISSING}", "model.pretrained=false"]),
     "baseline override": ("hpa_lightning.baseline", ["no_such_key=1"]),
     "lr_find override": ("hpa_lightning.lr_find", ["no_such_key=1"]),
 }
+
+# where the line itself matters: the README's streaming recipe gives data.store and no data.root (which it replaces)
+MESSAGES = {"train no data": "error: data.root: not set; give data.root=DIR",
+            "train stream": f"error: data.store={MISSING}: folder not found"}
 
 
 def test_bad_input_exits_2_with_an_error_and_no_traceback(tmp_path: Path) -> None:
@@ -46,7 +52,8 @@ def test_bad_input_exits_2_with_an_error_and_no_traceback(tmp_path: Path) -> Non
     failures = []
     for name, proc in procs.items():
         _, stderr = proc.communicate(timeout=300)
-        if proc.returncode != 2 or "Traceback" in stderr or not stderr.strip():
+        if proc.returncode != 2 or "Traceback" in stderr or not stderr.strip() or \
+                not stderr.strip().splitlines()[-1].startswith(MESSAGES.get(name, "")):
             failures.append(f"{name}: exit {proc.returncode}: {stderr.strip()[-300:]}")
     assert not failures, "\n".join(failures)
     assert not (tmp_path / "cache" / "stores").exists()  # nothing half-written

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from sklearn.base import is_classifier
 
@@ -122,7 +122,9 @@ def run_baseline(cfg: DictConfig) -> dict:
     if cfg.data.get("store"):
         raise ConfigError(f"data.store={cfg.data.store}: the baselines read the memmap store's pixels at random; run "
                           f"them with data.store=null (data.root)")
-    datamodule = instantiate(cfg.data)
+    from hpa_lightning.data.datamodule import datamodule_from_config  # torch and Lightning: only once checked
+
+    datamodule = datamodule_from_config(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     store, split = datamodule.store, datamodule.split

@@ -267,3 +267,24 @@ class HPADataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+
+def datamodule_from_config(data) -> HPADataModule:
+    """`instantiate(cfg.data)`, with a value the config leaves open (`???`) said in one line naming the key: the
+    sources (`data.root`) are needed unless `data.store` names a streaming store, which replaces them (then `data.root`
+    is set to null, in place, so the saved config says what was read)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    if OmegaConf.is_missing(data, "root") and data.get("store"):
+        data.root = None
+    try:
+        return instantiate(data)
+    except MissingMandatoryValue as err:
+        key = err.full_key or "data"
+        if key == "data.root":
+            raise ConfigError("data.root: not set; give data.root=DIR (a folder holding train.csv and train/) or "
+                              "data.store=URL (a streaming store)") from None
+        raise ConfigError(f"{key}: not set; give {key}=...") from None
+

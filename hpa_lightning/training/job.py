@@ -15,7 +15,7 @@ from omegaconf import DictConfig, open_dict
 
 from hpa_lightning.cli import ENV_SAVED_OVERRIDES
 from hpa_lightning.data.cell_store import CellDataModule
-from hpa_lightning.data.datamodule import HPADataModule
+from hpa_lightning.data.datamodule import HPADataModule, datamodule_from_config
 from hpa_lightning.errors import ConfigError
 from hpa_lightning.models.augment import build_augmentation, check_crop
 from hpa_lightning.models.losses import positive_class_weights
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 def prepare_datamodule(cfg: DictConfig) -> HPADataModule:
     """Generate/pack/split up front, so bad data fails in seconds with one line, before any model is built."""
-    datamodule: HPADataModule = instantiate(cfg.data)
+    datamodule = datamodule_from_config(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
