@@ -1,8 +1,9 @@
 """Section 10: the streaming store (data/stream_store.py, litdata) against what it replaces or rides on, side by side.
 
 - `local`: the training loader of a local streaming folder against the memmap store's (HPADataModule), same samples
-  (the memmap store packed to chunks), batch size and workers (data.worker_type=thread, training's default: both read
-  in the training process with `workers` copy threads); samples/s each, the ratio stream / memmap (goal >= 0.8).
+  (the memmap store packed to chunks), batch size and worker setting (data.worker_type=thread, training's default:
+  both read in the training process, the memmap loader with `workers` read threads, the stream with litdata's own
+  prefetch thread); samples/s each, the ratio stream / memmap (goal >= 0.8).
 - `object store`: one epoch of the training split streamed from a loopback S3 server (moto's, on 127.0.0.1; a
   fresh local cache, so every chunk is downloaded) against a plain GET loop fetching the very same chunk objects one
   after another with boto3; each as samples/s, the ratio stream / GET loop (goal >= 0.5). Skipped, and said so,
@@ -70,7 +71,7 @@ def bench_stream(root: Path, cache: Path, prof: Profile, workers: int) -> dict:
         shutdown_workers(memmap)
         dataset = streams.stream_dataset(streams.open_stream(str(folder), stream_cache), "train", shuffle=True)
         local = streams.stream_loader(dataset, prof.load_batch, workers, worker_type="thread")
-        note(f"stream: local streaming folder's loader, {workers} workers")
+        note("stream: local streaming folder's loader, read in this process")
         rates["local"].append(loader_rate(local, warm, max(4, len(local)), prof.load_min_seconds)["samples_per_s"])
         shutdown_workers(local)
     result = {"ratio": median(rates["local"]) / median(rates["memmap"]),

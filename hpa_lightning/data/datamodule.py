@@ -46,7 +46,8 @@ class HPADataModule(L.LightningDataModule):
         cache_dir: where packed stores live.
         split: `{seed, val_fraction, test_fraction}` of the multilabel-stratified split.
         num_workers: threads (worker_type=thread, the default: batches read into recycled or pinned buffers by
-            threads of this process) or DataLoader worker processes (worker_type=process) that read batches.
+            threads of this process) or DataLoader worker processes (worker_type=process) that read batches. A
+            streaming store (`store`) read with worker_type=thread uses litdata's own prefetch thread instead.
         oversample: draw training samples with replacement in proportion to `repeat_factors(oversample_threshold)`,
             so an epoch holds about sum(r_i) samples and rare classes are seen r_c times as often.
         classes: the label space (`hpa2018`, `hpa2021` or a CSV `id,name`; hpa_lightning.classes): the labels are

@@ -21,7 +21,7 @@ import numpy as np
 from hpa_lightning.data.split import SPLIT_NAMES, Split
 from hpa_lightning.data.store import PackedStore
 from hpa_lightning.data.stream_store import MARKER, STREAM_FORMAT, StoreObjects, allow_http, storage_options_for
-from hpa_lightning.errors import DataError
+from hpa_lightning.errors import ConfigError, DataError
 from hpa_lightning.files import write_json_atomic
 
 # At most 64 MB per chunk: 16 samples of 4 x 1024 x 1024 (4 MiB each), 64 at 512 px, 16384 at 32 px. A chunk is the
@@ -100,7 +100,7 @@ def pack_stream(store: PackedStore, split: Split, out: str, workers: int | None 
     rank = int(os.environ.get("DATA_OPTIMIZER_NODE_RANK") or os.environ.get("SLURM_NODEID") or 0)
     os.environ["DATA_OPTIMIZER_NUM_NODES"], os.environ["DATA_OPTIMIZER_NODE_RANK"] = str(nodes), str(rank)
     if nodes > 1:
-        _refuse_leftover_share(objects, rank)
+        _check_machines(objects, rank, workers)
     if not objects.remote:
         Path(objects.url).mkdir(parents=True, exist_ok=True)
     allow_http()
@@ -137,21 +137,38 @@ def pack_stream(store: PackedStore, split: Split, out: str, workers: int | None 
     return objects.url
 
 
-def _refuse_leftover_share(objects: StoreObjects, rank: int) -> None:
-    """A machine's own share index already in the prefix comes from an earlier multi-machine pack that stopped before
-    the merge (no peer writes this machine's file): the merge would take it for this pack's. One line, nothing
-    written."""
+def _check_machines(objects: StoreObjects, rank: int, workers: int | None) -> None:
+    """What packing on several machines needs, said in one line before anything is written:
+    - object storage: litdata's last machine waits for the others' share indexes only there (into a folder it merges
+      what is there when it finishes, and each machine's merge clears the folder's worker indexes);
+    - `workers=N`, the same on every machine: litdata deals the samples and names the chunks by machine x workers +
+      worker, so machines with other core counts would skip samples or overwrite each other's chunks;
+    - no leftover of an interrupted pack: this machine's own share index (no peer writes it) or a split's merged
+      index (merged only once every machine has started) would be taken for this pack's."""
+    if not objects.remote:
+        raise ConfigError(f"out={objects.url}: packing on several machines (DATA_OPTIMIZER_NUM_NODES) needs object "
+                          f"storage (s3://bucket/prefix), where litdata merges the machines' shares")
+    if not workers:
+        raise ConfigError("workers: packing on several machines needs workers=N, the same on every machine (litdata "
+                          "deals the samples by machine and worker)")
     for name in SPLIT_NAMES:
-        if f"{rank}-index.json" in objects.names(name):
-            raise DataError(f"out={objects.url}: holds an interrupted multi-machine pack ({name}/{rank}-index.json, "
-                            f"no {MARKER}); delete the prefix and pack again")
+        present = objects.names(name)
+        for leftover in (f"{rank}-index.json", "index.json"):
+            if leftover in present:
+                raise DataError(f"out={objects.url}: holds an interrupted pack ({name}/{leftover}, no {MARKER}); "
+                                f"delete the prefix and pack again")
 
 
 def _check_merged_count(objects: StoreObjects, name: str, expected: int) -> None:
     """The merged index of split `name` holds exactly its rows: shares from another pack (a leftover index of a peer)
     or a missing share stop the pack before the marker, so no reader trusts it."""
     raw = objects.read(f"{name}/index.json")
-    counted = sum(int(chunk.get("chunk_size", 0)) for chunk in json.loads(raw)["chunks"]) if raw else 0
+    chunks = json.loads(raw)["chunks"] if raw else []
+    counted = sum(int(chunk.get("chunk_size", 0)) for chunk in chunks)
     if counted != expected:
         raise DataError(f"out={objects.url}: the merged {name}/index.json holds {counted} samples, the split "
                         f"{expected}; another pack's shares were in the prefix? delete it and pack again")
+    names = [chunk.get("filename") for chunk in chunks]
+    if len(set(names)) != len(names):  # two machines wrote one chunk name: one overwrote the other's samples
+        raise DataError(f"out={objects.url}: the merged {name}/index.json lists a chunk twice; pack with the same "
+                        f"workers= on every machine")

@@ -44,13 +44,15 @@ def packed(tmp_path_factory: pytest.TempPathFactory, s3_server):  # noqa: F811
 
 def digests(url: str, cache: Path, worker_type: str = "process") -> dict[int, tuple[str, tuple[int, ...], str]]:
     """Row -> (sha256 of the sample's bytes, its label ids, its split), read through the streaming loader (one worker
-    process, or in this process)."""
+    process, or in this process). Every batch is kept until the split is read: a batch buffer recycled while its batch
+    is still held would show as wrong bytes."""
     stream = open_stream(url, cache)
     out = {}
     for name in ("train", "val", "test"):
         workers = 1 if worker_type == "process" else 0
-        for batch in stream_loader(stream_dataset(stream, name), batch_size=7, num_workers=workers,
-                                   worker_type=worker_type):
+        batches = list(stream_loader(stream_dataset(stream, name), batch_size=7, num_workers=workers,
+                                     worker_type=worker_type))
+        for batch in batches:
             for image, target, row in zip(batch["image"], batch["target"], batch["index"].tolist(), strict=True):
                 assert image.dtype == torch.uint8 and image.shape == (4, SIZE, SIZE)
                 assert row not in out
@@ -197,7 +199,7 @@ def _pack_in_child(store_path: str, url: str, env: dict[str, str]) -> None:
     pack_stream(store, prepare_split(store), url, workers=2, progress=False)
 
 
-def test_two_machines_pack_one_store_each_its_share(packed, s3_server) -> None:  # noqa: F811
+def test_two_machines_pack_one_store_each_its_share(packed, s3_server, tmp_path: Path) -> None:  # noqa: F811
     """litdata's multi-machine packing, two `pack` processes as two machines (DATA_OPTIMIZER_NUM_NODES=2, each its
     DATA_OPTIMIZER_NODE_RANK) started apart as srun may start them: the last machine (which merges) first, the first
     one only once the last one's share is in the bucket. Every sample arrives once, as the memmap store holds it."""
@@ -213,8 +215,10 @@ def test_two_machines_pack_one_store_each_its_share(packed, s3_server) -> None: 
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
         return [item["Key"][len(prefix):] for page in pages for item in page.get("Contents", [])]
 
-    last = subprocess.Popen([*command], env={**env, "DATA_OPTIMIZER_NODE_RANK": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "last-machine.log"  # a file, not a pipe: nobody reads it while the machine runs
+    with log.open("w") as sink:
+        last = subprocess.Popen(command, env={**env, "DATA_OPTIMIZER_NODE_RANK": "1"}, stdout=sink,
+                                stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while "train/1-index.json" not in keys() and last.poll() is None and time.monotonic() < deadline:
@@ -223,34 +227,47 @@ def test_two_machines_pack_one_store_each_its_share(packed, s3_server) -> None: 
         first = subprocess.run(command, env={**env, "DATA_OPTIMIZER_NODE_RANK": "0"}, capture_output=True,
                                text=True, timeout=120)
         assert first.returncode == 0, first.stdout + first.stderr
-        output, _ = last.communicate(timeout=120)
+        last.wait(timeout=120)
     finally:
         last.kill()
-    assert last.returncode == 0, output
+    assert last.returncode == 0, log.read_text()[-3000:]
     assert MARKER in keys()
     writers = {int(key.split("/")[1].split("-")[1]) for key in keys() if key.startswith("train/chunk-")}
     assert min(writers) < 2 <= max(writers)  # chunks of machine 0's workers (0, 1) and machine 1's (2, 3)
     assert digests(url, packed["cache"]) == memmap_digests(packed)
 
 
-def test_a_machines_leftover_share_is_refused_and_the_merge_counted(packed, s3_server, monkeypatch,  # noqa: F811
-                                                                    tmp_path: Path) -> None:
-    """An interrupted multi-machine pack leaves per-machine index files and no marker: a new pack there would merge a
-    stale share. The machine finding its own share refuses; the merge checks its sample count before the marker."""
+def test_what_packing_on_several_machines_needs_is_one_line(packed, s3_server, monkeypatch,  # noqa: F811
+                                                             tmp_path: Path) -> None:
+    """Object storage, the same workers= everywhere, no leftover of an interrupted pack (this machine's own share index,
+    or a split's merged index): each refused in one line before anything is written; and the merge is checked."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
-    client.put_object(Bucket=s3_server.bucket, Key="interrupted/val/0-index.json", Body=b"{}")
-    monkeypatch.setenv("DATA_OPTIMIZER_NUM_NODES", "2")
-    monkeypatch.setenv("DATA_OPTIMIZER_NODE_RANK", "0")
-    with pytest.raises(DataError, match=r"^out=s3://hpa-test/interrupted: holds an interrupted multi-machine pack "
-                                        r"\(val/0-index.json, no hpa_stream.json\)"):
-        pack_stream(packed["store"], packed["split"], s3_server.url("interrupted"), workers=1, progress=False)
     from hpa_lightning.data.stream_pack import _check_merged_count
     from hpa_lightning.data.stream_store import StoreObjects
 
-    folder = tmp_path / "short"
+    store, split = packed["store"], packed["split"]
+    monkeypatch.setenv("DATA_OPTIMIZER_NUM_NODES", "2")
+    monkeypatch.setenv("DATA_OPTIMIZER_NODE_RANK", "0")
+    with pytest.raises(ConfigError, match=rf"^out={tmp_path / 'folder'}: packing on several machines "):
+        pack_stream(store, split, str(tmp_path / "folder"), workers=2, progress=False)
+    with pytest.raises(ConfigError, match=r"^workers: packing on several machines needs workers=N"):
+        pack_stream(store, split, s3_server.url("no-workers"), progress=False)
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    for prefix, leftover in (("own-share", "val/0-index.json"), ("merged", "train/index.json")):
+        client.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{leftover}", Body=b"{}")
+        with pytest.raises(DataError, match=rf"^out=s3://hpa-test/{prefix}: holds an interrupted pack \({leftover}, "
+                                            rf"no hpa_stream.json\)"):
+            pack_stream(store, split, s3_server.url(prefix), workers=2, progress=False)
+        assert [o["Key"] for o in client.list_objects_v2(Bucket=s3_server.bucket, Prefix=f"{prefix}/")["Contents"]] \
+            == [f"{prefix}/{leftover}"]  # nothing written
+    folder = tmp_path / "merged"
     (folder / "train").mkdir(parents=True)
-    (folder / "train" / "index.json").write_text('{"chunks": [{"chunk_size": 3}], "config": {}}')
+    index = folder / "train" / "index.json"
+    index.write_text('{"chunks": [{"chunk_size": 3, "filename": "chunk-0-0.bin"}], "config": {}}')
     with pytest.raises(DataError, match=rf"^out={folder}: the merged train/index.json holds 3 samples, the split 32"):
         _check_merged_count(StoreObjects(str(folder), {}, key="out"), "train", 32)
+    index.write_text('{"chunks": [{"chunk_size": 3, "filename": "chunk-2-0.bin"}, {"chunk_size": 3, "filename": '
+                     '"chunk-2-0.bin"}], "config": {}}')
+    with pytest.raises(DataError, match=rf"^out={folder}: the merged train/index.json lists a chunk twice"):
+        _check_merged_count(StoreObjects(str(folder), {}, key="out"), "train", 6)
