@@ -236,11 +236,13 @@ class HPADataModule(L.LightningDataModule):
         """Split `name` of the stream. Training is shuffled (litdata: chunks, then samples within a window, anew each
         epoch from the seed) with drop_last, so every rank draws the same number of full batches: floor(floor(N / B) /
         ranks) each, the rest of the epoch (fewer than ranks x B samples, other ones each epoch) left out. Evaluation
-        under DDP: every rank reads the whole split and the outputs are de-duplicated by row, so each sample counts
-        once (the evaluation's compute is not shared over the ranks, unlike the memmap store's)."""
+        under DDP: each rank reads its share of the split (every sample on one rank), or the whole split when it is
+        too small for every rank to get a batch (stream_store.stream_dataset)."""
         train = name == "train"
+        workers = 0 if self.worker_type == "thread" else self.num_workers
         return stream_dataset(self.stream, name, shuffle=train and self.shuffle, drop_last=train,
-                              seed=int(self.split_cfg["seed"]), max_cache_size=self.max_cache_size, whole=not train)
+                              seed=int(self.split_cfg["seed"]), max_cache_size=self.max_cache_size,
+                              eval_batch_size=None if train else self.eval_batch_size, workers=workers)
 
     def _loader(self, name: str, train: bool) -> DataLoader:
         if self.stream_url:

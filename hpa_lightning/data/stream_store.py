@@ -207,12 +207,16 @@ def open_stream(url: str, cache_dir: str | Path, storage_options: object = None)
 
 
 def stream_dataset(stream: StreamStore, name: str, shuffle: bool = False, drop_last: bool = False, seed: int = 42,
-                   max_cache_size: int | str = "50GB", whole: bool = False):
+                   max_cache_size: int | str = "50GB", eval_batch_size: int | None = None, workers: int = 0):
     """The litdata StreamingDataset of split `name`; `.indices` holds its store rows (store order). Under DDP each rank
-    reads its share (litdata's), or with `whole` every sample (evaluation: the ranks' outputs are gathered and
-    de-duplicated by row, models/epoch_metrics.py)."""
+    reads its share (litdata's: disjoint, together the whole split, unless `drop_last` leaves the remainder out).
+
+    Evaluation (`eval_batch_size` given, the loader's batch size and `workers` its worker processes, 0 for reading in
+    this process): the ranks' shares may differ by a batch, which evaluation allows (the outputs are gathered by row,
+    models/epoch_metrics.py; Lightning's epoch mean of the loss weighs each rank by its samples). A split too small for
+    every rank to get a batch at that size (litdata deals it in whole batches) is read whole by every rank instead and
+    de-duplicated by row: a rank without a batch would skip the evaluation the others wait in."""
     from litdata import StreamingDataset
-    from litdata.utilities.env import _DistributedEnv
 
     allow_http()
     cache = stream.cache_dir / name
@@ -221,12 +225,23 @@ def stream_dataset(stream: StreamStore, name: str, shuffle: bool = False, drop_l
     kwargs = {"cache_dir": str(cache), "max_cache_size": max_cache_size} if is_remote(stream.url) else {}
     dataset = StreamingDataset(source, shuffle=shuffle, drop_last=drop_last, seed=seed,
                                storage_options=stream.storage_options, **kwargs)
-    if whole:
-        # litdata splits an evaluation split by whole batches over the ranks: a split smaller than ranks x batch size
-        # leaves a rank without a batch, which Lightning refuses
+    if eval_batch_size is not None and min(samples_per_rank(dataset, eval_batch_size, workers)) == 0:
+        from litdata.utilities.env import _DistributedEnv
+
         dataset.distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
     dataset.indices = stream.split.indices(name)
     return dataset
+
+
+def samples_per_rank(dataset, batch_size: int, workers: int = 0) -> list[int]:
+    """How many samples of `dataset` (a StreamingDataset) each DDP rank reads per epoch, as litdata deals them for this
+    batch size and number of worker processes (0: read in the training process, which litdata counts as one)."""
+    from litdata.utilities.env import _DistributedEnv
+
+    env = dataset.distributed_env
+    dataset.get_len(max(1, workers), batch_size)  # builds litdata's shuffler, which deals the samples
+    return [dataset.shuffler.get_len(_DistributedEnv(env.world_size, rank, env.num_nodes), max(1, workers), batch_size,
+                                     dataset.current_epoch) for rank in range(env.world_size)]
 
 
 def collate_stream(samples: list[dict]) -> dict:

@@ -146,6 +146,42 @@ def test_what_a_stream_cannot_do_is_one_line_naming_the_key(packed) -> None:
         HPADataModule(**{**common, "store": "/no/such/folder"}, image_size=SIZE).prepare_data()
 
 
+def rows_read_by_each_rank(packed, monkeypatch: pytest.MonkeyPatch, name: str, batch_size: int,
+                           workers: int) -> list[list[int]]:
+    """The store rows each of two DDP ranks reads of split `name` as an evaluation (litdata takes the ranks from
+    `_DistributedEnv.detect`, here each rank's in turn), with every batch's size checked."""
+    from litdata.utilities.env import _DistributedEnv
+
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(_DistributedEnv, "detect", classmethod(lambda cls, rank=rank: _DistributedEnv(2, rank, 1)))
+        stream = open_stream(packed["local"], packed["cache"])
+        loader = stream_loader(stream_dataset(stream, name, eval_batch_size=batch_size, workers=workers), batch_size,
+                               num_workers=workers, worker_type="process" if workers else "thread")
+        batches = [batch["index"].tolist() for batch in loader]
+        assert all(0 < len(rows) <= batch_size for rows in batches)
+        shares.append([row for rows in batches for row in rows])
+    return shares
+
+
+@pytest.mark.parametrize(("batch_size", "workers"), [(1, 0), (4, 0), (7, 0), (16, 0), (40, 0), (3, 2), (40, 2)])
+def test_evaluation_under_ddp_reads_each_sample_on_one_rank_and_never_leaves_a_rank_without_a_batch(
+        packed, monkeypatch: pytest.MonkeyPatch, batch_size: int, workers: int) -> None:
+    """Each rank reads its share (disjoint, together the split) when litdata's dealing gives every rank a batch at
+    this size, else the whole split (then de-duplicated by row): never a rank without a batch, which would skip the
+    evaluation the other rank waits in."""
+    split = sorted(packed["split"].indices("train").tolist())  # the largest split of the 40 samples: 32
+    shares = rows_read_by_each_rank(packed, monkeypatch, "train", batch_size, workers)
+    assert all(shares), f"a rank without a batch: {[len(share) for share in shares]}"
+    whole = [sorted(share) == split for share in shares]
+    if not all(whole):
+        assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == split
+    if batch_size <= 4:  # small batches: the work is shared
+        assert not any(whole) and max(len(share) for share in shares) <= len(split) // 2 + batch_size
+    if batch_size >= len(split):  # one batch holds the split: only one rank could get it
+        assert all(whole)
+
+
 def test_datamodule_batches_have_the_memmap_loaders_format(packed) -> None:
     kwargs = {"root": None, "cache_dir": str(packed["cache"]), "image_size": SIZE, "batch_size": 8, "num_workers": 0}
     module = HPADataModule(store=packed["remote"], **kwargs)

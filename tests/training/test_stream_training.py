@@ -59,10 +59,11 @@ def test_training_from_the_object_store_gives_the_memmap_stores_metrics(memmap_r
 
 def test_two_ddp_ranks_stream_disjoint_equal_shares(stream_url: str, tmp_path: Path, shared_cache: Path) -> None:
     """192 train samples, batches of 16, 2 ranks: each rank floor(floor(192 / 16) / 2) = 6 batches, every sample once
-    per epoch (the remainder rule, drop_last: fewer than ranks x batch size samples are left out, here none)."""
+    per epoch (the remainder rule, drop_last: fewer than ranks x batch size samples are left out, here none).
+    Validation and test in batches of 4: each rank its share, every sample on one rank."""
     run = tmp_path / "ddp"
-    proc = run_train([*TINY, "trainer=ddp_cpu", f"data.store={stream_url}", f"hydra.run.dir={run}", RECORD,
-                      f"+callbacks.rows.out={run / 'rows'}"], shared_cache, REPO)
+    proc = run_train([*TINY, "trainer=ddp_cpu", f"data.store={stream_url}", "data.eval_batch_size=4",
+                      f"hydra.run.dir={run}", RECORD, f"+callbacks.rows.out={run / 'rows'}"], shared_cache, REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     split = pd.read_csv(run / "split.csv")
     train = set(split.index[split["split"] == "train"])
@@ -75,9 +76,19 @@ def test_two_ddp_ranks_stream_disjoint_equal_shares(stream_url: str, tmp_path: P
         assert all(len(share) == len(set(share)) for share in shares)
         union = set(shares[0]) | set(shares[1])
         assert union <= train and len(train - union) < 2 * 16
+    for stage in ("val", "test"):
+        expected = set(split.index[split["split"] == stage])
+        ranks = [read_rows(run / "rows" / f"{stage}_rows_rank{rank}.txt") for rank in (0, 1)]
+        epochs = sorted({e for e, _, _ in ranks[0]})
+        assert len(epochs) >= (2 if stage == "val" else 1), epochs  # a validation per epoch (and the final one)
+        for epoch in epochs:
+            shares = [[row for e, _, rows in batches if e == epoch for row in rows] for batches in ranks]
+            assert all(shares) and not set(shares[0]) & set(shares[1]), (stage, epoch)
+            assert sorted(shares[0] + shares[1]) == sorted(expected), (stage, epoch)
     results = json.loads((run / "results.json").read_text())
     predictions = pd.read_csv(run / "test_predictions.csv")
     assert predictions["Id"].is_unique and results["test"]["n_samples"] == int((split["split"] == "test").sum())
+    assert set(predictions["Id"]) == set(split.loc[split["split"] == "test", "Id"])
 
 
 def test_sigterm_mid_epoch_then_resume_reads_exactly_the_samples_not_yet_seen(stream_url: str, tmp_path: Path,
