@@ -212,7 +212,7 @@ def stream_dataset(stream: StreamStore, name: str, shuffle: bool = False, drop_l
     reads its share (litdata's: disjoint, together the whole split, unless `drop_last` leaves the remainder out).
 
     Evaluation (`eval_batch_size` given, the loader's batch size and `workers` its worker processes, 0 for reading in
-    this process): the ranks' shares may differ by a batch, which evaluation allows (the outputs are gathered by row,
+    this process): the ranks' shares may differ in size, which evaluation allows (the outputs are gathered by row,
     models/epoch_metrics.py; Lightning's epoch mean of the loss weighs each rank by its samples). A split too small for
     every rank to get a batch at that size (litdata deals it in whole batches) is read whole by every rank instead and
     de-duplicated by row: a rank without a batch would skip the evaluation the others wait in."""
