@@ -290,4 +290,3 @@ def datamodule_from_config(data) -> HPADataModule:
             raise ConfigError("data.root: not set; give data.root=DIR (a folder holding train.csv and train/) or "
                               "data.store=URL (a streaming store)") from None
         raise ConfigError(f"{key}: not set; give {key}=...") from None
-

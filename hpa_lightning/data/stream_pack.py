@@ -98,14 +98,14 @@ def pack_stream(store: PackedStore, split: Split, out: str, workers: int | None 
                         f"{marker.get('split')}); choose another prefix or delete it")
     nodes = int(os.environ.get("DATA_OPTIMIZER_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
     rank = int(os.environ.get("DATA_OPTIMIZER_NODE_RANK") or os.environ.get("SLURM_NODEID") or 0)
-    os.environ["DATA_OPTIMIZER_NUM_NODES"], os.environ["DATA_OPTIMIZER_NODE_RANK"] = str(nodes), str(rank)
     if nodes > 1:
         _check_machines(objects, rank, workers)
     if not objects.remote:
         Path(objects.url).mkdir(parents=True, exist_ok=True)
     allow_http()
     counts = {}
-    with private_optimizer_cache():
+    machine = {"DATA_OPTIMIZER_NUM_NODES": str(nodes), "DATA_OPTIMIZER_NODE_RANK": str(rank)}  # litdata's names
+    with private_optimizer_cache(), mock.patch.dict(os.environ, machine):
         for name in SPLIT_NAMES:
             rows = split.indices(name)
             counts[name] = len(rows)
