@@ -12,9 +12,15 @@
 
 from __future__ import annotations
 
+import json
+import mmap
 import shutil
+import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 from hpa_lightning.bench.common import Profile, median, note
 from hpa_lightning.bench.loading import loader_rate, shutdown_workers
@@ -48,6 +54,57 @@ def _get_loop(endpoint: str, prefix: str, samples: int) -> dict[str, float]:
     return {"samples_per_s": samples / seconds, "objects": len(keys), "mb": size / 2**20, "seconds": seconds}
 
 
+def _image_offset(folder: Path) -> tuple[int, list[str]]:
+    """Where a sample's image bytes start within its litdata item, and the chunk files, from the split's index.json.
+
+    An item (litdata's PyTree layout) is one uint32 size per leaf, then the leaves: the image first, as litdata's
+    "tensor" (a big-endian uint32 dtype code and rank, the shape, the bytes)."""
+    config = json.loads((folder / "index.json").read_text())
+    formats = config["config"]["data_format"]
+    if formats[0] != "tensor":
+        raise ValueError(f"{folder}: first leaf is {formats[0]}, not the image tensor")
+    return 4 * len(formats) + 8 + 4 * 3, [str(folder / chunk["filename"]) for chunk in config["chunks"]]
+
+
+def _copy_chunk(path: str, offset: int, nbytes: int, batch_size: int, buffers, seed: int) -> int:
+    """Copy every sample of one chunk file into batches, in shuffled order; returns the samples copied."""
+    with open(path, "rb") as handle:
+        chunk = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        data = np.frombuffer(chunk, dtype=np.uint8)
+        count = struct.unpack_from("<I", chunk, 0)[0]
+        starts = np.frombuffer(chunk, dtype=np.uint32, count=count, offset=4).astype(np.int64) + offset
+        order = np.random.default_rng(seed).permutation(count)
+        for first in range(0, count, batch_size):
+            rows = order[first:first + batch_size]
+            batch = buffers.take((len(rows), nbytes)).numpy()
+            for slot, row in enumerate(rows):
+                np.copyto(batch[slot], data[starts[row]:starts[row] + nbytes])
+        del data
+        return count
+    finally:
+        chunk.close()
+
+
+def _chunk_copy_rate(folder: Path, nbytes: int, batch_size: int, threads: int, seconds: float) -> float:
+    """Samples/s of copying split `folder`'s images out of its chunk files with `threads` threads (passes over the
+    split repeated for at least `seconds`, after one pass to warm the page cache)."""
+    from hpa_lightning.data.loader import BatchBuffers
+
+    offset, chunks = _image_offset(folder)
+    buffers = BatchBuffers()
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        def one_pass(seed: int) -> int:
+            return sum(pool.map(lambda job: _copy_chunk(job[1], offset, nbytes, batch_size, buffers, seed + job[0]),
+                                enumerate(chunks)))
+
+        one_pass(0)
+        samples, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds or samples == 0:
+            samples += one_pass(samples)
+        return samples / (time.perf_counter() - started)
+
+
 def bench_stream(root: Path, cache: Path, prof: Profile, workers: int) -> dict:
     from hpa_lightning.data import stream_store as streams
     from hpa_lightning.data.datamodule import HPADataModule
@@ -63,7 +120,8 @@ def bench_stream(root: Path, cache: Path, prof: Profile, workers: int) -> dict:
         pack_stream(dm.store, dm.split, str(folder), workers=workers, progress=False)
     stream_cache = cache / "stream-cache"
     warm = max(2, 2 * workers)
-    rates: dict[str, list[float]] = {"memmap": [], "local": []}
+    rates: dict[str, list[float]] = {"memmap": [], "local": [], "chunk_copy": []}
+    sample_bytes = 4 * prof.size * prof.size
     for _ in range(prof.repeats):  # alternating rounds over the same samples
         memmap = dm.train_dataloader()
         note(f"stream: memmap store's loader, {len(dm.datasets['train'])} samples, {workers} workers")
@@ -74,8 +132,13 @@ def bench_stream(root: Path, cache: Path, prof: Profile, workers: int) -> dict:
         note("stream: local streaming folder's loader, read in this process")
         rates["local"].append(loader_rate(local, warm, max(4, len(local)), prof.load_min_seconds)["samples_per_s"])
         shutdown_workers(local)
+        note("stream: the same samples copied out of the chunk files without litdata")
+        rates["chunk_copy"].append(_chunk_copy_rate(folder / "train", sample_bytes, prof.load_batch, workers,
+                                                    prof.load_min_seconds))
     result = {"ratio": median(rates["local"]) / median(rates["memmap"]),
               "memmap_samples_per_s": median(rates["memmap"]), "local_samples_per_s": median(rates["local"]),
+              "chunk_copy_ratio": median(rates["chunk_copy"]) / median(rates["memmap"]),
+              "chunk_copy_samples_per_s": median(rates["chunk_copy"]),
               "batch_size": prof.load_batch, "workers": workers, "image_size": prof.size,
               "train_samples": len(dm.datasets["train"]), "rounds": prof.repeats}
     try:

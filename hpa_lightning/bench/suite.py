@@ -21,8 +21,9 @@ Sections (each prints a ratio of two things measured in the same run, same data,
   9 cells     per-cell prediction: cells/s of each cell_score (image, cam, crop, blend) over the same images and
               masks; the ratio is blend's time over the image-level pass copied to every cell
   10 stream   the streaming store (litdata): a local streaming folder's training loader vs the memmap store's (same
-              samples, batch size, workers; goal >= 0.8), and one epoch streamed from a loopback S3 server vs a plain
-              GET loop over the same chunk objects (goal >= 0.5)
+              samples, batch size, workers; goal >= 0.8) and the same chunk files copied without litdata (the
+              format's ceiling), and one epoch streamed from a loopback S3 server vs a plain GET loop over the same
+              chunk objects (goal >= 0.5)
 
 Generated data live in `cache` (default $HPA_CACHE_DIR/bench or .cache/bench), so reruns skip generation. The full
 mode renders `unique` samples and hard-links them under new ids up to `n` (decoding cost is per file, so packing and

@@ -88,6 +88,8 @@ def render_report(result: dict) -> str:
         x = s["stream"]
         row("10", "stream", f"{x['ratio']:.2f}", "local streaming folder / memmap store, training loader samples/s",
             verdict("stream_local_ratio"))
+        if "chunk_copy_ratio" in x:
+            row("  ", "", f"{x['chunk_copy_ratio']:.2f}", "the same chunk files copied without litdata / memmap store")
         store = x["object_store"]
         if store.get("skipped"):
             lines.append(f"  10 stream   object store skipped: {store['skipped']}")
@@ -185,7 +187,8 @@ def render_report(result: dict) -> str:
         x = s["stream"]
         lines.append(f"  10 stream   {x['train_samples']} samples of {x['image_size']} px, batch {x['batch_size']}, "
                      f"{x['workers']} workers, median of {x['rounds']}: memmap {x['memmap_samples_per_s']:.0f}, local "
-                     f"stream {x['local_samples_per_s']:.0f} samples/s")
+                     f"stream {x['local_samples_per_s']:.0f}, chunk copy {x.get('chunk_copy_samples_per_s', 0):.0f} "
+                     f"samples/s")
         store = x["object_store"]
         if not store.get("skipped"):
             lines.append(f"              loopback S3 ({store['objects']} objects, {store['mb']:.0f} MB): stream "

@@ -206,6 +206,8 @@ def test_stream_section_times_both_stores_and_the_object_store_side_by_side(tmp_
     assert result["errors"] == {}
     section = result["sections"]["stream"]
     assert section["ratio"] == pytest.approx(section["local_samples_per_s"] / section["memmap_samples_per_s"])
+    assert section["chunk_copy_ratio"] == pytest.approx(section["chunk_copy_samples_per_s"] /
+                                                        section["memmap_samples_per_s"])
     store = section["object_store"]
     assert store["samples"] > 0 and store["objects"] >= 2  # chunks and litdata's index
     assert store["ratio"] == pytest.approx(store["stream_samples_per_s"] / store["get_loop_samples_per_s"])
@@ -214,3 +216,4 @@ def test_stream_section_times_both_stores_and_the_object_store_side_by_side(tmp_
     out = capsys.readouterr().out
     assert re.search(r"^  10 stream\s+[\d.]+  local streaming folder / memmap store", out, re.MULTILINE)
     assert re.search(r"loopback S3 stream / plain GET loop over the same chunks", out)
+    assert re.search(r"^\s+[\d.]+  the same chunk files copied without litdata / memmap store$", out, re.MULTILINE)

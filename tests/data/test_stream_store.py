@@ -82,6 +82,27 @@ def test_every_sample_label_and_split_equal_across_memmap_local_folder_and_objec
     assert stream.split_key() == split.path.name
 
 
+def test_the_benchmarks_chunk_copy_reads_every_training_image_byte_for_byte(packed) -> None:
+    """Bench section 10's reader without litdata (the chunk format's ceiling) must copy the very samples litdata
+    serves, or its row compares other work: every training image once, equal to the memmap store's."""
+    from hpa_lightning.bench.stream_speed import _copy_chunk, _image_offset
+
+    class KeepEveryBatch:
+        def __init__(self) -> None:
+            self.batches: list[torch.Tensor] = []
+
+        def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+            self.batches.append(torch.empty(shape, dtype=torch.uint8))
+            return self.batches[-1]
+
+    offset, chunks = _image_offset(Path(packed["local"]) / "train")
+    kept = KeepEveryBatch()
+    copied = sum(_copy_chunk(chunk, offset, 4 * SIZE * SIZE, 3, kept, seed) for seed, chunk in enumerate(chunks))
+    got = sorted(hashlib.sha256(row.numpy().tobytes()).hexdigest() for batch in kept.batches for row in batch)
+    expected = sorted(digest for digest, _, name in memmap_digests(packed).values() if name == "train")
+    assert copied == len(expected) and got == expected
+
+
 def test_packing_again_keeps_the_store_and_another_store_is_refused(packed, tmp_path: Path) -> None:
     assert pack_stream(packed["store"], packed["split"], packed["remote"], progress=False) == packed["remote"]
     other = build_store(write_kaggle_folder(tmp_path / "k", {"a": "1", "b": "2", "c": "3", "d": "0"}, size=SIZE), 8,
