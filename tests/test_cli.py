@@ -75,6 +75,22 @@ def test_every_command_checks_its_command_line_before_importing_the_training_sta
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_every_commands_help_runs_without_the_training_stack() -> None:
+    """The same through each command's `python -m` entry (a package's __main__ included), in one process: `--help`
+    prints and exits 0 before torch, Lightning, timm or W&B is imported."""
+    code = ("import contextlib, io, runpy, sys\n"
+            "from hpa_lightning.commands import COMMANDS\n"
+            "for module in COMMANDS.values():\n"
+            "    sys.argv = [module, '--help']\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
+            "    heavy = sorted({'torch', 'lightning', 'timm', 'wandb'} & set(sys.modules))\n"
+            "    if heavy:\n"
+            "        sys.exit(f'python -m {module} --help imports {heavy}')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_one_parser_for_folders_own_keys_and_hydra_overrides() -> None:
     """report, resume and rerun_failed take their folder(s), their own keys and, for the jobs they relaunch, Hydra
     overrides through the one key=value parser of every command that does not compose conf/."""

@@ -1,7 +1,7 @@
 """Speed benchmark of the input pipeline and the training loop: `python -m hpa_lightning.bench [quick=true]`.
 
 One module a section (loading, packing, overhead, augment, gpu, jpeg, thresholds), their shared data and helpers, the
-printed report, and `run.py` that runs the sections asked for and writes the JSON (see run.py for the arguments)."""
+printed report, `options.py` (the command line) and `suite.py` that runs the sections asked for and writes the JSON."""
 
 import lazy_loader
 

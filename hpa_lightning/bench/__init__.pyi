@@ -1,9 +1,10 @@
 from .augment_speed import bench_augment
 from .bench_data import tiled_dataset
-from .common import PROFILES, SECTIONS, TARGETS, Profile
+from .common import PROFILES, TARGETS, Profile
 from .gpu_speed import bench_gpu
 from .jpeg import bench_jpeg, jpeg_dataset
 from .loading import bench_loading
+from .options import SECTIONS
 from .overhead import bench_overhead, project_recipe
 from .packing_speed import bench_packing
 from .segmentation_speed import bench_segmentation

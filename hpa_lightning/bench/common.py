@@ -14,9 +14,6 @@ import torch
 
 from hpa_lightning import SOURCE_ROOT
 
-SECTIONS = ("loading", "packing", "overhead", "augment", "gpu", "jpeg", "thresholds", "segment", "cells", "stream")
-
-
 TARGETS = {"loading_speedup": (">=", 30.0), "framework_overhead": ("<=", 1.05), "pack_peak_rss_mb": ("<", 1536.0),
            "gpu_images_per_s": (">=", 900.0), "jpeg_draft_speedup": (">=", 2.5), "threshold_tuning_ms": ("<", 500.0),
            "segment_s_per_image": ("<=", 0.5), "stream_local_ratio": (">=", 0.8),

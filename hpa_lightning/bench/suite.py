@@ -57,17 +57,18 @@ import torch
 from hpa_lightning.bench.augment_speed import bench_augment
 from hpa_lightning.bench.bench_data import png_sizes, tiled_dataset
 from hpa_lightning.bench.cell_prediction_speed import bench_cell_prediction
-from hpa_lightning.bench.common import PROFILES, SECTIONS, Profile, note
+from hpa_lightning.bench.common import PROFILES, Profile, note
 from hpa_lightning.bench.gpu_speed import bench_gpu
 from hpa_lightning.bench.jpeg import bench_jpeg
 from hpa_lightning.bench.loading import bench_loading
+from hpa_lightning.bench.options import parse_arguments
 from hpa_lightning.bench.overhead import bench_overhead, build_module, overhead_datamodule, project_recipe
 from hpa_lightning.bench.packing_speed import bench_packing
 from hpa_lightning.bench.segmentation_speed import bench_segmentation
 from hpa_lightning.bench.stream_speed import bench_stream
 from hpa_lightning.bench.summary import collect_targets, headline_ratios, render_report
 from hpa_lightning.bench.thresholds import bench_thresholds
-from hpa_lightning.cli import fail, parse_key_values
+from hpa_lightning.cli import fail
 from hpa_lightning.errors import UsageError
 from hpa_lightning.files import write_json_atomic
 from hpa_lightning.machine import available_cpus
@@ -114,10 +115,7 @@ def run(args: dict) -> dict:
     workers = int(args["workers"]) or available_cpus()
     cache = Path(args["cache"] or Path(os.environ.get("HPA_CACHE_DIR", ".cache")) / "bench")
     out = Path(args["out"] or Path("outputs") / "bench" / f"bench-{mode}.json")
-    wanted = SECTIONS if args["sections"] in ("", "all") else tuple(args["sections"].split(","))
-    unknown = [w for w in wanted if w not in SECTIONS]
-    if unknown:
-        raise UsageError(f"hpa_lightning.bench: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    wanted = args["sections"]
     cache.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
     seed = int(args["seed"])
@@ -211,13 +209,9 @@ def _jsonable(value):
     return value
 
 
-DEFAULTS: dict[str, object] = {"quick": False, "out": "", "cache": "", "workers": 0, "repeats": 0, "seed": 0,
-                               "threads": 1, "gpu": True, "sections": "all"}
-
-
 def main(argv: list[str] | None = None) -> dict:
     try:
-        result = run(parse_key_values(sys.argv[1:] if argv is None else argv, DEFAULTS, "hpa_lightning.bench"))
+        result = run(parse_arguments(sys.argv[1:] if argv is None else argv))
     except UsageError as err:
         fail(err)
     print(render_report(result), flush=True)
