@@ -26,9 +26,10 @@ demo: $(STAMP)  ## train + test focal_g02 on the synthetic data on CPU, print th
 demo-cells: $(STAMP)  ## HPA 2021 single cells on synthetic cells with truth: segment, train, predict per cell, cell mAP (CPU, < 5 min)
 	HF_HUB_OFFLINE=1 $(PY) -m hpa_lightning.demo_cells
 
-# The suite runs on one pytest-xdist worker per core (at most 4); tests/conftest.py says how tests are grouped.
+# The suite runs on one pytest-xdist worker per core (at most 4), a test module at a time on one worker, so the
+# trainings and sweeps a module's tests share (module-scoped fixtures) are built once; tests/conftest.py orders them.
 # TEST_WORKERS="-p no:xdist" runs it in one process.
-TEST_WORKERS ?= -n logical --maxprocesses=4 --dist loadgroup --no-loadscope-reorder
+TEST_WORKERS ?= -n logical --maxprocesses=4 --dist loadscope --no-loadscope-reorder
 
 # The suite beside its CI-only parts (marked; each has its target below): the fault matrix, the whole-pipeline
 # rehearsals, the object-store tests, the single-cell demo and the real SLURM cluster.

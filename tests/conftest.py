@@ -37,16 +37,10 @@ def pytest_configure(config: pytest.Config) -> None:
         threadpool_limits(threads)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """How `--dist loadgroup` hands tests to the workers: the tests that share a module-scoped fixture (a trained
-    run, a packed store) go to one worker, so it is built once; every other test goes to whichever worker is free.
-    Under xdist the end-to-end tests are handed out first, so that no long one starts last while the other workers
-    wait (plain pytest keeps the file order, which keeps each module's tests together)."""
-    for item in items:
-        fixture_defs = item._fixtureinfo.name2fixturedefs.values()  # type: ignore[attr-defined]
-        if any(defs[-1].scope == "module" for defs in fixture_defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
+    """Under xdist (`make test`: `--dist loadscope`, a module at a time on one worker) the modules with end-to-end
+    tests are handed out first, so that no long one starts last while the other workers wait (plain pytest keeps the
+    file order)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if not os.environ.get("HPA_TEST_NETWORK"):  # CI machines may reach no registry; the lent GPU machine never does
