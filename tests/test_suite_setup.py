@@ -40,7 +40,7 @@ def test_a_module_scoped_fixture_is_built_once_under_the_suites_workers(tmp_path
     """The trainings and sweeps the suite's modules share (module-scoped fixtures, 10-30 s each) must be built once:
     every test of such a module has to land on one xdist worker, in one run of the module. With `--dist loadgroup`,
     pytest 9.2 ignores the group pytest-xdist 3.8 writes into a test's id, and the tests were dealt one by one, each
-    worker building every fixture again (about a minute of `make test`)."""
+    worker building every fixture again (about a minute of `make test`; pytest-dev/pytest-xdist#1386, open)."""
     log = tmp_path / "built.log"
     (tmp_path / "test_shared.py").write_text(MODULE.format(log=str(log)))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
