@@ -58,7 +58,7 @@ def _image_offset(folder: Path) -> tuple[int, list[str]]:
     """Where a sample's image bytes start within its litdata item, and the chunk files, from the split's index.json.
 
     An item (litdata's PyTree layout) is one uint32 size per leaf, then the leaves: the image first, as litdata's
-    "tensor" (a big-endian uint32 dtype code and rank, the shape, the bytes)."""
+    "tensor" (a big-endian uint32 dtype code and rank, the shape: 3 uint32 for (4, S, S), the bytes)."""
     config = json.loads((folder / "index.json").read_text())
     formats = config["config"]["data_format"]
     if formats[0] != "tensor":
