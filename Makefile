@@ -43,8 +43,11 @@ test-fast: $(STAMP)  ## tests without the end-to-end trainings
 
 # Every cell of the fault-injection matrix (a signal at each point of a run, TERM and KILL, DDP included, then resume):
 # about 30 trainings, so beside `make test`. CI runs both.
+# Its cells are runs of their own, dealt one by one to the workers (one module: loadscope would put them all on one);
+# the reference runs they are compared with are built once for all workers (tests/conftest.py built_once).
 test-faults: $(STAMP)  ## the fault-injection matrix: preempted or killed at every point, resumed to the same run
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m faults $(TEST_WORKERS) tests/training/test_faults.py
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m faults $(subst --dist loadscope,--dist load,$(TEST_WORKERS)) \
+		tests/training/test_faults.py
 
 # `make reproduce` at the tests' scale and the GPU check's rehearsal on the CPU: a whole pipeline each, about a minute
 # of two cores each, so beside `make test`. CI runs them.

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,23 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = base / "hpa_cache"
     cache.mkdir(exist_ok=True)
     return cache
+
+
+def built_once(shared_cache: Path, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder `name` of this test session, made by `build(folder)` once: by whichever xdist worker asks first,
+    while the others wait for it (the cache's own lock, hpa_lightning.files.exclusive) and then share it. For what
+    the tests of a module dealt one by one to the workers share (`make test-faults`: each cell is a run of its own,
+    compared with one reference run)."""
+    from hpa_lightning.files import exclusive
+
+    folder = shared_cache.parent / name
+    with exclusive(folder):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 def assert_metrics_equal_sklearn(run_dir: Path, results: dict,

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import REPO, run_train
+from tests.conftest import REPO, built_once, run_train
 from tests.training.test_resume import resume_without_fault
 
 pytestmark = pytest.mark.slow
@@ -82,13 +82,15 @@ def requeue(folder: Path, cache: Path, args: list[str]) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
-    return straight_run(tmp_path_factory.mktemp("straight") / "run", shared_cache, RUN)
+def reference(shared_cache: Path) -> Path:
+    return built_once(shared_cache, "faults-reference", lambda folder: straight_run(folder / "run", shared_cache,
+                                                                                     RUN)) / "run"
 
 
 @pytest.fixture(scope="module")
-def matrix_reference(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
-    return straight_run(tmp_path_factory.mktemp("straight") / "run", shared_cache, MATRIX)
+def matrix_reference(shared_cache: Path) -> Path:
+    return built_once(shared_cache, "faults-matrix-reference",
+                      lambda folder: straight_run(folder / "run", shared_cache, MATRIX)) / "run"
 
 
 @pytest.mark.faults
