@@ -70,8 +70,8 @@ def _copy_chunk(path: str, offset: int, nbytes: int, batch_size: int, buffers, s
     """Copy every sample of one chunk file into batches, in shuffled order; returns the samples copied."""
     with open(path, "rb") as handle:
         chunk = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    data = np.frombuffer(chunk, dtype=np.uint8)
     try:
-        data = np.frombuffer(chunk, dtype=np.uint8)
         count = struct.unpack_from("<I", chunk, 0)[0]
         starts = np.frombuffer(chunk, dtype=np.uint32, count=count, offset=4).astype(np.int64) + offset
         order = np.random.default_rng(seed).permutation(count)
@@ -80,9 +80,9 @@ def _copy_chunk(path: str, offset: int, nbytes: int, batch_size: int, buffers, s
             batch = buffers.take((len(rows), nbytes)).numpy()
             for slot, row in enumerate(rows):
                 np.copyto(batch[slot], data[starts[row]:starts[row] + nbytes])
-        del data
         return count
     finally:
+        data = None  # the last view of the mapping, dropped so that closing it cannot fail over an error of the copy
         chunk.close()
 
 
