@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -43,9 +44,10 @@ def test_a_module_scoped_fixture_is_built_once_under_the_suites_workers(tmp_path
     worker building every fixture again (about a minute of `make test`; pytest-dev/pytest-xdist#1386, open)."""
     log = tmp_path / "built.log"
     (tmp_path / "test_shared.py").write_text(MODULE.format(log=str(log)))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST")}  # a session anew
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
                            *make_test_workers(), str(tmp_path / "test_shared.py")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "7 passed" in proc.stdout
     assert log.read_text().splitlines() == ["built"]
