@@ -63,30 +63,21 @@ def test_bad_input_exits_2_with_an_error_and_no_traceback(tmp_path: Path) -> Non
 def test_every_command_checks_its_command_line_before_importing_the_training_stack() -> None:
     """`--help`, a typo in a key or an override, or `resume=true` with nothing to resume, is answered at once: torch,
     Lightning, timm and W&B (~4-7 s to import on 2 cores) are imported only after the command line is accepted.
-    Each command module is imported in turn, so a failure names the first one that pulls the stack in."""
-    code = ("import importlib, sys\n"
+    Each command module is imported in turn, then run through its `python -m` entry (a package's __main__ included)
+    with `--help`, so a failure names the first one that pulls the stack in, and how."""
+    code = ("import contextlib, importlib, io, runpy, sys\n"
             "from hpa_lightning.commands import COMMANDS\n"
-            "for module in COMMANDS.values():\n"
-            "    importlib.import_module(module)\n"
+            "def check(what):\n"
             "    heavy = sorted({'torch', 'lightning', 'timm', 'wandb'} & set(sys.modules))\n"
             "    if heavy:\n"
-            "        sys.exit(f'{module} imports {heavy}')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def test_every_commands_help_runs_without_the_training_stack() -> None:
-    """The same through each command's `python -m` entry (a package's __main__ included), in one process: `--help`
-    prints and exits 0 before torch, Lightning, timm or W&B is imported."""
-    code = ("import contextlib, io, runpy, sys\n"
-            "from hpa_lightning.commands import COMMANDS\n"
+            "        sys.exit(f'{what} imports {heavy}')\n"
             "for module in COMMANDS.values():\n"
+            "    importlib.import_module(module)\n"
+            "    check(module)\n"
             "    sys.argv = [module, '--help']\n"
             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
             "        runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
-            "    heavy = sorted({'torch', 'lightning', 'timm', 'wandb'} & set(sys.modules))\n"
-            "    if heavy:\n"
-            "        sys.exit(f'python -m {module} --help imports {heavy}')\n")
+            "    check(f'python -m {module} --help')\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
